@@ -1,0 +1,146 @@
+"""LoRA through peft, and adapter-only checkpoints.
+
+An adapter file holds every trainable tensor (LoRA weights and the modules that train in full) plus the
+config it belongs to, never the frozen backbone. Files are published with write-to-temp + ``os.replace``,
+so a reader never sees half a file and a run killed mid-write leaves the served adapter untouched; every
+publish also keeps a numbered copy under ``history/`` from which an earlier version can be restored.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import tempfile
+from typing import Any
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from torch import nn
+
+ADAPTER_FORMAT = "samfewshot-adapter"
+ADAPTER_FORMAT_VERSION = 1
+
+
+class AdapterError(RuntimeError):
+    """An adapter file is unreadable or belongs to another model configuration."""
+
+
+def apply_lora(model: nn.Module, rank: int, target_modules: str, alpha: float | None = None) -> nn.Module:
+    """Inject peft LoRA layers (rank ``rank``, scale alpha/rank = 1 by default) into the matching Linear layers."""
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=target_modules, lora_dropout=0.0, bias="none")
+    return inject_adapter_in_model(config, model)
+
+
+def mark_trainable(model: nn.Module, prefixes: tuple[str, ...]) -> None:
+    """Only LoRA weights and parameters under ``prefixes`` train; everything else is frozen."""
+    for name, param in model.named_parameters():
+        param.requires_grad_("lora_" in name or name.startswith(prefixes))
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy an adapter's tensors into ``model``; the tensor names and shapes must match exactly."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    unknown = sorted(set(state) - set(params))
+    missing = sorted(set(params) - set(state))
+    if unknown or missing:
+        raise AdapterError(f"adapter does not fit the model: unknown tensors {unknown[:3]}, missing {missing[:3]}")
+    with torch.no_grad():
+        for name, value in state.items():
+            if params[name].shape != value.shape:
+                raise AdapterError(f"adapter tensor '{name}' has shape {tuple(value.shape)}, model {tuple(params[name].shape)}")
+            params[name].copy_(value)
+
+
+def read_adapter(path: str) -> dict[str, Any]:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise AdapterError(f"cannot read adapter '{path}': {e}") from e
+    if not isinstance(payload, dict) or payload.get("format") != ADAPTER_FORMAT:
+        raise AdapterError(f"'{path}' is not a samfewshot adapter file")
+    if payload.get("format_version") != ADAPTER_FORMAT_VERSION:
+        raise AdapterError(f"'{path}' has adapter format version {payload.get('format_version')}, expected 1")
+    return payload
+
+
+def check_adapter_config(payload: dict[str, Any], config: dict[str, Any], path: str) -> None:
+    """The adapter must have been trained for the same model configuration (backbone, classes, rank...)."""
+    diff = {k: (payload["config"].get(k), v) for k, v in config.items() if payload["config"].get(k) != v}
+    if diff:
+        raise AdapterError(
+            f"adapter '{path}' was trained for another configuration: "
+            + "; ".join(f"{k}: adapter {a!r}, server {b!r}" for k, (a, b) in diff.items())
+        )
+
+
+def history_dir(path: str) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(path)), "history")
+
+
+def history_path(path: str, version: int) -> str:
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return os.path.join(history_dir(path), f"{stem}.v{version:04d}.pt")
+
+
+def _atomic_save(obj: Any, path: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def published_version(path: str) -> int:
+    """Version of the adapter served at ``path``; 0 when none was published yet."""
+    return int(read_adapter(path)["version"]) if os.path.exists(path) else 0
+
+
+def publish_adapter(
+    path: str, state: dict[str, torch.Tensor], config: dict[str, Any], info: dict[str, Any] | None = None
+) -> int:
+    """Publish ``state`` as the next version of the adapter at ``path``; returns the new version number."""
+    version = published_version(path) + 1
+    payload = {
+        "format": ADAPTER_FORMAT,
+        "format_version": ADAPTER_FORMAT_VERSION,
+        "version": version,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "config": dict(config),
+        "info": dict(info or {}),
+        "state_dict": state,
+    }
+    _atomic_save(payload, history_path(path, version))
+    _atomic_save(payload, path)
+    return version
+
+
+def list_versions(path: str) -> list[int]:
+    directory = history_dir(path)
+    stem = os.path.splitext(os.path.basename(path))[0] + ".v"
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(f[len(stem) : -3]) for f in os.listdir(directory) if f.startswith(stem) and f.endswith(".pt"))
+
+
+def restore_adapter(path: str, version: int) -> int:
+    """Serve an earlier version again, published as a new version so every reader notices the change."""
+    old = history_path(path, version)
+    if not os.path.exists(old):
+        raise AdapterError(f"no adapter version {version} for '{path}'; available: {list_versions(path)}")
+    payload = read_adapter(old)
+    info = dict(payload.get("info", {}), restored_from=version)
+    return publish_adapter(path, payload["state_dict"], payload["config"], info)

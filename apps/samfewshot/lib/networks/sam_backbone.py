@@ -1,0 +1,226 @@
+"""SAM ViT image encoder, prompt encoder and mask decoder at the model input size, and the official-checkpoint loader.
+
+The architecture comes from the ``segment_anything`` package unchanged, built at a smaller input size
+(512 for vit_b/l/h, as SAMed and H-SAM do) so that an official 1024-pixel checkpoint needs its absolute
+position embedding and the global-attention blocks' relative position tables resized on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+OFFICIAL_IMG_SIZE = 1024
+
+
+@dataclass(frozen=True)
+class SamEncoderSpec:
+    """Geometry of one SAM image encoder variant at the input size the app uses."""
+
+    name: str
+    embed_dim: int
+    depth: int
+    num_heads: int
+    global_attn_indexes: tuple[int, ...]
+    window_size: int = 14
+    img_size: int = 512
+    prompt_dim: int = 256
+    decoder_mlp_dim: int = 2048
+    decoder_heads: int = 8
+    patch_size: int = 16
+
+    @property
+    def embedding_size(self) -> int:
+        return self.img_size // self.patch_size
+
+
+SAM_ENCODERS: dict[str, SamEncoderSpec] = {
+    "vit_b": SamEncoderSpec("vit_b", 768, 12, 12, (2, 5, 8, 11)),
+    "vit_l": SamEncoderSpec("vit_l", 1024, 24, 16, (5, 11, 17, 23)),
+    "vit_h": SamEncoderSpec("vit_h", 1280, 32, 16, (7, 15, 23, 31)),
+    # Small randomly initialised encoder for offline use and CPU tests; same structure, narrower and shallower.
+    "tiny": SamEncoderSpec(
+        "tiny", 64, 4, 4, (1, 3), window_size=8, img_size=256, prompt_dim=64, decoder_mlp_dim=256, decoder_heads=4
+    ),
+}
+
+
+@dataclass(frozen=True)
+class OfficialCheckpoint:
+    filename: str
+    url: str
+    sha256: str | None
+    size: int
+
+
+OFFICIAL_CHECKPOINTS: dict[str, OfficialCheckpoint] = {
+    "vit_b": OfficialCheckpoint(
+        "sam_vit_b_01ec64.pth",
+        "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
+        "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912",
+        375042383,
+    ),
+    # Hashes of the vit_l/vit_h files are not pinned here; their published sizes are checked instead.
+    "vit_l": OfficialCheckpoint(
+        "sam_vit_l_0b3195.pth", "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth", None, 1249524736
+    ),
+    "vit_h": OfficialCheckpoint(
+        "sam_vit_h_4b8939.pth", "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth", None, 2564550879
+    ),
+}
+
+
+class CheckpointError(RuntimeError):
+    """An official checkpoint is missing, corrupt or belongs to another architecture."""
+
+
+def get_encoder_spec(backbone: str) -> SamEncoderSpec:
+    if backbone not in SAM_ENCODERS:
+        raise ValueError(f"unknown SAM backbone '{backbone}'; valid: {', '.join(SAM_ENCODERS)}")
+    return SAM_ENCODERS[backbone]
+
+
+def build_image_encoder(spec: SamEncoderSpec) -> ImageEncoderViT:
+    """ViT encoder: (B, 3, S, S) in -> (B, prompt_dim, S/16, S/16) out."""
+    return ImageEncoderViT(
+        img_size=spec.img_size,
+        patch_size=spec.patch_size,
+        embed_dim=spec.embed_dim,
+        depth=spec.depth,
+        num_heads=spec.num_heads,
+        mlp_ratio=4,
+        out_chans=spec.prompt_dim,
+        qkv_bias=True,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        use_rel_pos=True,
+        window_size=spec.window_size,
+        global_attn_indexes=spec.global_attn_indexes,
+    )
+
+
+def build_prompt_encoder(spec: SamEncoderSpec) -> PromptEncoder:
+    e = spec.embedding_size
+    return PromptEncoder(
+        embed_dim=spec.prompt_dim,
+        image_embedding_size=(e, e),
+        input_image_size=(spec.img_size, spec.img_size),
+        mask_in_chans=16,
+    )
+
+
+def build_mask_decoder(spec: SamEncoderSpec, num_mask_tokens: int) -> MaskDecoder:
+    """SAM's mask decoder with one mask token per output class.
+
+    Prompt-free multi-class decoding never reads SAM's mask-quality (IoU) head, so it is removed
+    rather than left as an untrained, unused module.
+    """
+    decoder = MaskDecoder(
+        transformer_dim=spec.prompt_dim,
+        transformer=TwoWayTransformer(
+            depth=2, embedding_dim=spec.prompt_dim, mlp_dim=spec.decoder_mlp_dim, num_heads=spec.decoder_heads
+        ),
+        num_multimask_outputs=num_mask_tokens - 1,
+    )
+    decoder.iou_prediction_head = None
+    return decoder
+
+
+def encode_with_taps(
+    encoder: ImageEncoderViT, x: torch.Tensor, tap_indexes: tuple[int, ...]
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Run the ViT, also returning the outputs of the blocks in ``tap_indexes``.
+
+    x: (B, 3, S, S) -> embedding (B, prompt_dim, S/16, S/16), taps [(B, embed_dim, S/16, S/16)].
+    """
+    x = encoder.patch_embed(x)
+    if encoder.pos_embed is not None:
+        x = x + encoder.pos_embed
+    taps = []
+    for i, block in enumerate(encoder.blocks):
+        x = block(x)
+        if i in tap_indexes:
+            taps.append(x.permute(0, 3, 1, 2))
+    return encoder.neck(x.permute(0, 3, 1, 2)), taps
+
+
+def sha256_of(path: str, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _official_spec_of(state: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """(embed_dim, depth) of the image encoder stored in an official SAM state dict."""
+    if "image_encoder.pos_embed" not in state:
+        raise CheckpointError("not a SAM checkpoint: 'image_encoder.pos_embed' is missing")
+    depth = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("image_encoder.blocks."))
+    return state["image_encoder.pos_embed"].shape[-1], depth
+
+
+def _resize_rel_pos(table: torch.Tensor, length: int) -> torch.Tensor:
+    """(L, head_dim) relative position table -> (length, head_dim), linear interpolation along L."""
+    if table.shape[0] == length:
+        return table
+    return F.interpolate(table.T[None].float(), size=length, mode="linear", align_corners=False)[0].T.to(table.dtype)
+
+
+def adapt_official_state(state: dict[str, torch.Tensor], spec: SamEncoderSpec) -> dict[str, torch.Tensor]:
+    """Map an official SAM state dict onto the architecture of ``spec`` at ``spec.img_size``.
+
+    Resizes ``pos_embed`` (1, 64, 64, C) -> (1, S/16, S/16, C) and the relative position tables of the
+    global-attention blocks (127 -> 2*S/16-1 rows); windowed blocks keep their 14x14 tables.
+    """
+    embed_dim, depth = _official_spec_of(state)
+    if (embed_dim, depth) != (spec.embed_dim, spec.depth):
+        found = next((n for n, s in SAM_ENCODERS.items() if (s.embed_dim, s.depth) == (embed_dim, depth)), "unknown")
+        raise CheckpointError(
+            f"checkpoint holds a {found} image encoder (embed_dim {embed_dim}, depth {depth}) but the backbone is "
+            f"{spec.name} (embed_dim {spec.embed_dim}, depth {spec.depth}); set --conf backbone {found} or point "
+            f"--conf sam_checkpoint at a {spec.name} file"
+        )
+    out = dict(state)
+    e = spec.embedding_size
+    pos = state["image_encoder.pos_embed"]
+    if pos.shape[1] != e:
+        pos = F.interpolate(pos.permute(0, 3, 1, 2).float(), size=(e, e), mode="bilinear", align_corners=False)
+        out["image_encoder.pos_embed"] = pos.permute(0, 2, 3, 1).to(state["image_encoder.pos_embed"].dtype)
+    for i in spec.global_attn_indexes:
+        for axis in ("h", "w"):
+            key = f"image_encoder.blocks.{i}.attn.rel_pos_{axis}"
+            out[key] = _resize_rel_pos(state[key], 2 * e - 1)
+    return out
+
+
+def load_official_checkpoint(path: str, spec: SamEncoderSpec) -> dict[str, torch.Tensor]:
+    """Read an official SAM ``.pth`` file, verify it and adapt it to ``spec``; see ``adapt_official_state``."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"SAM checkpoint '{path}' does not exist")
+    official = OFFICIAL_CHECKPOINTS.get(spec.name)
+    if official and os.path.basename(path) == official.filename:
+        if official.sha256 and sha256_of(path) != official.sha256:
+            raise CheckpointError(
+                f"'{path}' does not match the official sha256 {official.sha256} (corrupt or partial download); "
+                f"delete it and fetch {official.url} again"
+            )
+        if not official.sha256 and os.path.getsize(path) != official.size:
+            raise CheckpointError(f"'{path}' has {os.path.getsize(path)} bytes, the official file {official.size}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read SAM checkpoint '{path}': {e}") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"'{path}' does not hold a state dict")
+    state = state.get("model", state)
+    return adapt_official_state(state, spec)
