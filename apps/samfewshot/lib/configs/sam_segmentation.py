@@ -1,0 +1,56 @@
+"""TaskConfig shared by the SAM segmentation models; a model's own config file only names its network."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from monailabel.interfaces.config import TaskConfig
+from monailabel.utils.others.generic import strtobool
+
+from lib.infers.slice_segmentation import SliceSegmentation
+from lib.model import SegmentationModel, parse_labels, resolve_sam_checkpoint, torch_device
+from lib.networks.sam_backbone import get_encoder_spec
+from lib.networks.sam_segmenter import SamSegmenter, build_segmenter
+from lib.trainers.lora_trainer import LoraTrainer
+
+# Label set of the brain-MRI sample datastore.
+DEFAULT_LABELS = {"white matter": 1, "grey matter": 2}
+
+
+class SamSegmentationConfig(TaskConfig):
+    """Reads the shared ``--conf`` keys (backbone, sam_checkpoint, labels, lora_rank, modality, device, preload)."""
+
+    network_cls: type[SamSegmenter]
+
+    def init(self, name: str, model_dir: str, conf: dict[str, str], planner: Any, **kwargs):
+        super().init(name, model_dir, conf, planner, **kwargs)
+        backbone = conf.get("backbone", "vit_b")
+        get_encoder_spec(backbone)  # unknown names fail at start-up, not at the first request
+        try:
+            labels = json.loads(conf["labels"]) if conf.get("labels") else DEFAULT_LABELS
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--conf labels must be JSON like '{json.dumps(DEFAULT_LABELS)}': {e}") from e
+        self.labels = parse_labels(labels)
+        self.device = torch_device(conf.get("device", "auto"))
+        self.path = os.path.join(model_dir, f"{name}.pt")
+        self.model = SegmentationModel(
+            name=name,
+            labels=self.labels,
+            backbone=backbone,
+            adapter_path=self.path,
+            build_network=self.build_network,
+            modality=conf.get("modality", "auto"),
+            lora_rank=int(conf.get("lora_rank", 4)),
+        )
+
+    def build_network(self) -> SamSegmenter:
+        checkpoint = resolve_sam_checkpoint(self.model.backbone, self.conf.get("sam_checkpoint"), self.model_dir)
+        return build_segmenter(self.network_cls, self.model.backbone, self.model.num_classes, self.model.lora_rank, checkpoint)
+
+    def infer(self) -> SliceSegmentation:
+        return SliceSegmentation(self.model, device=self.device, preload=strtobool(self.conf.get("preload", "false")))
+
+    def trainer(self) -> LoraTrainer:
+        return LoraTrainer(self.model, config={"device": self.device})

@@ -1,0 +1,80 @@
+"""Volume segmentation with a 2D SAM model, slice by slice; shared by HF-SAM and MASG-SAM."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+from monai.inferers import Inferer, SliceInferer
+from monai.transforms import Activationsd, AsDiscreted, CastToTyped, Compose, Invertd, SqueezeDimd
+from monailabel.interfaces.tasks.infer_v2 import InferType
+from monailabel.tasks.infer.basic_infer import BasicInferTask
+
+from lib.model import SegmentationModel
+from lib.transforms import inference_transforms
+
+logger = logging.getLogger(__name__)
+
+
+class SliceSegmentation(BasicInferTask):
+    """Load any MONAI-readable volume -> normalise -> axial slices at the model size, in batches -> softmax ->
+    back to the input's geometry and orientation -> arg-max label. The result JSON carries ``label_names``."""
+
+    def __init__(
+        self, model: SegmentationModel, device: str = "cpu", batch_size: int = 8, description: str = "", preload: bool = False
+    ):
+        self.model = model
+        self.batch_size = batch_size
+        # The same transform instances must run forwards and be inverted (MONAI matches them by identity).
+        self._pre = inference_transforms(model.img_size, model.modality)
+        super().__init__(
+            path=model.adapter_path,
+            network=None,
+            type=InferType.SEGMENTATION,
+            labels=model.labels,
+            dimension=3,
+            description=description or f"{model.name} ({model.backbone}) segmentation of axial slices",
+            config={"device": device, "batch_size": batch_size, "modality": model.modality},
+            preload=preload,
+        )
+
+    def is_valid(self) -> bool:
+        # The base weights are enough to serve; an adapter is optional.
+        return True
+
+    def info(self) -> dict[str, Any]:
+        info = super().info()
+        info["adapter_version"] = self.model.served_version()
+        return info
+
+    def pre_transforms(self, data=None) -> list:
+        return self._pre
+
+    def inferer(self, data=None) -> Inferer:
+        size = self.model.img_size
+        batch = int((data or {}).get("batch_size", self.batch_size))
+        return SliceInferer(roi_size=(size, size), sw_batch_size=batch, spatial_dim=2, progress=False)
+
+    def inverse_transforms(self, data=None):
+        return None  # Invertd in post_transforms restores the geometry before the arg-max
+
+    def post_transforms(self, data=None) -> list:
+        return [
+            Activationsd(keys="pred", softmax=True),
+            Invertd(keys="pred", transform=Compose(self._pre), orig_keys="image", nearest_interp=False),
+            AsDiscreted(keys="pred", argmax=True),
+            SqueezeDimd(keys="pred", dim=0),
+            CastToTyped(keys="pred", dtype=np.uint8),
+        ]
+
+    def _get_network(self, device, data):
+        network, version = self.model.resident(str(device))
+        if data is not None:
+            data["adapter_version"] = version
+        return network
+
+    def writer(self, data: dict[str, Any], extension=None, dtype=None):
+        result_file, result_json = super().writer(data, extension, dtype)
+        result_json["adapter_version"] = data.get("adapter_version", 0)
+        return result_file, result_json

@@ -1,0 +1,135 @@
+"""What the infer task, the trainer and scoring share about one served segmentation model.
+
+``SegmentationModel`` names the network, its label set, backbone and adapter file. The network is built once
+per device and kept resident; when the published adapter changes (a training run finished, possibly in
+another process) its tensors are swapped into the resident network, without rebuilding it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from monai.apps import download_url
+from torch import nn
+
+from lib.networks.lora import check_adapter_config, load_adapter_state, read_adapter
+from lib.networks.sam_backbone import OFFICIAL_CHECKPOINTS, CheckpointError, get_encoder_spec
+
+logger = logging.getLogger(__name__)
+
+
+def parse_labels(labels: dict[str, int]) -> dict[str, int]:
+    """Model label set {name: id}: ids 1..N, each once; 0 is background and is not listed."""
+    ids = sorted(labels.values())
+    if ids != list(range(1, len(ids) + 1)):
+        raise ValueError(f"labels must use the ids 1..N once each (0 is background), got {labels}")
+    return dict(sorted(labels.items(), key=lambda kv: kv[1]))
+
+
+def resolve_sam_checkpoint(backbone: str, value: str | None, model_dir: str) -> str | None:
+    """Local path of the SAM weights for ``backbone``; None for ``tiny`` (random weights by design).
+
+    ``value`` is a path or URL (default: the official file for the backbone). URLs are cached in the model dir
+    and verified by sha256 where the official hash is known.
+    """
+    if backbone == "tiny" and not value:
+        return None
+    official = OFFICIAL_CHECKPOINTS.get(backbone)
+    value = value or (official.url if official else None)
+    if not value:
+        raise CheckpointError(f"no official SAM checkpoint for backbone '{backbone}'; set --conf sam_checkpoint")
+    if not value.startswith(("http://", "https://")):
+        if not os.path.isfile(value):
+            raise CheckpointError(f"--conf sam_checkpoint '{value}' does not exist")
+        return value
+    filename = official.filename if official and value == official.url else os.path.basename(value)
+    path = os.path.join(model_dir, filename)
+    if not os.path.exists(path):
+        try:
+            sha = official.sha256 if official and value == official.url else None
+            download_url(value, path, hash_val=sha, hash_type="sha256", progress=False)
+        except Exception as e:
+            raise CheckpointError(
+                f"SAM weights '{filename}' are not available: download from {value} failed ({e}). Download it on a "
+                f"machine with internet access, then copy it to {path} or pass its path with "
+                f"--conf sam_checkpoint /path/to/{filename}; for an offline trial use --conf backbone tiny"
+            ) from e
+    return path
+
+
+@dataclass
+class SegmentationModel:
+    """One served segmentation model: ``build_network()`` gives its network with LoRA and frozen base weights."""
+
+    name: str
+    labels: dict[str, int]
+    backbone: str
+    adapter_path: str
+    build_network: Callable[[], nn.Module]
+    modality: str = "auto"
+    lora_rank: int = 4
+    _resident: dict[str, tuple[nn.Module, int, int]] = field(default_factory=dict, repr=False)
+    _version: int = field(default=0, repr=False)
+    _version_stamp: int = field(default=0, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels) + 1
+
+    @property
+    def img_size(self) -> int:
+        return get_encoder_spec(self.backbone).img_size
+
+    def adapter_config(self) -> dict[str, Any]:
+        """What an adapter must agree with to be loaded into this model."""
+        return {"model": self.name, "backbone": self.backbone, "labels": self.labels, "lora_rank": self.lora_rank}
+
+    def load_adapter(self, network: nn.Module, path: str | None = None) -> dict[str, Any] | None:
+        """Load the adapter at ``path`` (default: the published one) into ``network``; returns its payload."""
+        path = path or self.adapter_path
+        if not os.path.exists(path):
+            return None
+        payload = read_adapter(path)
+        check_adapter_config(payload, self.adapter_config(), path)
+        load_adapter_state(network, payload["state_dict"])
+        return payload
+
+    def resident(self, device: str) -> tuple[nn.Module, int]:
+        """The network kept on ``device`` with the currently published adapter swapped in, and its version."""
+        with self._lock:
+            stamp = os.stat(self.adapter_path).st_mtime_ns if os.path.exists(self.adapter_path) else 0
+            network, loaded, version = self._resident.get(device, (None, None, 0))
+            if network is None or (loaded and not stamp):  # first use, or the adapter was withdrawn
+                network = self.build_network().to(device).eval()
+                loaded, version = None, 0
+            if loaded != stamp:
+                payload = self.load_adapter(network)
+                version = int(payload["version"]) if payload else 0
+                logger.info(f"{self.name}: serving adapter version {version} on {device}")
+            self._resident[device] = (network, stamp, version)
+            return network, version
+
+    def served_version(self) -> int:
+        """Version of the published adapter file (0: base weights only)."""
+        with self._lock:
+            stamp = os.stat(self.adapter_path).st_mtime_ns if os.path.exists(self.adapter_path) else 0
+            if self._version_stamp != stamp:
+                self._version = int(read_adapter(self.adapter_path)["version"]) if stamp else 0
+                self._version_stamp = stamp
+            return self._version
+
+
+def torch_device(name: str) -> str:
+    """'auto' -> cuda when present, else cpu; 'cuda' on a machine without one is an error, not a silent fallback."""
+    if name in ("", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--conf device {name}: no CUDA device is available")
+    return name

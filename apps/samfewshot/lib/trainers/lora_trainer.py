@@ -1,0 +1,249 @@
+"""Incremental LoRA fine-tuning on saved ``final`` labels; shared by every SAM segmentation model.
+
+Training samples foreground-weighted axial slices; validation segments whole held-out volumes slice by slice.
+The train/val split is persisted so a volume that was ever trained on never becomes a validation volume. Each
+run resumes from the published adapter and publishes its best adapter (by validation Dice, or the last one
+when there is no validation volume) atomically at the end, as a new numbered version. No full-model
+checkpoints are written: the frozen backbone never leaves the base weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from typing import Any
+
+import torch
+from ignite.engine import Events
+from monai.engines import SupervisedEvaluator, SupervisedTrainer
+from monai.handlers import LrScheduleHandler, MeanDice, from_engine
+from monai.inferers import SimpleInferer, SliceInferer
+from monai.losses import DiceCELoss
+from monai.transforms import Activationsd, AsDiscreted, EnsureTyped
+from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
+from monailabel.tasks.train.basic_train import BasicTrainTask, Context
+
+from lib.model import SegmentationModel
+from lib.networks.lora import AdapterError, adapter_state_dict, publish_adapter
+from lib.transforms import training_slice_transforms, volume_transforms
+
+logger = logging.getLogger(__name__)
+
+
+def warmup_poly(total_steps: int, warmup_steps: int, power: float = 0.9):
+    """LR factor: linear warm-up over ``warmup_steps``, then polynomial decay to 0 at ``total_steps``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return max(0.0, 1.0 - progress) ** power
+
+    return factor
+
+
+class LoraTrainer(BasicTrainTask):
+    """Fine-tunes the LoRA adapter (and the other trainable modules) of a ``SegmentationModel``."""
+
+    def __init__(
+        self,
+        model: SegmentationModel,
+        description: str = "",
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        warmup_fraction: float = 0.1,
+        slices_per_volume: int = 8,
+        foreground_ratio: float = 0.75,
+        min_train_volumes: int = 2,
+        config: dict[str, Any] | None = None,
+    ):
+        self.model = model
+        self.weight_decay = weight_decay
+        self.warmup_fraction = warmup_fraction
+        self.slices_per_volume = slices_per_volume
+        self.foreground_ratio = foreground_ratio
+        self.min_train_volumes = min_train_volumes
+        defaults = {
+            "max_epochs": 50,
+            "lr": lr,
+            "val_split": 0.2,
+            "train_batch_size": 1,
+            "val_batch_size": 1,
+            "dataset": "CacheDataset",
+            "dataloader": "DataLoader",
+            "multi_gpu": False,
+            "tracking": "None",
+        }
+        defaults.update(config or {})
+        model_dir = os.path.dirname(os.path.abspath(model.adapter_path))
+        super().__init__(
+            model_dir=model_dir,
+            description=description or f"Incremental LoRA fine-tuning of {model.name}",
+            config=defaults,
+            amp=False,
+            stats_path=os.path.join(model_dir, f"{model.name}_train_stats.json"),
+            labels=model.labels,
+            disable_meta_tracking=True,
+            tracking=None,
+        )
+
+    # ---- data -------------------------------------------------------------------------------------------
+    def pre_process(self, request, datastore: Datastore):
+        """The datastore's final labels, each with the ``label_info`` its client saved (for id remapping)."""
+        final = DefaultLabelTag.FINAL
+        datalist = []
+        for image_id in sorted(datastore.get_labeled_images(final)):
+            label_id = datastore.get_labels_by_image_id(image_id)[final]
+            item = {"id": image_id, "image": datastore.get_image_uri(image_id), "label": datastore.get_label_uri(label_id, final)}
+            info = datastore.get_label_info(label_id, final) or {}
+            if info.get("label_info"):
+                item["label_info"] = info["label_info"]
+            datalist.append(item)
+        return datalist
+
+    def split_path(self, context: Context) -> str:
+        return os.path.join(self._model_dir, f"{self.model.name}_split.json")
+
+    def partition_datalist(self, context: Context, shuffle=False):
+        """Persisted split. Known volumes keep their side; a new volume goes to validation only while the
+        validation share is below ``val_split`` and enough volumes remain to train on."""
+        path = self.split_path(context)
+        split = {"train": [], "val": []}
+        if os.path.exists(path):
+            with open(path) as f:
+                split = json.load(f)
+        val_split = float(context.request.get("val_split", 0.2))
+        items = {d["id"]: d for d in context.datalist}
+        for image_id in sorted(items):
+            if image_id in split["train"] or image_id in split["val"]:
+                continue
+            total = len(split["train"]) + len(split["val"]) + 1
+            wants_val = len(split["val"]) + 1 <= math.floor(val_split * total)
+            side = "val" if wants_val and len(split["train"]) >= self.min_train_volumes else "train"
+            split[side].append(image_id)
+        if context.local_rank == 0:
+            tmp = path + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(split, f, indent=2)
+            os.replace(tmp, path)
+        train = [items[i] for i in split["train"] if i in items]
+        val = [items[i] for i in split["val"] if i in items]
+        logger.info(f"{self.model.name}: {len(train)} training / {len(val)} validation volumes (split {path})")
+        return train, val
+
+    def train_pre_transforms(self, context: Context):
+        return training_slice_transforms(
+            self.model.img_size, self.model.modality, self.model.labels, self.slices_per_volume, self.foreground_ratio
+        )
+
+    def val_pre_transforms(self, context: Context):
+        return volume_transforms(self.model.img_size, self.model.modality, self.model.labels) + [
+            EnsureTyped(keys=["image", "label"])
+        ]
+
+    def train_post_transforms(self, context: Context):
+        return [
+            Activationsd(keys="pred", softmax=True),
+            AsDiscreted(keys=("pred", "label"), argmax=(True, False), to_onehot=self.model.num_classes),
+        ]
+
+    # ---- optimisation -----------------------------------------------------------------------------------
+    def network(self, context: Context):
+        network = self.model.build_network()
+        try:
+            payload = self.model.load_adapter(network)
+            if payload:
+                logger.info(f"{self.model.name}: resuming from adapter version {payload['version']}")
+        except AdapterError as e:
+            logger.warning(f"{self.model.name}: not resuming, starting a new adapter: {e}")
+        return network
+
+    def optimizer(self, context: Context):
+        params = [p for p in context.network.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=float(context.request.get("lr", 1e-3)), weight_decay=self.weight_decay)
+
+    def loss_function(self, context: Context):
+        return DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=0.1, lambda_dice=0.9)
+
+    def lr_scheduler_handler(self, context: Context):
+        steps_per_epoch = math.ceil(len(context.train_datalist) / context.train_batch_size)
+        total = max(1, steps_per_epoch * context.max_epochs)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            context.optimizer, warmup_poly(total, max(1, int(self.warmup_fraction * total)))
+        )
+        return LrScheduleHandler(schedule, print_lr=False, epoch_level=False)
+
+    def train_inferer(self, context: Context):
+        return SimpleInferer()
+
+    def val_inferer(self, context: Context):
+        size = self.model.img_size
+        return SliceInferer(roi_size=(size, size), sw_batch_size=8, spatial_dim=2, progress=False)
+
+    def train_key_metric(self, context: Context):
+        return {self.TRAIN_METRIC_MEAN_DICE: MeanDice(output_transform=from_engine(["pred", "label"]), include_background=False)}
+
+    def val_key_metric(self, context: Context):
+        return {self.VAL_METRIC_MEAN_DICE: MeanDice(output_transform=from_engine(["pred", "label"]), include_background=False)}
+
+    # ---- engines without full-model checkpoints ---------------------------------------------------------
+    def _create_evaluator(self, context: Context):
+        if not context.val_datalist:
+            return None
+        return SupervisedEvaluator(
+            device=context.device,
+            val_data_loader=self.val_data_loader(context),
+            network=context.network,
+            inferer=self.val_inferer(context),
+            postprocessing=self._validate_transforms(self.val_post_transforms(context), "Validation", "post"),
+            key_val_metric=self.val_key_metric(context),
+            val_handlers=self.val_handlers(context),
+        )
+
+    def _create_trainer(self, context: Context):
+        return SupervisedTrainer(
+            device=context.device,
+            max_epochs=context.max_epochs,
+            train_data_loader=self.train_data_loader(context),
+            network=context.network,
+            optimizer=context.optimizer,
+            loss_function=self.loss_function(context),
+            inferer=self.train_inferer(context),
+            amp=self._amp,
+            postprocessing=self._validate_transforms(self.train_post_transforms(context), "Training", "post"),
+            key_train_metric=self.train_key_metric(context),
+            train_handlers=self.train_handlers(context),
+        )
+
+    def finalize(self, context: Context):
+        """Keep the best adapter of this run in memory; publish it once, when the run completes."""
+        super().finalize(context)  # train_stats for clients, early stopping
+        if context.local_rank != 0:
+            return
+        watched = context.evaluator or context.trainer
+        best = {"metric": -math.inf, "state": None, "epoch": 0}
+
+        def remember(engine):
+            metric = engine.state.metrics.get(engine.state.key_metric_name, -math.inf)
+            # Without validation the last epoch wins: later epochs have seen more slices.
+            if context.evaluator is None or metric >= best["metric"]:
+                best.update(metric=metric, state=adapter_state_dict(context.network), epoch=context.trainer.state.epoch)
+
+        def publish(engine):
+            if best["state"] is None:
+                return
+            info = {
+                "run_id": context.run_id,
+                "epoch": best["epoch"],
+                "metric": float(best["metric"]),
+                "metric_name": watched.state.key_metric_name,
+                "train_volumes": [d["id"] for d in context.train_datalist],
+                "val_volumes": [d["id"] for d in context.val_datalist],
+            }
+            version = publish_adapter(self.model.adapter_path, best["state"], self.model.adapter_config(), info)
+            logger.info(f"{self.model.name}: published adapter version {version} ({info['metric_name']} {info['metric']:.4f})")
+
+        watched.add_event_handler(Events.EPOCH_COMPLETED, remember)
+        context.trainer.add_event_handler(Events.COMPLETED, publish)

@@ -1,0 +1,69 @@
+"""Label remapping: client label ids -> model label ids, matched by name (DESIGN.md, data conventions)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform
+
+logger = logging.getLogger(__name__)
+
+
+def _normalise(name: str) -> str:
+    return " ".join(str(name).lower().replace("_", " ").replace("-", " ").split())
+
+
+def client_to_model_ids(label_info: Sequence[Mapping[str, Any]] | None, model_labels: Mapping[str, int]) -> dict[int, int]:
+    """{client id: model id} from ``label_info`` ([{name, idx}], as 3D Slicer saves it); names match loosely
+    (case, '_' and '-' ignored). Client segments whose name the model does not know become background."""
+    if not label_info:
+        return {idx: idx for idx in model_labels.values()}
+    by_name = {_normalise(n): i for n, i in model_labels.items()}
+    mapping = {}
+    for entry in label_info:
+        if "idx" not in entry or "name" not in entry:
+            raise ValueError(f"label_info entries need 'name' and 'idx', got {dict(entry)}")
+        model_id = by_name.get(_normalise(entry["name"]), 0)
+        if model_id == 0 and _normalise(entry["name"]) != "background":
+            logger.warning(f"label '{entry['name']}' is not one of the model's labels {list(model_labels)}; using background")
+        mapping[int(entry["idx"])] = model_id
+    return mapping
+
+
+class RemapLabelsByNamed(MapTransform):
+    """Rewrite a label volume from the client's ids to the model's ids using ``data[info_key]`` (label_info).
+
+    A voxel id that appears neither in label_info nor (without label_info) among the model's ids is an error:
+    training on it silently would teach the model a wrong class.
+    """
+
+    def __init__(
+        self, keys: KeysCollection, model_labels: Mapping[str, int], info_key: str = "label_info", allow_missing_keys: bool = False
+    ):
+        super().__init__(keys, allow_missing_keys)
+        self.model_labels = dict(model_labels)
+        self.info_key = info_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        mapping = client_to_model_ids(d.get(self.info_key), self.model_labels)
+        mapping.setdefault(0, 0)
+        for key in self.key_iterator(d):
+            label = torch.as_tensor(d[key])
+            present = {int(v) for v in torch.unique(label)}
+            unknown = sorted(present - set(mapping))
+            if unknown:
+                raise ValueError(
+                    f"label '{key}' holds ids {unknown} that are neither in its label_info nor among the model's labels "
+                    f"{self.model_labels}"
+                )
+            out = torch.zeros_like(label)
+            for client_id, model_id in mapping.items():
+                if model_id:
+                    out[label == client_id] = model_id
+            d[key] = out
+        return d

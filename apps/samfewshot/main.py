@@ -1,0 +1,104 @@
+"""samfewshot: few-shot SAM adaptations as a MONAI Label app (see DESIGN.md for the --conf keys)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+import monailabel
+from lib.configs import MODEL_CONFIGS
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import DefaultLabelTag
+from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.scoring import ScoringMethod
+from monailabel.interfaces.tasks.strategy import Strategy
+from monailabel.interfaces.tasks.train import TrainTask
+from monailabel.tasks.activelearning.first import First
+from monailabel.tasks.activelearning.random import Random
+from monailabel.utils.async_tasks.task import AsyncTask
+from monailabel.utils.async_tasks.utils import tasks
+from monailabel.utils.others.generic import strtobool
+
+logger = logging.getLogger(__name__)
+
+
+def selected_models(value: str | None) -> list[str]:
+    """Model names from ``--conf models`` ('all' or a comma-separated list); unknown names are an error."""
+    names = [m.strip() for m in (value or "all").split(",") if m.strip()]
+    if "all" in names:
+        return list(MODEL_CONFIGS)
+    unknown = [n for n in names if n not in MODEL_CONFIGS]
+    if unknown or not names:
+        raise ValueError(f"unknown model(s) {unknown} in --conf models; valid: all, {', '.join(MODEL_CONFIGS)}")
+    return names
+
+
+class SamFewShotApp(MONAILabelApp):
+    def __init__(self, app_dir, studies, conf):
+        self.model_dir = os.path.join(app_dir, "model")
+        os.makedirs(self.model_dir, exist_ok=True)
+        self.models = {}
+        for name in selected_models(conf.get("models")):
+            self.models[name] = MODEL_CONFIGS[name]()
+            self.models[name].init(name, self.model_dir, conf, None)
+        self.auto_train = strtobool(conf.get("auto_train", "false"))
+        self._final_label_ts: dict[str, int] = {}
+        self._train_lock = threading.Lock()
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="samfewshot",
+            description="Few-shot Segment Anything adaptations (HF-SAM) with incremental LoRA fine-tuning",
+            version=monailabel.__version__,
+        )
+
+    def init_infers(self) -> dict[str, InferTask]:
+        return {name: config.infer() for name, config in self.models.items()}
+
+    def init_trainers(self) -> dict[str, TrainTask]:
+        return {name: config.trainer() for name, config in self.models.items()}
+
+    def init_strategies(self) -> dict[str, Strategy]:
+        return {"random": Random(), "first": First()}
+
+    def init_scoring_methods(self) -> dict[str, ScoringMethod]:
+        return {}
+
+    def on_init_complete(self):
+        super().on_init_complete()
+        self._final_label_ts = self._final_label_stamps()
+
+    def _final_label_stamps(self) -> dict[str, int]:
+        datastore = self.datastore()
+        final = DefaultLabelTag.FINAL
+        stamps = {}
+        for image_id in datastore.get_labeled_images(final):
+            label_id = datastore.get_labels_by_image_id(image_id)[final]
+            stamps[image_id] = int((datastore.get_label_info(label_id, final) or {}).get("ts", 0))
+        return stamps
+
+    def on_save_label(self, image_id, label_id):
+        """With ``--conf auto_train true``, a newly saved final label starts fine-tuning every model.
+
+        Training runs one at a time (MONAI Label's single-worker queue); a model with a run already waiting
+        gets no second one, since that waiting run will read the datastore, new label included, when it starts.
+        """
+        result = super().on_save_label(image_id, label_id) or {}
+        if not self.auto_train:
+            return result
+        with self._train_lock:
+            stamps = self._final_label_stamps()
+            if stamps.get(image_id) == self._final_label_ts.get(image_id):
+                return result  # not a final label (e.g. an 'original' prediction was stored)
+            self._final_label_ts = stamps
+            waiting = {t["request"].get("model") for t in tasks("train") if t["status"] == "SUBMITTED"}
+            started = []
+            for model in self._trainers:
+                if model not in waiting:
+                    AsyncTask.run("train", request={"model": model}, enqueue=True)
+                    started.append(model)
+        logger.info(f"auto_train: final label for {image_id}; training queued for {started}")
+        result["auto_train"] = started
+        return result
