@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 # mlflow 3 rejects monailabel's file-store tracking URI; experiment tracking stays off unless asked for.
 export MONAI_LABEL_TRACKING_ENABLED=${MONAI_LABEL_TRACKING_ENABLED:-false}
+# monailabel's launcher runs the first `python` on PATH: make it the venv's.
+export PATH="$PWD/.venv/bin:$PATH"
 exec .venv/bin/monailabel start_server \
   --app apps/samfewshot \
   --studies sample-datasets/brain-mri \

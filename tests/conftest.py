@@ -1,0 +1,53 @@
+"""Shared fixtures: every test works on its own copy of the app and of the sample datastore."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+APP_DIR = REPO / "apps" / "samfewshot"
+SAMPLES = REPO / "sample-datasets"
+
+os.environ.setdefault("MONAI_LABEL_TRACKING_ENABLED", "false")
+# The app's modules import as `lib.*` / `main`, as MONAI Label loads them.
+sys.path.insert(0, str(APP_DIR))
+
+
+@pytest.fixture(scope="session")
+def sample_data() -> Path:
+    """The sample datasets; generated here when scripts/setup.sh has not made them yet."""
+    if not (SAMPLES / "brain-mri-groundtruth" / "manifest.json").exists():
+        sys.path.insert(0, str(REPO / "scripts"))
+        from prepare_sample_data import generate
+
+        generate(str(SAMPLES), skip_existing=True)
+    return SAMPLES
+
+
+@pytest.fixture
+def studies(tmp_path, sample_data) -> Path:
+    """A private copy of the brain-MRI datastore (two volumes with final labels)."""
+    dst = tmp_path / "brain-mri"
+    shutil.copytree(sample_data / "brain-mri", dst, ignore=shutil.ignore_patterns("datastore_v2.json", ".lock", "original"))
+    return dst
+
+
+@pytest.fixture
+def app_dir(tmp_path) -> Path:
+    """A private copy of the app, so adapters and splits written by a test stay in its tmp dir."""
+    dst = tmp_path / "app"
+    shutil.copytree(APP_DIR, dst, ignore=shutil.ignore_patterns("model", "logs", "__pycache__"))
+    return dst
+
+
+@pytest.fixture
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
