@@ -1,0 +1,121 @@
+"""The app in-process through MONAI Label's FastAPI application and TestClient."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+
+@pytest.fixture
+def client(app_dir, studies):
+    from monailabel.config import settings
+    from monailabel.interfaces.utils.app import clear_cache
+
+    settings.MONAI_LABEL_APP_DIR = str(app_dir)
+    settings.MONAI_LABEL_STUDIES = str(studies)
+    settings.MONAI_LABEL_APP_CONF = {"models": "hf_sam", "backbone": "tiny"}
+    clear_cache()
+    from monailabel.app import app
+
+    with TestClient(app) as c:
+        yield c
+    clear_cache()
+
+
+def test_info_lists_hf_sam_with_its_labels(client):
+    info = client.get("/info/").json()
+    assert info["name"] == "samfewshot"
+    model = info["models"]["hf_sam"]
+    assert model["type"] == "segmentation" and model["dimension"] == 3
+    assert model["labels"] == {"white matter": 1, "grey matter": 2}
+    assert model["adapter_version"] == 0
+    assert "hf_sam" in info["trainers"]
+    assert {"random", "first"} <= set(info["strategies"])
+
+
+def _infer(client, image_id: str, params: dict) -> tuple[bytes, dict]:
+    r = client.post(f"/infer/hf_sam?image={image_id}&output=all", data={"params": json.dumps(params)})
+    assert r.status_code == 200, r.text
+    boundary = r.headers["content-type"].split("boundary=")[1]
+    parts = [p for p in r.content.split(b"--" + boundary.encode()) if b"\r\n\r\n" in p]
+    result = {}
+    label = b""
+    for part in parts:
+        head, body = part.split(b"\r\n\r\n", 1)
+        body = body.rsplit(b"\r\n", 1)[0]
+        if b"application/json" in head:
+            result = json.loads(body)
+        else:
+            label = body
+    return label, result
+
+
+@pytest.mark.parametrize(
+    "extension,dtype,reader",
+    [(".nii.gz", "uint8", "nibabel"), (".nrrd", "uint16", "nrrd")],
+)
+def test_infer_honours_writer_keys_and_keeps_geometry(client, studies, tmp_path, extension, dtype, reader):
+    label, result = _infer(client, "brain_003", {"result_extension": extension, "result_dtype": dtype})
+    assert result["label_names"] == {"white matter": 1, "grey matter": 2}
+    path = tmp_path / f"label{extension}"
+    path.write_bytes(label)
+    image = nib.load(studies / "brain_003.nii.gz")
+    if reader == "nibabel":
+        out = nib.load(path)
+        assert out.shape == image.shape
+        np.testing.assert_allclose(out.affine, image.affine, atol=1e-4)
+        values = np.asarray(out.dataobj)
+    else:
+        import nrrd
+
+        values, header = nrrd.read(str(path))
+        assert values.shape == image.shape
+        np.testing.assert_allclose(np.abs(np.diag(header["space directions"])), image.header.get_zooms(), atol=1e-4)
+    assert values.dtype == np.dtype(dtype)
+    assert set(np.unique(values)) <= {0, 1, 2}
+
+
+def test_save_label_then_sync_train_serves_new_adapter(client, studies, sample_data):
+    truth = nib.load(sample_data / "brain-mri-groundtruth" / "brain_002.nii.gz")
+    swapped = np.asarray(truth.dataobj).copy()
+    swapped[truth.get_fdata() == 1], swapped[truth.get_fdata() == 2] = 2, 1
+    body = nib.Nifti1Image(swapped, truth.affine)
+    path = studies.parent / "corrected.nii.gz"
+    nib.save(body, path)
+    label_info = [{"name": "grey matter", "idx": 1}, {"name": "white matter", "idx": 2}]
+    with open(path, "rb") as f:
+        r = client.put(
+            "/datastore/label?image=brain_002&tag=final",
+            files={"label": ("corrected.nii.gz", f)},
+            data={"params": json.dumps({"label_info": label_info})},
+        )
+    assert r.status_code == 200, r.text
+
+    _, before = _infer(client, "brain_004", {})
+    r = client.post("/train/hf_sam?run_sync=true", json={"max_epochs": 2})
+    assert r.status_code == 200, r.text
+    _, after = _infer(client, "brain_004", {})
+    assert (before["adapter_version"], after["adapter_version"]) == (0, 1)
+    assert client.get("/info/").json()["models"]["hf_sam"]["adapter_version"] == 1
+    stats = client.get("/info/").json()["train_stats"]["hf_sam"]
+    assert stats["epoch"] == 2
+
+
+@pytest.mark.parametrize(
+    "conf,message",
+    [
+        ({"models": "hf_sam,nope"}, "valid: all, hf_sam"),
+        ({"models": "hf_sam", "backbone": "vit_x"}, "unknown SAM backbone 'vit_x'"),
+        ({"models": "hf_sam", "labels": "{not json"}, "--conf labels must be JSON"),
+        ({"models": "hf_sam", "labels": '{"a": 1, "b": 3}'}, "ids 1..N"),
+    ],
+)
+def test_bad_conf_is_a_clear_start_up_error(app_dir, studies, conf, message):
+    from main import SamFewShotApp
+
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        SamFewShotApp(str(app_dir), str(studies), {"backbone": "tiny", **conf})
