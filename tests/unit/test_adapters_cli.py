@@ -1,0 +1,35 @@
+"""scripts/adapters.py: list published versions and serve an earlier one again."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "scripts"))
+
+import adapters  # noqa: E402
+from lib.networks.lora import publish_adapter, read_adapter  # noqa: E402
+
+
+def test_list_and_restore(tmp_path, capsys):
+    path = str(tmp_path / "hf_sam.pt")
+    config = {"model": "hf_sam", "backbone": "tiny"}
+    publish_adapter(path, {"w": torch.ones(2)}, config, {"metric_name": "val_mean_dice", "metric": 0.5})
+    publish_adapter(path, {"w": torch.zeros(2)}, config, {"metric_name": "val_mean_dice", "metric": 0.4})
+
+    assert adapters.main(["list", "hf_sam", "--model-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "  v0001" in out and "* v0002" in out and "val_mean_dice 0.5000" in out
+
+    assert adapters.main(["restore", "hf_sam", "1", "--model-dir", str(tmp_path)]) == 0
+    assert "served again as version 3" in capsys.readouterr().out
+    served = read_adapter(path)
+    assert served["version"] == 3 and served["info"]["restored_from"] == 1
+    assert torch.equal(served["state_dict"]["w"], torch.ones(2))
+
+
+def test_empty_model_dir_says_base_weights_are_served(tmp_path, capsys):
+    assert adapters.main(["list", "hf_sam", "--model-dir", str(tmp_path)]) == 0
+    assert "base weights are served" in capsys.readouterr().out
