@@ -24,6 +24,15 @@ from lib.networks.sam_backbone import OFFICIAL_CHECKPOINTS, CheckpointError, get
 logger = logging.getLogger(__name__)
 
 
+def file_stamp(path: str) -> tuple[int, int, int] | None:
+    """Identity of a file's current content: each atomic publish is a new inode, whatever the clock says."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 def parse_labels(labels: dict[str, int]) -> dict[str, int]:
     """Model label set {name: id}: ids 1..N, each once; 0 is background and is not listed."""
     ids = sorted(labels.values())
@@ -74,9 +83,9 @@ class SegmentationModel:
     build_network: Callable[[], nn.Module]
     modality: str = "auto"
     lora_rank: int = 4
-    _resident: dict[str, tuple[nn.Module, int, int]] = field(default_factory=dict, repr=False)
+    _resident: dict[str, tuple[nn.Module, tuple | None, int]] = field(default_factory=dict, repr=False)
     _version: int = field(default=0, repr=False)
-    _version_stamp: int = field(default=0, repr=False)
+    _version_stamp: tuple | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -104,7 +113,7 @@ class SegmentationModel:
     def resident(self, device: str) -> tuple[nn.Module, int]:
         """The network kept on ``device`` with the currently published adapter swapped in, and its version."""
         with self._lock:
-            stamp = os.stat(self.adapter_path).st_mtime_ns if os.path.exists(self.adapter_path) else 0
+            stamp = file_stamp(self.adapter_path)
             network, loaded, version = self._resident.get(device, (None, None, 0))
             if network is None or (loaded and not stamp):  # first use, or the adapter was withdrawn
                 network = self.build_network().to(device).eval()
@@ -119,7 +128,7 @@ class SegmentationModel:
     def served_version(self) -> int:
         """Version of the published adapter file (0: base weights only)."""
         with self._lock:
-            stamp = os.stat(self.adapter_path).st_mtime_ns if os.path.exists(self.adapter_path) else 0
+            stamp = file_stamp(self.adapter_path)
             if self._version_stamp != stamp:
                 self._version = int(read_adapter(self.adapter_path)["version"]) if stamp else 0
                 self._version_stamp = stamp

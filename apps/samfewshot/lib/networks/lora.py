@@ -123,8 +123,13 @@ def publish_adapter(
         "info": dict(info or {}),
         "state_dict": state,
     }
-    _atomic_save(payload, history_path(path, version))
-    _atomic_save(payload, path)
+    kept = history_path(path, version)
+    _atomic_save(payload, kept)
+    try:
+        _atomic_save(payload, path)
+    except BaseException:
+        os.remove(kept)  # never list a version that was not served
+        raise
     return version
 
 

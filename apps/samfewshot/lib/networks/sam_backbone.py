@@ -165,8 +165,10 @@ def _official_spec_of(state: dict[str, torch.Tensor]) -> tuple[int, int]:
     """(embed_dim, depth) of the image encoder stored in an official SAM state dict."""
     if "image_encoder.pos_embed" not in state:
         raise CheckpointError("not a SAM checkpoint: 'image_encoder.pos_embed' is missing")
-    depth = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("image_encoder.blocks."))
-    return state["image_encoder.pos_embed"].shape[-1], depth
+    blocks = [int(k.split(".")[2]) for k in state if k.startswith("image_encoder.blocks.")]
+    if not blocks:
+        raise CheckpointError("not a SAM checkpoint: it has no 'image_encoder.blocks.*' tensors")
+    return state["image_encoder.pos_embed"].shape[-1], 1 + max(blocks)
 
 
 def _resize_rel_pos(table: torch.Tensor, length: int) -> torch.Tensor:
@@ -199,6 +201,8 @@ def adapt_official_state(state: dict[str, torch.Tensor], spec: SamEncoderSpec) -
     for i in spec.global_attn_indexes:
         for axis in ("h", "w"):
             key = f"image_encoder.blocks.{i}.attn.rel_pos_{axis}"
+            if key not in state:
+                raise CheckpointError(f"truncated SAM checkpoint: '{key}' is missing")
             out[key] = _resize_rel_pos(state[key], 2 * e - 1)
     return out
 
@@ -223,4 +227,7 @@ def load_official_checkpoint(path: str, spec: SamEncoderSpec) -> dict[str, torch
     if not isinstance(state, dict):
         raise CheckpointError(f"'{path}' does not hold a state dict")
     state = state.get("model", state)
-    return adapt_official_state(state, spec)
+    try:
+        return adapt_official_state(state, spec)
+    except CheckpointError as e:
+        raise CheckpointError(f"'{path}': {e}") from e

@@ -15,6 +15,7 @@ from torch import nn
 
 from .lora import apply_lora, mark_trainable
 from .sam_backbone import (
+    CheckpointError,
     SamEncoderSpec,
     build_image_encoder,
     build_mask_decoder,
@@ -109,7 +110,7 @@ class SamSegmenter(nn.Module):
         own = set(self.state_dict())
         missing = [k for k in own if k not in state and k.startswith(("image_encoder.", "prompt_encoder.", "mask_decoder."))]
         if missing:
-            raise ValueError(f"official SAM state lacks {len(missing)} tensors, e.g. {missing[:3]}")
+            raise CheckpointError(f"truncated SAM checkpoint: {len(missing)} tensors are missing, e.g. {missing[:3]}")
         self.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
 
     def add_lora(self, rank: int) -> None:
@@ -135,6 +136,10 @@ def build_segmenter(
         torch.manual_seed(0)
         model = model_cls(spec, num_classes)
         if sam_checkpoint:
-            model.load_sam_state(load_official_checkpoint(sam_checkpoint, spec))
+            official = load_official_checkpoint(sam_checkpoint, spec)
+            try:
+                model.load_sam_state(official)
+            except CheckpointError as e:
+                raise CheckpointError(f"'{sam_checkpoint}': {e}") from e
         model.add_lora(lora_rank)
     return model
