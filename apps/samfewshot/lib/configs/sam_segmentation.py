@@ -20,7 +20,8 @@ DEFAULT_LABELS = {"white matter": 1, "grey matter": 2}
 
 
 class SamSegmentationConfig(TaskConfig):
-    """Reads the shared ``--conf`` keys (backbone, sam_checkpoint, labels, lora_rank, modality, device, preload)."""
+    """Reads the shared ``--conf`` keys (backbone, sam_checkpoint, labels, lora_rank, modality, device, preload,
+    max_epochs)."""
 
     network_cls: type[SamSegmenter]
 
@@ -53,4 +54,7 @@ class SamSegmentationConfig(TaskConfig):
         return SliceSegmentation(self.model, device=self.device, preload=strtobool(self.conf.get("preload", "false")))
 
     def trainer(self) -> LoraTrainer:
-        return LoraTrainer(self.model, config={"device": self.device})
+        config = {"device": self.device}
+        if self.conf.get("max_epochs"):
+            config["max_epochs"] = int(self.conf["max_epochs"])
+        return LoraTrainer(self.model, config=config)

@@ -6,12 +6,15 @@ import logging
 from typing import Any
 
 import numpy as np
+from fastapi import HTTPException
 from monai.inferers import Inferer, SliceInferer
 from monai.transforms import Activationsd, AsDiscreted, CastToTyped, Compose, Invertd, SqueezeDimd
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from lib.model import SegmentationModel
+from lib.networks.lora import AdapterError
+from lib.networks.sam_backbone import CheckpointError
 from lib.transforms import inference_transforms
 
 logger = logging.getLogger(__name__)
@@ -36,8 +39,13 @@ class SliceSegmentation(BasicInferTask):
             dimension=3,
             description=description or f"{model.name} ({model.backbone}) segmentation of axial slices",
             config={"device": device, "batch_size": batch_size, "modality": model.modality},
-            preload=preload,
         )
+        if preload:
+            try:
+                self.model.resident(device)
+            except (CheckpointError, AdapterError) as e:
+                # The server still starts; every request to this model answers with the reason.
+                logger.error(f"{model.name}: cannot preload: {e}")
 
     def is_valid(self) -> bool:
         # The base weights are enough to serve; an adapter is optional.
@@ -69,7 +77,11 @@ class SliceSegmentation(BasicInferTask):
         ]
 
     def _get_network(self, device, data):
-        network, version = self.model.resident(str(device))
+        try:
+            network, version = self.model.resident(str(device))
+        except (CheckpointError, AdapterError) as e:
+            logger.error(f"{self.model.name} is unavailable: {e}")
+            raise HTTPException(status_code=503, detail=f"{self.model.name} is unavailable: {e}") from e
         if data is not None:
             data["adapter_version"] = version
         return network
