@@ -4,7 +4,7 @@
     .venv/bin/python scripts/benchmark.py --backbone vit_b --slices 100 --skip-update
 
 Runs the app's own code paths (SliceSegmentation infer task, LoraTrainer) on a copy of the sample datastore,
-with random weights when no SAM checkpoint is given (speed does not depend on the weights). Prints a table and
+with random weights in the official layout when no SAM checkpoint is given (speed does not depend on them). Prints a table and
 writes JSON (--out).
 """
 
@@ -42,11 +42,22 @@ def synthetic_volume(path: str, reference: str, slices: int) -> None:
     nib.save(nib.Nifti1Image(np.concatenate([data] * reps, axis=2)[..., :slices], ref.affine), path)
 
 
+def random_official_checkpoint(backbone: str, directory: str) -> str:
+    """segment_anything's own architecture with random weights, saved like an official file (speed only)."""
+    import torch
+    from segment_anything import sam_model_registry
+
+    path = os.path.join(directory, f"random_sam_{backbone}.pth")
+    torch.save(sam_model_registry[backbone]().state_dict(), path)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="tiny")
     parser.add_argument("--model", default="hf_sam")
     parser.add_argument("--slices", type=int, default=100, help="axial slices of the benchmark volume")
+    parser.add_argument("--sam-checkpoint", default=None, help="official SAM file; default: random weights in its layout")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3, help="warm inference repeats")
     parser.add_argument("--update-epochs", type=int, default=5)
@@ -65,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         synthetic_volume(os.path.join(studies, "bench.nii.gz"), os.path.join(studies, "brain_003.nii.gz"), args.slices)
 
         conf = {"models": args.model, "backbone": args.backbone, "device": args.device}
+        if args.backbone != "tiny":
+            conf["sam_checkpoint"] = args.sam_checkpoint or random_official_checkpoint(args.backbone, work)
         app = SamFewShotApp(app_dir, studies, conf)
         request = {"model": args.model, "image": "bench", "device": args.device}
         results: dict = {
