@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from lib.networks.hf_sam import AWFFM, HFSam
 from lib.networks.sam_backbone import encode_with_taps, get_encoder_spec
-from lib.networks.sam_segmenter import build_segmenter
+from lib.networks.sam_segmenter import build_segmenter, SliceFeatures
 
 SPEC = get_encoder_spec("tiny")
 S = SPEC.img_size
@@ -77,9 +77,10 @@ def test_stage_shapes(model, image, base_logits):
         assert [t.shape for t in taps] == [(1, SPEC.embed_dim, E, E)] * 2
         projected = model.project_taps(taps)
         assert [t.shape for t in projected] == [(1, SPEC.prompt_dim, E, E)] * 2
-        fused = model.fuse_before(embedding, projected)
+        features = SliceFeatures(image=x, taps=projected)
+        fused = model.fuse_before(embedding, features)
         assert fused.shape == embedding.shape
-        masks = model.decode(fused, projected)
+        masks = model.decode(fused, features)
         assert masks.shape == (1, K, 4 * E, 4 * E)
         # forward = decode, upsampled to the input size
         expected = F.interpolate(masks, size=(S, S), mode="bilinear", align_corners=False)

@@ -83,6 +83,7 @@ class SegmentationModel:
     build_network: Callable[[], nn.Module]
     modality: str = "auto"
     lora_rank: int = 4
+    options: dict[str, Any] = field(default_factory=dict)  # model-specific settings an adapter must agree with
     _resident: dict[str, tuple[nn.Module, tuple | None, int]] = field(default_factory=dict, repr=False)
     _version: int = field(default=0, repr=False)
     _version_stamp: tuple | None = field(default=None, repr=False)
@@ -98,7 +99,7 @@ class SegmentationModel:
 
     def adapter_config(self) -> dict[str, Any]:
         """What an adapter must agree with to be loaded into this model."""
-        return {"model": self.name, "backbone": self.backbone, "labels": self.labels, "lora_rank": self.lora_rank}
+        return {"model": self.name, "backbone": self.backbone, "labels": self.labels, "lora_rank": self.lora_rank, **self.options}
 
     def load_adapter(self, network: nn.Module, path: str | None = None) -> dict[str, Any] | None:
         """Load the adapter at ``path`` (default: the published one) into ``network``; returns its payload."""

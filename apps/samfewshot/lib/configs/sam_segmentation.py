@@ -46,9 +46,15 @@ class SamSegmentationConfig(TaskConfig):
             lora_rank=int(conf.get("lora_rank", 4)),
         )
 
+    def network_options(self) -> dict[str, Any]:
+        """Model-specific constructor arguments; they become part of the adapter's config."""
+        return {}
+
     def build_network(self) -> SamSegmenter:
         checkpoint = resolve_sam_checkpoint(self.model.backbone, self.conf.get("sam_checkpoint"), self.model_dir)
-        return build_segmenter(self.network_cls, self.model.backbone, self.model.num_classes, self.model.lora_rank, checkpoint)
+        return build_segmenter(
+            self.network_cls, self.model.backbone, self.model.num_classes, self.model.lora_rank, checkpoint, **self.network_options()
+        )
 
     def infer(self) -> SliceSegmentation:
         return SliceSegmentation(self.model, device=self.device, preload=strtobool(self.conf.get("preload", "false")))

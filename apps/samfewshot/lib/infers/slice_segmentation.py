@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 import numpy as np
+import torch
 from fastapi import HTTPException
 from monai.inferers import Inferer, SliceInferer
 from monai.transforms import Activationsd, AsDiscreted, CastToTyped, Compose, Invertd, SqueezeDimd
@@ -16,6 +17,7 @@ from lib.model import SegmentationModel
 from lib.networks.lora import AdapterError
 from lib.networks.sam_backbone import CheckpointError
 from lib.transforms import inference_transforms
+from lib.transforms.prompts import batch_prompts, slice_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +88,27 @@ class SliceSegmentation(BasicInferTask):
             data["adapter_version"] = version
         return network
 
+    def run_inferer(self, data: dict[str, Any], convert_to_batch=True, device="cuda"):
+        """Prompt-free slices through the SliceInferer, then the slices a client prompted (``foreground``,
+        ``background`` points or an ``roi``) again with the prompts through SAM's prompt encoder."""
+        data = super().run_inferer(data, convert_to_batch, device)
+        try:
+            prompted = slice_prompts(data["image"], data)
+        except ValueError as e:
+            raise HTTPException(status_code=422, detail=str(e)) from e
+        if prompted:
+            network = self._get_network(device, data)
+            image = data["image"].as_tensor().to(device)
+            with torch.no_grad():
+                for k, prompts in prompted.items():
+                    logits = network(image[None, ..., k], batch_prompts(prompts, device))
+                    data["pred"][..., k] = logits[0].to(data["pred"].device)
+            data["prompted_slices"] = sorted(prompted)
+        return data
+
     def writer(self, data: dict[str, Any], extension=None, dtype=None):
         result_file, result_json = super().writer(data, extension, dtype)
         result_json["adapter_version"] = data.get("adapter_version", 0)
+        if data.get("prompted_slices"):
+            result_json["prompted_slices"] = data["prompted_slices"]
         return result_file, result_json

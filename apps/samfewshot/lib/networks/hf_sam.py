@@ -14,7 +14,7 @@ from segment_anything.modeling.common import LayerNorm2d
 from torch import nn
 
 from .sam_backbone import SamEncoderSpec
-from .sam_segmenter import SamSegmenter
+from .sam_segmenter import ChannelSpatialAttention, SamSegmenter, SliceFeatures
 
 
 class AWFFM(nn.Module):
@@ -29,47 +29,33 @@ class AWFFM(nn.Module):
     fusion can only add to it, never suppress it.
     """
 
-    def __init__(self, channels: int, num_low: int, reduction: int = 4, spatial_kernel: int = 7):
+    def __init__(self, channels: int, num_low: int, reduction: int = 4):
         super().__init__()
-        total = channels * (1 + num_low)
         self.source_logits = nn.Parameter(torch.zeros(1 + num_low))
-        self.channel_mlp = nn.Sequential(
-            nn.Conv2d(total, total // reduction, 1), nn.ReLU(inplace=True), nn.Conv2d(total // reduction, total, 1)
-        )
-        self.spatial_conv = nn.Conv2d(2, 1, spatial_kernel, padding=spatial_kernel // 2)
-        self.project = nn.Sequential(nn.Conv2d(total, channels, 1, bias=False), LayerNorm2d(channels))
+        self.attention = ChannelSpatialAttention(channels * (1 + num_low), reduction)
+        self.project = nn.Sequential(nn.Conv2d(channels * (1 + num_low), channels, 1, bias=False), LayerNorm2d(channels))
         self.gate = nn.Parameter(torch.zeros(channels))
 
     def forward(self, high: torch.Tensor, lows: list[torch.Tensor]) -> torch.Tensor:
         weights = torch.softmax(self.source_logits, 0) * self.source_logits.numel()
         x = torch.cat([w * f for w, f in zip(weights, [high, *lows])], dim=1)
-        channel = torch.sigmoid(self.channel_mlp(x.mean((2, 3), keepdim=True)) + self.channel_mlp(x.amax((2, 3), keepdim=True)))
-        x = x * channel
-        spatial = torch.sigmoid(self.spatial_conv(torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], dim=1)))
-        return high + self.gate.view(1, -1, 1, 1) * self.project(x * spatial)
+        return high + self.gate.view(1, -1, 1, 1) * self.project(self.attention(x))
 
 
 class HFSam(SamSegmenter):
     """HF-SAM; forward: (B, 1 or 3, S, S) in [0, 1] -> logits (B, num_classes, S, S)."""
 
-    trainable_prefixes = SamSegmenter.trainable_prefixes + ("tap_projections.", "fusion_before.", "fusion_after.")
+    trainable_prefixes = SamSegmenter.trainable_prefixes + ("fusion_before.", "fusion_after.")
 
     def __init__(self, spec: SamEncoderSpec, num_classes: int):
         taps = spec.global_attn_indexes[:2]
         super().__init__(spec, num_classes, tap_indexes=taps)
-        self.tap_projections = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(spec.embed_dim, spec.prompt_dim, 1, bias=False), LayerNorm2d(spec.prompt_dim))
-            for _ in taps
-        )
         self.fusion_before = AWFFM(spec.prompt_dim, len(taps))
         self.fusion_after = AWFFM(spec.prompt_dim, len(taps))
 
-    def project_taps(self, taps: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [proj(t) for proj, t in zip(self.tap_projections, taps)]
+    def fuse_before(self, embedding: torch.Tensor, features: SliceFeatures) -> torch.Tensor:
+        return self.fusion_before(embedding, features.taps)
 
-    def fuse_before(self, embedding: torch.Tensor, taps: list[torch.Tensor]) -> torch.Tensor:
-        return self.fusion_before(embedding, taps)
-
-    def fuse_after(self, tokens: torch.Tensor, taps: list[torch.Tensor]) -> torch.Tensor:
-        return self.fusion_after(tokens, taps)
+    def fuse_after(self, tokens: torch.Tensor, features: SliceFeatures) -> torch.Tensor:
+        return self.fusion_after(tokens, features.taps)
 

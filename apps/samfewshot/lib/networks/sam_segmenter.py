@@ -1,16 +1,21 @@
-"""Prompt-free multi-class SAM: the part HF-SAM and MASG-SAM share.
+"""Multi-class SAM: the part HF-SAM and MASG-SAM share.
 
 A slice in [0, 1] (no ImageNet mean/std, as SAMed/H-SAM) is repeated to three channels and encoded by SAM's
-ViT; the mask decoder runs with SAM's default sparse/dense prompt embeddings and one mask token per class
-(background included), so a softmax over the mask logits is the class posterior. Models differ only in the
-hooks ``fuse_before`` (image embedding before the two-way transformer) and ``fuse_after`` (image tokens after
-it, before upscaling and the hypernetwork heads).
+ViT; the mask decoder runs with SAM's default sparse/dense prompt embeddings (or with point/box prompts when a
+client sends them) and one mask token per class (background included), so a softmax over the mask logits is the
+class posterior. Models differ only in the hooks: ``fuse_before`` (image embedding before the two-way
+transformer), ``class_tokens`` (the mask tokens), ``fuse_after`` (image tokens after the transformer),
+``refine_upscaled`` (upscaled features before the hypernetwork product) and ``training_loss``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+from monai.losses import DiceCELoss
+from segment_anything.modeling.common import LayerNorm2d
 from torch import nn
 
 from .lora import apply_lora, mark_trainable
@@ -26,14 +31,48 @@ from .sam_backbone import (
 )
 
 
+@dataclass
+class Prompts:
+    """SAM prompts in model-input pixels (x, y): points (B, N, 2) with labels (B, N) (1 foreground, 0 background,
+    -1 padding) and/or boxes (B, 4) as x0, y0, x1, y1."""
+
+    points: torch.Tensor | None = None
+    point_labels: torch.Tensor | None = None
+    boxes: torch.Tensor | None = None
+
+
+@dataclass
+class SliceFeatures:
+    """What the hooks may read: the encoder input (B, 3, S, S) and the projected encoder taps."""
+
+    image: torch.Tensor
+    taps: list[torch.Tensor]
+
+
+class ChannelSpatialAttention(nn.Module):
+    """CBAM-style attention: channel weights from a shared MLP on average- and max-pooled descriptors, then a
+    spatial map from a conv over the channel-wise mean and max; (B, C, h, w) -> (B, C, h, w)."""
+
+    def __init__(self, channels: int, reduction: int = 4, spatial_kernel: int = 7):
+        super().__init__()
+        self.channel_mlp = nn.Sequential(
+            nn.Conv2d(channels, channels // reduction, 1), nn.ReLU(inplace=True), nn.Conv2d(channels // reduction, channels, 1)
+        )
+        self.spatial_conv = nn.Conv2d(2, 1, spatial_kernel, padding=spatial_kernel // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * torch.sigmoid(self.channel_mlp(x.mean((2, 3), keepdim=True)) + self.channel_mlp(x.amax((2, 3), keepdim=True)))
+        return x * torch.sigmoid(self.spatial_conv(torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], dim=1)))
+
+
 class SamSegmenter(nn.Module):
     """SAM as a semantic segmenter of ``num_classes`` classes (background included).
 
-    forward: (B, 1 or 3, S, S) in [0, 1] -> logits (B, num_classes, S, S), S = ``spec.img_size``.
+    forward: (B, 1 or 3, H, W) in [0, 1] -> logits (B, num_classes, H, W); inputs are resized to ``spec.img_size``.
     """
 
     #: parameter-name prefixes that train beside the LoRA weights; subclasses add their own modules
-    trainable_prefixes: tuple[str, ...] = ("prompt_encoder.", "mask_decoder.")
+    trainable_prefixes: tuple[str, ...] = ("prompt_encoder.", "mask_decoder.", "tap_projections.")
 
     def __init__(self, spec: SamEncoderSpec, num_classes: int, tap_indexes: tuple[int, ...] = ()):
         super().__init__()
@@ -45,42 +84,63 @@ class SamSegmenter(nn.Module):
         self.image_encoder = build_image_encoder(spec)
         self.prompt_encoder = build_prompt_encoder(spec)
         self.mask_decoder = build_mask_decoder(spec, num_classes)
+        # Encoder taps are projected embed_dim -> prompt_dim like SAM's neck (1x1 conv + LayerNorm2d).
+        self.tap_projections = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(spec.embed_dim, spec.prompt_dim, 1, bias=False), LayerNorm2d(spec.prompt_dim))
+            for _ in self.tap_indexes
+        )
+        self.segmentation_loss = DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=0.1, lambda_dice=0.9)
 
-    def fuse_before(self, embedding: torch.Tensor, taps: list[torch.Tensor]) -> torch.Tensor:
+    def project_taps(self, taps: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Encoder taps (B, embed_dim, h, w) -> (B, prompt_dim, h, w)."""
+        return [proj(t) for proj, t in zip(self.tap_projections, taps)]
+
+    def fuse_before(self, embedding: torch.Tensor, features: SliceFeatures) -> torch.Tensor:
         """(B, C, h, w) image embedding before the two-way transformer."""
         return embedding
 
-    def fuse_after(self, tokens: torch.Tensor, taps: list[torch.Tensor]) -> torch.Tensor:
+    def class_tokens(self) -> torch.Tensor:
+        """(K, C) mask tokens, one per class."""
+        return self.mask_decoder.mask_tokens.weight
+
+    def fuse_after(self, tokens: torch.Tensor, features: SliceFeatures) -> torch.Tensor:
         """(B, C, h, w) image tokens after the two-way transformer."""
         return tokens
 
-    def project_taps(self, taps: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Encoder taps (B, embed_dim, h, w) -> whatever the fusion hooks consume."""
-        return taps
+    def refine_upscaled(self, upscaled: torch.Tensor, features: SliceFeatures) -> torch.Tensor:
+        """(B, C/8, 4h, 4w) upscaled features before the hypernetwork product."""
+        return upscaled
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
+    def training_loss(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """Loss of the last training forward; logits (B, K, H, W), label (B, 1, H, W) class ids."""
+        return self.segmentation_loss(logits, label)
+
+    def forward(self, image: torch.Tensor, prompts: Prompts | None = None) -> torch.Tensor:
         size = image.shape[-2:]
         if image.shape[1] == 1:
             image = image.expand(-1, 3, -1, -1)
-        if tuple(size) != (self.spec.img_size, self.spec.img_size):
-            image = F.interpolate(image, size=(self.spec.img_size,) * 2, mode="bilinear", align_corners=False)
+        model_size = (self.spec.img_size, self.spec.img_size)
+        if tuple(size) != model_size:
+            image = F.interpolate(image, size=model_size, mode="bilinear", align_corners=False)
         embedding, taps = encode_with_taps(self.image_encoder, image, self.tap_indexes)
-        taps = self.project_taps(taps)
-        masks = self.decode(self.fuse_before(embedding, taps), taps)
+        features = SliceFeatures(image=image, taps=self.project_taps(taps))
+        masks = self.decode(self.fuse_before(embedding, features), features, prompts)
         return F.interpolate(masks, size=size, mode="bilinear", align_corners=False)
 
-    def decode(self, embedding: torch.Tensor, taps: list[torch.Tensor]) -> torch.Tensor:
-        """SAM's ``MaskDecoder.predict_masks`` with the ``fuse_after`` hook; (B, C, h, w) -> (B, K, 4h, 4w)."""
+    def decode(self, embedding: torch.Tensor, features: SliceFeatures, prompts: Prompts | None = None) -> torch.Tensor:
+        """SAM's ``MaskDecoder.predict_masks`` with the hooks; (B, C, h, w) -> (B, K, 4h, 4w)."""
         decoder = self.mask_decoder
         b, c, h, w = embedding.shape
-        sparse, dense = self.prompt_encoder(points=None, boxes=None, masks=None)
-        tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+        prompts = prompts or Prompts()
+        points = (prompts.points, prompts.point_labels) if prompts.points is not None else None
+        sparse, dense = self.prompt_encoder(points=points, boxes=prompts.boxes, masks=None)
+        tokens = torch.cat([decoder.iou_token.weight, self.class_tokens()], dim=0)
         tokens = torch.cat([tokens[None].expand(b, -1, -1), sparse.expand(b, -1, -1)], dim=1)
         src = embedding + dense
         pos = self.prompt_encoder.get_dense_pe().expand(b, -1, -1, -1)
         hs, src = decoder.transformer(src, pos, tokens)
-        src = self.fuse_after(src.transpose(1, 2).reshape(b, c, h, w), taps)
-        upscaled = decoder.output_upscaling(src)
+        src = self.fuse_after(src.transpose(1, 2).reshape(b, c, h, w), features)
+        upscaled = self.refine_upscaled(decoder.output_upscaling(src), features)
         hyper = torch.stack(
             [mlp(hs[:, 1 + i]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], dim=1
         )  # (B, K, C/8)
@@ -125,8 +185,9 @@ def build_segmenter(
     num_classes: int,
     lora_rank: int = 4,
     sam_checkpoint: str | None = None,
+    **model_kwargs,
 ) -> SamSegmenter:
-    """Build ``model_cls`` with LoRA, from an official SAM checkpoint when given.
+    """Build ``model_cls(spec, num_classes, **model_kwargs)`` with LoRA, from an official SAM checkpoint when given.
 
     Random initialisation is seeded, so every process (server, training subprocess) builds the same
     frozen backbone and an adapter trained in one applies in another.
@@ -134,7 +195,7 @@ def build_segmenter(
     spec = get_encoder_spec(backbone)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = model_cls(spec, num_classes)
+        model = model_cls(spec, num_classes, **model_kwargs)
         if sam_checkpoint:
             official = load_official_checkpoint(sam_checkpoint, spec)
             try:

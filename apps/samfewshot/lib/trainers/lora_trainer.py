@@ -20,7 +20,6 @@ from ignite.engine import Events
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.handlers import LrScheduleHandler, MeanDice, from_engine
 from monai.inferers import SimpleInferer, SliceInferer
-from monai.losses import DiceCELoss
 from monai.transforms import Activationsd, AsDiscreted, EnsureTyped
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.tasks.train.basic_train import BasicTrainTask, Context
@@ -165,7 +164,9 @@ class LoraTrainer(BasicTrainTask):
         return torch.optim.AdamW(params, lr=float(context.request.get("lr", 1e-3)), weight_decay=self.weight_decay)
 
     def loss_function(self, context: Context):
-        return DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=0.1, lambda_dice=0.9)
+        # The network owns its loss: 0.1*CE + 0.9*Dice, plus whatever auxiliary terms the model has.
+        network = getattr(context.network, "module", context.network)  # unwrap DistributedDataParallel
+        return network.training_loss
 
     def lr_scheduler_handler(self, context: Context):
         steps_per_epoch = math.ceil(len(context.train_datalist) / context.train_batch_size)

@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from lib.configs.sam_segmentation import SamSegmentationConfig
+from lib.networks.masg_sam import MASGSam
+from lib.networks.text import ClassTextEmbedder, class_prompts
+
+MODULES = ("hae", "bfe", "dsf")
+
+
+class MASGSamConfig(SamSegmentationConfig):
+    """MASG-SAM: hierarchical attention (HAE), boundary enhancement (BFE), CLIP-guided semantic fusion (DSF).
+
+    ``--conf masg_modules`` (default ``hae,bfe,dsf``) switches modules off for ablation; ``clip_model`` and
+    ``clip_checkpoint`` choose the open_clip text encoder (``backbone tiny``: a small random one).
+    """
+
+    network_cls = MASGSam
+
+    def init(self, name, model_dir, conf, planner, **kwargs):
+        super().init(name, model_dir, conf, planner, **kwargs)
+        self.modules = [m.strip() for m in conf.get("masg_modules", ",".join(MODULES)).split(",") if m.strip()]
+        unknown = sorted(set(self.modules) - set(MODULES))
+        if unknown:
+            raise ValueError(f"unknown MASG-SAM module(s) {unknown} in --conf masg_modules; valid: {', '.join(MODULES)}")
+        self.text = ClassTextEmbedder(
+            clip_model=conf.get("clip_model", "ViT-B-16"),
+            clip_checkpoint=conf.get("clip_checkpoint", "openai"),
+            tiny=self.model.backbone == "tiny",
+            cache_dir=os.path.join(model_dir, "text_embeddings"),
+        )
+        self.prompts = class_prompts(list(self.labels), self.model.modality)
+        self.model.options = {"masg_modules": self.modules, "class_prompts": self.prompts, **self.text.identity}
+
+    def network_options(self) -> dict[str, Any]:
+        use = {f"use_{m}": m in self.modules for m in MODULES}
+        return {"class_text": self.text.embed(self.prompts) if use["use_dsf"] else None, **use}
