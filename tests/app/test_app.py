@@ -17,7 +17,7 @@ def client(app_dir, studies):
 
     settings.MONAI_LABEL_APP_DIR = str(app_dir)
     settings.MONAI_LABEL_STUDIES = str(studies)
-    settings.MONAI_LABEL_APP_CONF = {"models": "hf_sam", "backbone": "tiny"}
+    settings.MONAI_LABEL_APP_CONF = {"models": "all", "backbone": "tiny"}
     clear_cache()
     from monailabel.app import app
 
@@ -26,19 +26,23 @@ def client(app_dir, studies):
     clear_cache()
 
 
-def test_info_lists_hf_sam_with_its_labels(client):
+MODELS = ["hf_sam", "masg_sam"]
+
+
+def test_info_lists_every_model_with_its_labels(client):
     info = client.get("/info/").json()
     assert info["name"] == "samfewshot"
-    model = info["models"]["hf_sam"]
-    assert model["type"] == "segmentation" and model["dimension"] == 3
-    assert model["labels"] == {"white matter": 1, "grey matter": 2}
-    assert model["adapter_version"] == 0
-    assert "hf_sam" in info["trainers"]
+    assert sorted(info["models"]) == sorted(info["trainers"]) == MODELS
+    for name in MODELS:
+        model = info["models"][name]
+        assert model["type"] == "segmentation" and model["dimension"] == 3
+        assert model["labels"] == {"white matter": 1, "grey matter": 2}
+        assert model["adapter_version"] == 0
     assert {"random", "first"} <= set(info["strategies"])
 
 
-def _infer(client, image_id: str, params: dict) -> tuple[bytes, dict]:
-    r = client.post(f"/infer/hf_sam?image={image_id}&output=all", data={"params": json.dumps(params)})
+def _infer(client, image_id: str, params: dict, model: str = "hf_sam") -> tuple[bytes, dict]:
+    r = client.post(f"/infer/{model}?image={image_id}&output=all", data={"params": json.dumps(params)})
     assert r.status_code == 200, r.text
     boundary = r.headers["content-type"].split("boundary=")[1]
     parts = [p for p in r.content.split(b"--" + boundary.encode()) if b"\r\n\r\n" in p]
@@ -54,12 +58,13 @@ def _infer(client, image_id: str, params: dict) -> tuple[bytes, dict]:
     return label, result
 
 
+@pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize(
     "extension,dtype,reader",
     [(".nii.gz", "uint8", "nibabel"), (".nrrd", "uint16", "nrrd")],
 )
-def test_infer_honours_writer_keys_and_keeps_geometry(client, studies, tmp_path, extension, dtype, reader):
-    label, result = _infer(client, "brain_003", {"result_extension": extension, "result_dtype": dtype})
+def test_infer_honours_writer_keys_and_keeps_geometry(client, studies, tmp_path, model, extension, dtype, reader):
+    label, result = _infer(client, "brain_003", {"result_extension": extension, "result_dtype": dtype}, model)
     assert result["label_names"] == {"white matter": 1, "grey matter": 2}
     path = tmp_path / f"label{extension}"
     path.write_bytes(label)
@@ -79,7 +84,29 @@ def test_infer_honours_writer_keys_and_keeps_geometry(client, studies, tmp_path,
     assert set(np.unique(values)) <= {0, 1, 2}
 
 
-def test_save_label_then_sync_train_serves_new_adapter(client, studies, sample_data):
+def _as_array(label: bytes, tmp_path, name: str) -> np.ndarray:
+    path = tmp_path / name
+    path.write_bytes(label)
+    return np.asarray(nib.load(path).dataobj)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_prompts_change_only_the_prompted_slices(client, tmp_path, model):
+    plain, _ = _infer(client, "brain_003", {}, model)
+    prompts = {"foreground": [[60, 70, 62]], "background": [[20, 20, 62]], "roi": [30, 40, 90, 100, 61, 63]}
+    prompted, result = _infer(client, "brain_003", prompts, model)
+    assert result["prompted_slices"] == [61, 62, 63]  # the sample volumes are stored in RAS: same slice indices
+    changed = np.nonzero((_as_array(plain, tmp_path, "a.nii.gz") != _as_array(prompted, tmp_path, "b.nii.gz")).any(axis=(0, 1)))[0]
+    assert len(changed) and set(changed) <= {61, 62, 63}
+
+
+def test_malformed_prompt_is_a_client_error(client):
+    r = client.post("/infer/masg_sam?image=brain_003", data={"params": json.dumps({"roi": [1, 2, 3]})})
+    assert r.status_code == 422 and "roi" in r.text
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_save_label_then_sync_train_serves_new_adapter(client, studies, sample_data, model):
     truth = nib.load(sample_data / "brain-mri-groundtruth" / "brain_002.nii.gz")
     swapped = np.asarray(truth.dataobj).copy()
     swapped[truth.get_fdata() == 1], swapped[truth.get_fdata() == 2] = 2, 1
@@ -95,20 +122,21 @@ def test_save_label_then_sync_train_serves_new_adapter(client, studies, sample_d
         )
     assert r.status_code == 200, r.text
 
-    _, before = _infer(client, "brain_004", {})
-    r = client.post("/train/hf_sam?run_sync=true", json={"max_epochs": 2})
+    _, before = _infer(client, "brain_004", {}, model)
+    r = client.post(f"/train/{model}?run_sync=true", json={"max_epochs": 2})
     assert r.status_code == 200, r.text
-    _, after = _infer(client, "brain_004", {})
+    _, after = _infer(client, "brain_004", {}, model)
     assert (before["adapter_version"], after["adapter_version"]) == (0, 1)
-    assert client.get("/info/").json()["models"]["hf_sam"]["adapter_version"] == 1
-    stats = client.get("/info/").json()["train_stats"]["hf_sam"]
+    assert client.get("/info/").json()["models"][model]["adapter_version"] == 1
+    stats = client.get("/info/").json()["train_stats"][model]
     assert stats["epoch"] == 2
 
 
 @pytest.mark.parametrize(
     "conf,message",
     [
-        ({"models": "hf_sam,nope"}, "valid: all, hf_sam"),
+        ({"models": "hf_sam,nope"}, "valid: all, hf_sam, masg_sam"),
+        ({"models": "masg_sam", "masg_modules": "hae,xyz"}, "valid: hae, bfe, dsf"),
         ({"models": "hf_sam", "backbone": "vit_x"}, "unknown SAM backbone 'vit_x'"),
         ({"models": "hf_sam", "labels": "{not json"}, "--conf labels must be JSON"),
         ({"models": "hf_sam", "labels": '{"a": 1, "b": 3}'}, "ids 1..N"),

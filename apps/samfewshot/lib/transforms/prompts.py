@@ -28,20 +28,23 @@ def _to_model_index(image: MetaTensor, ijk: np.ndarray) -> np.ndarray:
 
 def _points(request: dict[str, Any], key: str) -> np.ndarray:
     points = request.get(key) or []
-    array = np.asarray(points, dtype=np.float64).reshape(-1, 3) if len(points) else np.zeros((0, 3))
-    if len(points) and np.asarray(points).shape[-1] != 3:
+    try:
+        array = np.asarray(points, dtype=np.float64)
+    except (TypeError, ValueError):
+        array = np.zeros((0, 0))
+    if len(points) and (array.ndim != 2 or array.shape[1] != 3):
         raise ValueError(f"'{key}' must be a list of [i, j, k] voxel indices, got {points}")
-    return array
+    return array.reshape(-1, 3)
 
 
 def slice_prompts(image: MetaTensor, request: dict[str, Any]) -> dict[int, dict[str, Any]]:
     """{slice index: {"points": [(x, y, label)], "box": (x0, y0, x1, y1) or None}} for the prompted slices."""
-    depth = image.shape[-1]
+    rows, cols, depth = image.shape[-3:]
     prompted: dict[int, dict[str, Any]] = defaultdict(lambda: {"points": [], "box": None})
     for key, label in (("foreground", 1), ("background", 0)):
         for row, col, z in _to_model_index(image, _points(request, key)):
             k = int(round(z))
-            if 0 <= k < depth:
+            if 0 <= k < depth and 0 <= row <= rows - 1 and 0 <= col <= cols - 1:  # prompts outside are ignored
                 prompted[k]["points"].append((col, row, label))
     roi: Sequence[float] | None = request.get("roi")
     if roi:
@@ -49,8 +52,11 @@ def slice_prompts(image: MetaTensor, request: dict[str, Any]) -> dict[int, dict[
             raise ValueError(f"'roi' must be [i0, j0, i1, j1, k0, k1], got {roi}")
         corners = _to_model_index(image, np.array([[roi[0], roi[1], roi[4]], [roi[2], roi[3], roi[5]]]))
         (r0, c0, z0), (r1, c1, z1) = corners.min(0), corners.max(0)
-        for k in range(max(0, int(np.floor(z0))), min(depth - 1, int(np.ceil(z1))) + 1):
-            prompted[k]["box"] = (c0, r0, c1, r1)
+        r0, r1 = max(r0, 0.0), min(r1, rows - 1.0)
+        c0, c1 = max(c0, 0.0), min(c1, cols - 1.0)
+        if r0 <= r1 and c0 <= c1:  # a box wholly outside the plane is ignored, one partly outside is clipped
+            for k in range(max(0, int(np.floor(z0))), min(depth - 1, int(np.ceil(z1))) + 1):
+                prompted[k]["box"] = (c0, r0, c1, r1)
     return dict(prompted)
 
 
