@@ -7,15 +7,15 @@ import os
 import threading
 
 import monailabel
+from lib.activelearning import Diversity, First, Handouts, Hybrid, RandomChoice, Uncertainty
 from lib.configs import MODEL_CONFIGS
+from lib.scoring import EmbeddingScoring, UncertaintyScoring
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
-from monailabel.tasks.activelearning.first import First
-from monailabel.tasks.activelearning.random import Random
 from monailabel.utils.async_tasks.task import AsyncTask
 from monailabel.utils.async_tasks.utils import tasks
 from monailabel.utils.others.generic import strtobool
@@ -43,6 +43,8 @@ class SamFewShotApp(MONAILabelApp):
             self.models[name] = MODEL_CONFIGS[name]()
             self.models[name].init(name, self.model_dir, conf, None)
         self.auto_train = strtobool(conf.get("auto_train", "false"))
+        self.auto_scoring = strtobool(conf.get("auto_scoring", "true"))
+        self.handouts = Handouts(timeout_s=float(conf.get("handout_timeout", 900)))
         self._final_label_ts: dict[str, int] = {}
         self._train_lock = threading.Lock()
         super().__init__(
@@ -53,6 +55,9 @@ class SamFewShotApp(MONAILabelApp):
             description="Few-shot Segment Anything adaptations (HF-SAM) with incremental LoRA fine-tuning",
             version=monailabel.__version__,
         )
+        # Scores only change with the model: they are refreshed at start-up and after each training run
+        # (below), not after every next_sample as MONAI Label would do.
+        self._auto_update_scoring = False
 
     def init_infers(self) -> dict[str, InferTask]:
         return {name: config.infer() for name, config in self.models.items()}
@@ -61,14 +66,39 @@ class SamFewShotApp(MONAILabelApp):
         return {name: config.trainer() for name, config in self.models.items()}
 
     def init_strategies(self) -> dict[str, Strategy]:
-        return {"random": Random(), "first": First()}
+        kwargs = {"handouts": self.handouts, "default_model": next(iter(self.models))}
+        return {
+            "random": RandomChoice(**kwargs),
+            "first": First(**kwargs),
+            "uncertainty": Uncertainty(**kwargs),
+            "diversity": Diversity(**kwargs),
+            "hybrid": Hybrid(**kwargs),
+        }
 
     def init_scoring_methods(self) -> dict[str, ScoringMethod]:
-        return {}
+        models = {name: config.model for name, config in self.models.items()}
+        device = next(iter(self.models.values())).device
+        return {"uncertainty": UncertaintyScoring(models, device), "embedding": EmbeddingScoring(models, device)}
 
     def on_init_complete(self):
         super().on_init_complete()
         self._final_label_ts = self._final_label_stamps()
+        if self.auto_scoring:
+            self.async_scoring(None)
+
+    def train(self, request):
+        result = super().train(request)
+        if self.auto_scoring:
+            self.async_scoring(None)
+        return result
+
+    def async_scoring(self, method, params=None):
+        """In the server, MONAI Label's queued scoring subprocess; elsewhere (a training subprocess, scripts) the
+        scoring runs right here instead of being posted to a server on a guessed port."""
+        if self._server_mode:
+            return super().async_scoring(method, params)
+        methods = [method] if method else list(self._scoring_methods)
+        return {m: self.scoring({"method": m, **((params or {}).get(m) or {})}) for m in methods}
 
     def _final_label_stamps(self) -> dict[str, int]:
         datastore = self.datastore()

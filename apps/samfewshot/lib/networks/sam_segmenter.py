@@ -90,6 +90,8 @@ class SamSegmenter(nn.Module):
             for _ in self.tap_indexes
         )
         self.segmentation_loss = DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=0.1, lambda_dice=0.9)
+        # Monte-Carlo dropout on the decoder's image tokens, set only while estimating uncertainty.
+        self.mc_dropout = 0.0
 
     def project_taps(self, taps: list[torch.Tensor]) -> list[torch.Tensor]:
         """Encoder taps (B, embed_dim, h, w) -> (B, prompt_dim, h, w)."""
@@ -140,6 +142,8 @@ class SamSegmenter(nn.Module):
         pos = self.prompt_encoder.get_dense_pe().expand(b, -1, -1, -1)
         hs, src = decoder.transformer(src, pos, tokens)
         src = self.fuse_after(src.transpose(1, 2).reshape(b, c, h, w), features)
+        if self.mc_dropout:
+            src = F.dropout(src, self.mc_dropout, training=True)
         upscaled = self.refine_upscaled(decoder.output_upscaling(src), features)
         hyper = torch.stack(
             [mlp(hs[:, 1 + i]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], dim=1

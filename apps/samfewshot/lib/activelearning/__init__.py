@@ -1,0 +1,1 @@
+from .strategies import Diversity, First, Handouts, Hybrid, RandomChoice, Uncertainty

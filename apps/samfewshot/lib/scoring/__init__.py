@@ -1,0 +1,1 @@
+from .volume_scores import EmbeddingScoring, UncertaintyScoring
