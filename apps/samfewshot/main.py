@@ -80,6 +80,18 @@ class SamFewShotApp(MONAILabelApp):
         device = next(iter(self.models.values())).device
         return {"uncertainty": UncertaintyScoring(models, device), "embedding": EmbeddingScoring(models, device)}
 
+    def infer(self, request, datastore=None):
+        """MONAI Label's infer; a requested per-voxel uncertainty map is stored as the image's 'uncertainty' label."""
+        result = super().infer(request, datastore)
+        uncertainty = (result.get("params") or {}).get("uncertainty")
+        image_id = request.get("image")
+        datastore = datastore or self.datastore()
+        if uncertainty and uncertainty.get("file") and image_id in datastore.list_images():
+            info = {"model": request.get("model"), "adapter_version": result["params"].get("adapter_version")}
+            uncertainty["label"] = datastore.save_label(image_id, uncertainty.pop("file"), "uncertainty", info)
+            uncertainty["tag"] = "uncertainty"
+        return result
+
     def on_init_complete(self):
         super().on_init_complete()
         self._final_label_ts = self._final_label_stamps()

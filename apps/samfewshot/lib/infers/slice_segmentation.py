@@ -9,13 +9,17 @@ import numpy as np
 import torch
 from fastapi import HTTPException
 from monai.inferers import Inferer, SliceInferer
-from monai.transforms import Activationsd, AsDiscreted, CastToTyped, Compose, Invertd, SqueezeDimd
+from monai.data import MetaTensor
+from monai.transforms import Activationsd, AsDiscreted, CastToTyped, Compose, Invertd, Lambdad, SqueezeDimd
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
+from monailabel.transform.writer import Writer
+from monailabel.utils.others.generic import strtobool
 
 from lib.model import SegmentationModel
 from lib.networks.lora import AdapterError
 from lib.networks.sam_backbone import CheckpointError
+from lib.scoring.uncertainty import normalised_entropy, tta_probabilities
 from lib.transforms import inference_transforms
 from lib.transforms.prompts import batch_prompts, slice_prompts
 
@@ -70,12 +74,14 @@ class SliceSegmentation(BasicInferTask):
         return None  # Invertd in post_transforms restores the geometry before the arg-max
 
     def post_transforms(self, data=None) -> list:
+        maps = ["pred", "uncertainty"]  # the uncertainty map exists only when the request asked for it
         return [
             Activationsd(keys="pred", softmax=True),
-            Invertd(keys="pred", transform=Compose(self._pre), orig_keys="image", nearest_interp=False),
+            Invertd(keys=maps, transform=Compose(self._pre), orig_keys=["image"] * 2, nearest_interp=False, allow_missing_keys=True),
             AsDiscreted(keys="pred", argmax=True),
-            SqueezeDimd(keys="pred", dim=0),
-            CastToTyped(keys="pred", dtype=np.uint8),
+            Lambdad(keys="uncertainty", func=lambda u: (u.clamp(0, 1) * 255).round(), allow_missing_keys=True),
+            SqueezeDimd(keys=maps, dim=0, allow_missing_keys=True),
+            CastToTyped(keys=maps, dtype=np.uint8, allow_missing_keys=True),
         ]
 
     def _get_network(self, device, data):
@@ -104,11 +110,30 @@ class SliceSegmentation(BasicInferTask):
                     logits = network(image[None, ..., k], batch_prompts(prompts, device))
                     data["pred"][..., k] = logits[0].to(data["pred"].device)
             data["prompted_slices"] = sorted(prompted)
+        if strtobool(data.get("uncertainty", False)):
+            data["uncertainty"] = self._uncertainty_map(data, device)
         return data
+
+    def _uncertainty_map(self, data: dict[str, Any], device) -> MetaTensor:
+        """(1, S, S, D) normalised entropy of the flip-averaged softmax, per voxel, with the image's geometry."""
+        network = self._get_network(device, data)
+        image = data["image"]
+        slices = image.as_tensor().to(device).permute(3, 0, 1, 2)  # (D, 1, S, S)
+        entropy = normalised_entropy(tta_probabilities(network, slices, batch_size=self.batch_size))
+        return MetaTensor(entropy.permute(1, 2, 0)[None].cpu(), meta=image.meta, applied_operations=image.applied_operations)
 
     def writer(self, data: dict[str, Any], extension=None, dtype=None):
         result_file, result_json = super().writer(data, extension, dtype)
         result_json["adapter_version"] = data.get("adapter_version", 0)
         if data.get("prompted_slices"):
             result_json["prompted_slices"] = data["prompted_slices"]
+        if data.get("uncertainty") is not None:
+            # Stored by the app as a datastore label with tag "uncertainty"; 255 = maximal entropy (log K).
+            uncertainty = data["uncertainty"]
+            result_json["uncertainty"] = {
+                "file": Writer(label="uncertainty")(data)[0],
+                "scale": "normalised entropy of the flip-averaged softmax x 255",
+                "mean": round(float(uncertainty.float().mean()) / 255, 4),
+                "max": round(float(uncertainty.max()) / 255, 4),
+            }
         return result_file, result_json
