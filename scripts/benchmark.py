@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copytree(os.path.join(REPO, "sample-datasets", "brain-mri"), studies, ignore=shutil.ignore_patterns("datastore_v2.json", ".lock"))
         synthetic_volume(os.path.join(studies, "bench.nii.gz"), os.path.join(studies, "brain_003.nii.gz"), args.slices)
 
-        conf = {"models": args.model, "backbone": args.backbone, "device": args.device}
+        conf = {"models": args.model, "backbone": args.backbone, "device": args.device, "auto_scoring": "false"}
         if args.backbone != "tiny":
             conf["sam_checkpoint"] = args.sam_checkpoint or random_official_checkpoint(args.backbone, work)
         app = SamFewShotApp(app_dir, studies, conf)

@@ -17,7 +17,7 @@ def client(app_dir, studies):
 
     settings.MONAI_LABEL_APP_DIR = str(app_dir)
     settings.MONAI_LABEL_STUDIES = str(studies)
-    settings.MONAI_LABEL_APP_CONF = {"models": "all", "backbone": "tiny"}
+    settings.MONAI_LABEL_APP_CONF = {"models": "all", "backbone": "tiny", "auto_scoring": "false"}
     clear_cache()
     from monailabel.app import app
 

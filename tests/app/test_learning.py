@@ -45,7 +45,7 @@ def test_short_run_learns_white_and_grey_matter(model, app_dir, studies, sample_
     from main import SamFewShotApp
 
     truth = sample_data / "brain-mri-groundtruth"
-    app = SamFewShotApp(str(app_dir), str(studies), {"models": model, "backbone": "tiny"})
+    app = SamFewShotApp(str(app_dir), str(studies), {"models": model, "backbone": "tiny", "auto_scoring": "false"})
     assert sorted(app.datastore().get_labeled_images()) == ["brain_000", "brain_001"]
     loss_before = np.mean([held_out_loss(app, model, i, truth) for i in HELD_OUT])
 

@@ -20,7 +20,9 @@ import pytest
 import requests
 
 STARTUP_DEADLINE_S = 120
-BASE_CONF = (("models", "all"), ("backbone", "tiny"))
+# Scoring at start-up and after training is exercised by test_active_learning.py; elsewhere it would only add
+# background subprocesses competing for the CPU.
+BASE_CONF = (("models", "all"), ("backbone", "tiny"), ("auto_scoring", "false"))
 
 
 @dataclass
