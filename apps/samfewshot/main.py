@@ -52,7 +52,7 @@ class SamFewShotApp(MONAILabelApp):
             studies=studies,
             conf=conf,
             name="samfewshot",
-            description="Few-shot Segment Anything adaptations (HF-SAM) with incremental LoRA fine-tuning",
+            description="Few-shot Segment Anything adaptations (HF-SAM, MASG-SAM) with incremental LoRA fine-tuning",
             version=monailabel.__version__,
         )
         # Scores only change with the model: they are refreshed at start-up and after each training run
