@@ -15,6 +15,9 @@ APP_DIR = REPO / "apps" / "samfewshot"
 SAMPLES = REPO / "sample-datasets"
 
 os.environ.setdefault("MONAI_LABEL_TRACKING_ENABLED", "false")
+# MONAI Label drops and re-imports `lib.*` whenever it loads an app; in one test process that would leave two
+# copies of every class (isinstance checks across tests fail). The app copies hold the same code.
+os.environ.setdefault("MONAI_LABEL_RELOAD_APP_LIB", "false")
 # The app's modules import as `lib.*` / `main`, as MONAI Label loads them.
 sys.path.insert(0, str(APP_DIR))
 

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 
+from lib.networks.sam_segmenter import Prompts
+
 
 def _to_model_index(image: MetaTensor, ijk: np.ndarray) -> np.ndarray:
     """(N, 3) voxel indices of the stored image -> (N, 3) indices in ``image`` (the transformed volume)."""
@@ -62,8 +64,6 @@ def slice_prompts(image: MetaTensor, request: dict[str, Any]) -> dict[int, dict[
 
 def batch_prompts(prompts: dict[str, Any], device: torch.device | str):
     """One slice's prompts -> tensors for ``SamSegmenter.forward`` (batch of one)."""
-    from lib.networks.sam_segmenter import Prompts
-
     points = labels = boxes = None
     if prompts["points"]:
         coords = torch.tensor([[p[0], p[1]] for p in prompts["points"]], dtype=torch.float32, device=device)
