@@ -86,10 +86,13 @@ class SamFewShotApp(MONAILabelApp):
         uncertainty = (result.get("params") or {}).get("uncertainty")
         image_id = request.get("image")
         datastore = datastore or self.datastore()
-        if uncertainty and uncertainty.get("file") and image_id in datastore.list_images():
-            info = {"model": request.get("model"), "adapter_version": result["params"].get("adapter_version")}
-            uncertainty["label"] = datastore.save_label(image_id, uncertainty.pop("file"), "uncertainty", info)
-            uncertainty["tag"] = "uncertainty"
+        if uncertainty and uncertainty.get("file"):
+            path = uncertainty.pop("file")
+            if image_id in datastore.list_images():
+                info = {"model": request.get("model"), "adapter_version": result["params"].get("adapter_version")}
+                uncertainty["label"] = datastore.save_label(image_id, path, "uncertainty", info)
+                uncertainty["tag"] = "uncertainty"
+            os.remove(path)  # the datastore keeps its own copy; an image from outside it gets the summary only
         return result
 
     def on_init_complete(self):

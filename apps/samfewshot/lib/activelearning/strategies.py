@@ -32,27 +32,34 @@ class Handouts:
         now = time.time()
         return [i for i in images if now - self._given.get(i, -np.inf) >= self.timeout_s]
 
+    def held(self, images: list[str]) -> list[str]:
+        """Those of ``images`` handed out within the timeout (someone is labelling them)."""
+        return sorted(set(images) - set(self.available(images)))
+
     def give(self, image_id: str) -> None:
         self._given[image_id] = time.time()
 
 
 class ExclusiveStrategy(Strategy):
-    """A strategy whose ``select(candidates, labelled, request, datastore)`` picks among available volumes."""
+    """A strategy whose ``select(candidates, covered, request, datastore)`` picks among the available volumes;
+    ``covered`` = volumes labelled or being labelled (handed out within the timeout)."""
 
     def __init__(self, description: str, handouts: Handouts, default_model: str | None = None):
         super().__init__(description)
         self.handouts = handouts
         self.default_model = default_model
 
-    def select(self, candidates: list[str], labelled: list[str], request: dict, datastore: Datastore) -> str:
+    def select(self, candidates: list[str], covered: list[str], request: dict, datastore: Datastore) -> str:
         raise NotImplementedError
 
     def __call__(self, request, datastore: Datastore):
         with self.handouts.lock:
-            candidates = self.handouts.available(sorted(datastore.get_unlabeled_images()))
+            unlabelled = sorted(datastore.get_unlabeled_images())
+            candidates = self.handouts.available(unlabelled)
             if not candidates:
                 return None
-            image_id = self.select(candidates, sorted(datastore.get_labeled_images()), request, datastore)
+            covered = sorted(datastore.get_labeled_images()) + self.handouts.held(unlabelled)
+            image_id = self.select(candidates, covered, request, datastore)
             self.handouts.give(image_id)
         logger.info(f"{self.__class__.__name__}: next volume {image_id} (of {len(candidates)} available)")
         return {"id": image_id}
@@ -75,7 +82,7 @@ class First(ExclusiveStrategy):
     def __init__(self, handouts: Handouts, **kwargs):
         super().__init__("First unlabelled volume (by id)", handouts, **kwargs)
 
-    def select(self, candidates, labelled, request, datastore):
+    def select(self, candidates, covered, request, datastore):
         return candidates[0]
 
 
@@ -83,7 +90,7 @@ class RandomChoice(ExclusiveStrategy):
     def __init__(self, handouts: Handouts, **kwargs):
         super().__init__("Random unlabelled volume", handouts, **kwargs)
 
-    def select(self, candidates, labelled, request, datastore):
+    def select(self, candidates, covered, request, datastore):
         return random.Random(request.get("seed")).choice(candidates)
 
 
@@ -93,7 +100,7 @@ class Uncertainty(ExclusiveStrategy):
     def __init__(self, handouts: Handouts, **kwargs):
         super().__init__("Most uncertain volume (predictive entropy under TTA and MC dropout)", handouts, **kwargs)
 
-    def select(self, candidates, labelled, request, datastore):
+    def select(self, candidates, covered, request, datastore):
         scores = self.scores(candidates, datastore, "uncertainty", "score", request)
         if not scores:
             logger.warning("uncertainty: no volume has an uncertainty score yet (run /scoring/uncertainty); random")
@@ -111,18 +118,18 @@ def k_center_greedy(candidates: dict[str, list[float]], centres: list[list[float
 
 
 class Diversity(ExclusiveStrategy):
-    """k-center greedy on the volume embeddings: the volume least like anything labelled (or handed out)."""
+    """k-center greedy on the volume embeddings: the volume least like anything labelled or handed out."""
 
     def __init__(self, handouts: Handouts, **kwargs):
         super().__init__("Most different volume from the labelled set (k-center greedy on SAM embeddings)", handouts, **kwargs)
 
-    def select(self, candidates, labelled, request, datastore):
-        embeddings = self.scores(candidates + labelled, datastore, "embedding", "vector", request)
+    def select(self, candidates, covered, request, datastore):
+        embeddings = self.scores(candidates + covered, datastore, "embedding", "vector", request)
         pool = {i: embeddings[i] for i in candidates if i in embeddings}
         if not pool:
             logger.warning("diversity: no volume has an embedding yet (run /scoring/embedding); random")
             return random.Random(request.get("seed")).choice(candidates)
-        return k_center_greedy(pool, [embeddings[i] for i in labelled if i in embeddings])
+        return k_center_greedy(pool, [embeddings[i] for i in covered if i in embeddings])
 
 
 class Hybrid(ExclusiveStrategy):
@@ -133,12 +140,12 @@ class Hybrid(ExclusiveStrategy):
         self.top_fraction = top_fraction
         self.min_top = min_top
 
-    def select(self, candidates, labelled, request, datastore):
+    def select(self, candidates, covered, request, datastore):
         scores = self.scores(candidates, datastore, "uncertainty", "score", request)
-        embeddings = self.scores(candidates + labelled, datastore, "embedding", "vector", request)
+        embeddings = self.scores(candidates + covered, datastore, "embedding", "vector", request)
         ranked = sorted((i for i in candidates if i in scores and i in embeddings), key=lambda i: (-scores[i], i))
         if not ranked:
             logger.warning("hybrid: volumes lack uncertainty/embedding scores; random")
             return random.Random(request.get("seed")).choice(candidates)
         top = ranked[: max(self.min_top, int(np.ceil(self.top_fraction * len(ranked))))]
-        return k_center_greedy({i: embeddings[i] for i in top}, [embeddings[i] for i in labelled if i in embeddings])
+        return k_center_greedy({i: embeddings[i] for i in top}, [embeddings[i] for i in covered if i in embeddings])

@@ -17,6 +17,8 @@ def tta_probabilities(
 ) -> torch.Tensor:
     """slices (N, 1, S, S) -> mean class probabilities (N, K, S, S) over ``FLIPS`` x ``mc_samples`` passes with
     Monte-Carlo dropout ``dropout`` on the decoder (0: flips only)."""
+    if len(slices) == 0:
+        raise ValueError("no slices to estimate uncertainty on")
     network.mc_dropout = dropout
     try:
         total = None
