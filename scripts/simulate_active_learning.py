@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import logging
 import os
 import random
 import shutil
@@ -102,7 +103,10 @@ def simulate_run(strategy: str, seed: int, pool: list[str], args, progress) -> l
                 picked = app.next_sample({"strategy": strategy, "model": args.model, "seed": seed * 1000 + round_})["id"]
                 datastore.save_label(picked, os.path.join(truth_dir, f"{picked}.nii.gz"), "final", dict(LABEL_INFO))
             start = time.perf_counter()
-            app.train({"model": args.model, "max_epochs": args.epochs, "lr": args.lr, "device": args.device})
+            # val_split 0: every oracle label trains (from 5 volumes on, the trainer would otherwise keep one back
+            # for validation); the held-out volumes are the evaluation.
+            request = {"model": args.model, "max_epochs": args.epochs, "lr": args.lr, "val_split": 0, "device": args.device}
+            app.train(request)
             train_seconds = time.perf_counter() - start
             wm, gm = held_out_dice(app, args.model, held_out, truth_dir, args.device)
             rows.append(
@@ -135,7 +139,7 @@ def curves(rows: list[dict], strategy: str) -> tuple[np.ndarray, np.ndarray]:
 
 def normalised_auc(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Trapezoid area under each curve divided by the x span: the mean Dice over the labelling budget."""
-    return np.trapezoid(y, x, axis=-1) / (x[-1] - x[0])
+    return ((y[..., 1:] + y[..., :-1]) / 2 * np.diff(x)).sum(-1) / (x[-1] - x[0])
 
 
 def summarise(rows: list[dict], strategies: list[str]) -> tuple[list[str], list[str]]:
@@ -197,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strategies", default="random,first,uncertainty,diversity,hybrid", help="comma-separated")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--held-out", nargs="+", default=["brain_006", "brain_007"], help="image ids used only for Dice")
+    parser.add_argument("--pool", nargs="+", default=None, help="image ids a strategy may pick (default: all but held-out)")
     parser.add_argument("--initial", type=int, default=1, help="labelled volumes before round 1")
     parser.add_argument("--rounds", type=int, default=3, help="volumes picked by the strategy, one per round")
     parser.add_argument("--epochs", type=int, default=15, help="epochs of each incremental training run")
@@ -210,10 +215,12 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not strategies:
         parser.error(f"unknown strategies {unknown}; valid: {', '.join(SCORES_NEEDED)}")
     images = sorted(f[: -len(".nii.gz")] for f in os.listdir(os.path.join(SAMPLES, "brain-mri")) if f.endswith(".nii.gz"))
-    missing = [i for i in args.held_out if i not in images]
+    pool = sorted(args.pool) if args.pool else [i for i in images if i not in args.held_out]
+    missing = [i for i in args.held_out + pool if i not in images]
     if missing:
-        parser.error(f"held-out images {missing} not in sample-datasets/brain-mri (run scripts/prepare_sample_data.py)")
-    pool = [i for i in images if i not in args.held_out]
+        parser.error(f"images {missing} not in sample-datasets/brain-mri (run scripts/prepare_sample_data.py)")
+    if set(pool) & set(args.held_out):
+        parser.error(f"--pool and --held-out overlap: {sorted(set(pool) & set(args.held_out))}")
     if args.initial < 1 or args.initial + args.rounds > len(pool):
         parser.error(f"--initial {args.initial} + --rounds {args.rounds} must be between 1 and the pool size {len(pool)}")
 
@@ -222,10 +229,15 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.out_dir, exist_ok=True)
     rows = []
     started = time.perf_counter()
-    with tqdm(total=len(strategies) * len(args.seeds) * (args.rounds + 1), desc="AL simulation", unit="round") as progress:
-        for strategy in strategies:
-            for seed in args.seeds:
-                rows += simulate_run(strategy, seed, pool, args, progress)
+    # The trainer logs every iteration at INFO, which would bury the progress bar; warnings still show.
+    logging.disable(logging.INFO)
+    try:
+        with tqdm(total=len(strategies) * len(args.seeds) * (args.rounds + 1), desc="AL simulation", unit="round") as progress:
+            for strategy in strategies:
+                for seed in args.seeds:
+                    rows += simulate_run(strategy, seed, pool, args, progress)
+    finally:
+        logging.disable(logging.NOTSET)
     elapsed = time.perf_counter() - started
 
     csv_path, png_path = os.path.join(args.out_dir, "al_simulation.csv"), os.path.join(args.out_dir, "learning_curve.png")
