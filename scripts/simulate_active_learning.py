@@ -227,24 +227,28 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     os.makedirs(args.out_dir, exist_ok=True)
+    csv_path, png_path = os.path.join(args.out_dir, "al_simulation.csv"), os.path.join(args.out_dir, "learning_curve.png")
     rows = []
     started = time.perf_counter()
     # The trainer logs every iteration at INFO, which would bury the progress bar; warnings still show.
     logging.disable(logging.INFO)
     try:
-        with tqdm(total=len(strategies) * len(args.seeds) * (args.rounds + 1), desc="AL simulation", unit="round") as progress:
+        # Rows are written as each run ends, so an interrupted simulation keeps the runs it finished.
+        with open(csv_path, "w", newline="") as f, tqdm(
+            total=len(strategies) * len(args.seeds) * (args.rounds + 1), desc="AL simulation", unit="round"
+        ) as progress:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer.writeheader()
             for strategy in strategies:
                 for seed in args.seeds:
-                    rows += simulate_run(strategy, seed, pool, args, progress)
+                    run = simulate_run(strategy, seed, pool, args, progress)
+                    writer.writerows(run)
+                    f.flush()
+                    rows += run
     finally:
         logging.disable(logging.NOTSET)
     elapsed = time.perf_counter() - started
 
-    csv_path, png_path = os.path.join(args.out_dir, "al_simulation.csv"), os.path.join(args.out_dir, "learning_curve.png")
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
     title = (
         f"{args.model} tiny, {args.epochs} epochs/round, held out {', '.join(args.held_out)}, "
         f"seeds {' '.join(map(str, args.seeds))}"

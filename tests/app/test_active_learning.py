@@ -14,8 +14,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-os.environ["MONAI_LABEL_DATASTORE_AUTO_RELOAD"] = "false"
-
 LABELLED = {"brain_000", "brain_001"}
 UNLABELLED = {"brain_002", "brain_003", "brain_004", "brain_005", "brain_006", "brain_007"}
 ALL = LABELLED | UNLABELLED

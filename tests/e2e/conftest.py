@@ -85,6 +85,9 @@ def server_command(app_dir: Path, studies: Path, port: int, conf: tuple[tuple[st
 def server_env() -> dict[str, str]:
     env = dict(os.environ)
     env["MONAI_LABEL_TRACKING_ENABLED"] = "false"
+    # The server sees what its scoring/training subprocesses write to the datastore by reloading it on change;
+    # in-process tests and scripts switch that off in this process's environment.
+    env["MONAI_LABEL_DATASTORE_AUTO_RELOAD"] = "true"
     # Training runs in a subprocess started by the server: it must find this venv's interpreter and tools first.
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     env["PYTHONUNBUFFERED"] = "1"
