@@ -45,26 +45,21 @@ def _entries(app, key: str) -> dict:
     return {i: datastore.get_image_info(i).get(key, {}).get("hf_sam") for i in datastore.list_images()}
 
 
-def _check_uncertainty(app, version: int) -> None:
-    entries = _entries(app, "uncertainty")
+def _check_entries(app, key: str, version: int) -> None:
+    entries = _entries(app, key)
     assert set(entries) == ALL
     for image_id, entry in entries.items():
         assert entry is not None, image_id
         assert entry["adapter_version"] == version
-        assert 0.0 <= entry["score"] <= 1.0
-
-
-def _check_embedding(app, version: int) -> None:
-    entries = _entries(app, "embedding")
-    assert set(entries) == ALL
-    for image_id, entry in entries.items():
-        assert entry is not None, image_id
-        assert entry["adapter_version"] == version
-        vector = np.asarray(entry["vector"])
-        assert vector.shape == (PROMPT_DIM,)
-        assert np.linalg.norm(vector) == pytest.approx(1.0, abs=1e-4)
-    vectors = np.asarray([e["vector"] for e in entries.values()])
-    assert not np.allclose(vectors, vectors[0])  # volumes are told apart
+        if key == "uncertainty":
+            assert 0.0 <= entry["score"] <= 1.0
+        else:
+            vector = np.asarray(entry["vector"])
+            assert vector.shape == (PROMPT_DIM,)
+            assert np.linalg.norm(vector) == pytest.approx(1.0, abs=1e-4)
+    if key == "embedding":
+        vectors = np.asarray([e["vector"] for e in entries.values()])
+        assert not np.allclose(vectors, vectors[0])  # volumes are told apart
 
 
 def _publish_new_adapter(app) -> int:
@@ -80,9 +75,9 @@ def test_scores_are_written_once_per_adapter_version(make_app):
     assert all(e is None for e in _entries(app, "uncertainty").values())
 
     assert app.scoring({"method": "uncertainty"}) == {"scored": 8, "skipped": 0}
-    _check_uncertainty(app, 0)
+    _check_entries(app, "uncertainty", 0)
     assert app.scoring({"method": "embedding"}) == {"scored": 8, "skipped": 0}
-    _check_embedding(app, 0)
+    _check_entries(app, "embedding", 0)
     first = _entries(app, "embedding")
 
     # nothing changed: nothing is scored again, stored values stay as they were
@@ -92,9 +87,9 @@ def test_scores_are_written_once_per_adapter_version(make_app):
 
     assert _publish_new_adapter(app) == 1
     assert app.scoring({"method": "uncertainty"}) == {"scored": 8, "skipped": 0}
-    _check_uncertainty(app, 1)
+    _check_entries(app, "uncertainty", 1)
     assert app.scoring({"method": "embedding"}) == {"scored": 8, "skipped": 0}
-    _check_embedding(app, 1)
+    _check_entries(app, "embedding", 1)
     assert app.scoring({"method": "uncertainty", "model": "hf_sam"}) == {"scored": 0, "skipped": 8}
 
     # every strategy, now with real scores, hands out a distinct volume without a final label
@@ -113,8 +108,8 @@ def test_training_triggers_scoring_with_the_new_adapter(make_app):
     stats = app.train({"model": "hf_sam", "max_epochs": 1, "device": "cpu"})
     assert stats["epoch"] == 1
     assert app.models["hf_sam"].model.served_version() == 1
-    _check_uncertainty(app, 1)
-    _check_embedding(app, 1)
+    _check_entries(app, "uncertainty", 1)
+    _check_entries(app, "embedding", 1)
 
 
 def _set_scores(app, scores: dict[str, float] | None = None, vectors: dict[str, list[float]] | None = None, model="hf_sam"):

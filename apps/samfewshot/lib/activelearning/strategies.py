@@ -64,6 +64,11 @@ class ExclusiveStrategy(Strategy):
         logger.info(f"{self.__class__.__name__}: next volume {image_id} (of {len(candidates)} available)")
         return {"id": image_id}
 
+    def fallback(self, candidates: list[str], request: dict, missing: str) -> str:
+        """Random pick (seeded by the request's ``seed``) while the scores a strategy needs are missing."""
+        logger.warning(f"{self.__class__.__name__}: no {missing} scores yet (run /scoring/{missing}); random pick")
+        return random.Random(request.get("seed")).choice(candidates)
+
     def model_name(self, request: dict) -> str | None:
         return request.get("model") or self.default_model
 
@@ -103,8 +108,7 @@ class Uncertainty(ExclusiveStrategy):
     def select(self, candidates, covered, request, datastore):
         scores = self.scores(candidates, datastore, "uncertainty", "score", request)
         if not scores:
-            logger.warning("uncertainty: no volume has an uncertainty score yet (run /scoring/uncertainty); random")
-            return random.Random(request.get("seed")).choice(candidates)
+            return self.fallback(candidates, request, "uncertainty")
         return max(scores, key=lambda i: (scores[i], i))
 
 
@@ -127,8 +131,7 @@ class Diversity(ExclusiveStrategy):
         embeddings = self.scores(candidates + covered, datastore, "embedding", "vector", request)
         pool = {i: embeddings[i] for i in candidates if i in embeddings}
         if not pool:
-            logger.warning("diversity: no volume has an embedding yet (run /scoring/embedding); random")
-            return random.Random(request.get("seed")).choice(candidates)
+            return self.fallback(candidates, request, "embedding")
         return k_center_greedy(pool, [embeddings[i] for i in covered if i in embeddings])
 
 
@@ -145,7 +148,6 @@ class Hybrid(ExclusiveStrategy):
         embeddings = self.scores(candidates + covered, datastore, "embedding", "vector", request)
         ranked = sorted((i for i in candidates if i in scores and i in embeddings), key=lambda i: (-scores[i], i))
         if not ranked:
-            logger.warning("hybrid: volumes lack uncertainty/embedding scores; random")
-            return random.Random(request.get("seed")).choice(candidates)
+            return self.fallback(candidates, request, "uncertainty and embedding")
         top = ranked[: max(self.min_top, int(np.ceil(self.top_fraction * len(ranked))))]
         return k_center_greedy({i: embeddings[i] for i in top}, [embeddings[i] for i in covered if i in embeddings])

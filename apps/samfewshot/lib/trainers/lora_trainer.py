@@ -113,7 +113,7 @@ class LoraTrainer(BasicTrainTask):
         if os.path.exists(path):
             with open(path) as f:
                 split = json.load(f)
-        val_split = float(context.request.get("val_split", 0.2))
+        val_split = float(context.request["val_split"])
         items = {d["id"]: d for d in context.datalist}
         for image_id in sorted(items):
             if image_id in split["train"] or image_id in split["val"]:
@@ -161,7 +161,7 @@ class LoraTrainer(BasicTrainTask):
 
     def optimizer(self, context: Context):
         params = [p for p in context.network.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=float(context.request.get("lr", 1e-3)), weight_decay=self.weight_decay)
+        return torch.optim.AdamW(params, lr=float(context.request["lr"]), weight_decay=self.weight_decay)
 
     def loss_function(self, context: Context):
         # The network owns its loss: 0.1*CE + 0.9*Dice, plus whatever auxiliary terms the model has.
