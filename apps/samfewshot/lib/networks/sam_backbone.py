@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 
@@ -82,6 +84,16 @@ OFFICIAL_CHECKPOINTS: dict[str, OfficialCheckpoint] = {
 
 class CheckpointError(RuntimeError):
     """An official checkpoint is missing, corrupt or belongs to another architecture."""
+
+
+@contextmanager
+def seeded_init(seed: int = 0) -> Iterator[None]:
+    """Build networks under a fixed seed, without touching the caller's random state: every process (server,
+    training subprocess) then builds the same randomly initialised frozen weights, so an adapter trained in one
+    applies in another."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def get_encoder_spec(backbone: str) -> SamEncoderSpec:

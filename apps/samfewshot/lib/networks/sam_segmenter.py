@@ -28,6 +28,7 @@ from .sam_backbone import (
     encode_with_taps,
     get_encoder_spec,
     load_official_checkpoint,
+    seeded_init,
 )
 
 
@@ -197,8 +198,7 @@ def build_segmenter(
     frozen backbone and an adapter trained in one applies in another.
     """
     spec = get_encoder_spec(backbone)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+    with seeded_init():
         model = model_cls(spec, num_classes, **model_kwargs)
         if sam_checkpoint:
             official = load_official_checkpoint(sam_checkpoint, spec)
