@@ -19,7 +19,7 @@ from monai.apps import download_url
 from torch import nn
 
 from lib.networks.lora import check_adapter_config, load_adapter_state, read_adapter
-from lib.networks.sam_backbone import OFFICIAL_CHECKPOINTS, CheckpointError, get_encoder_spec
+from lib.networks.sam_backbone import OFFICIAL_CHECKPOINTS, CheckpointError, OfficialCheckpoint, get_encoder_spec
 
 logger = logging.getLogger(__name__)
 
@@ -41,35 +41,40 @@ def parse_labels(labels: dict[str, int]) -> dict[str, int]:
     return dict(sorted(labels.items(), key=lambda kv: kv[1]))
 
 
-def resolve_sam_checkpoint(backbone: str, value: str | None, model_dir: str) -> str | None:
-    """Local path of the SAM weights for ``backbone``; None for ``tiny`` (random weights by design).
-
-    ``value`` is a path or URL (default: the official file for the backbone). URLs are cached in the model dir
-    and verified by sha256 where the official hash is known.
-    """
-    if backbone == "tiny" and not value:
-        return None
-    official = OFFICIAL_CHECKPOINTS.get(backbone)
+def resolve_checkpoint(
+    value: str | None, official: OfficialCheckpoint | None, model_dir: str, conf_key: str, what: str = "SAM"
+) -> str:
+    """Local path of a weights file: ``value`` is a path or URL (default: the ``official`` file's URL). URLs are
+    downloaded once into the model dir, verified by sha256 where the official hash is known; every failure names
+    the file, where to get it and the ``--conf`` key that points to it."""
     value = value or (official.url if official else None)
     if not value:
-        raise CheckpointError(f"no official SAM checkpoint for backbone '{backbone}'; set --conf sam_checkpoint")
+        raise CheckpointError(f"no official {what} checkpoint for this backbone; set --conf {conf_key}")
     if not value.startswith(("http://", "https://")):
         if not os.path.isfile(value):
-            raise CheckpointError(f"--conf sam_checkpoint '{value}' does not exist")
+            raise CheckpointError(f"--conf {conf_key} '{value}' does not exist")
         return value
-    filename = official.filename if official and value == official.url else os.path.basename(value)
+    is_official = official is not None and value == official.url
+    filename = official.filename if is_official else os.path.basename(value)
     path = os.path.join(model_dir, filename)
     if not os.path.exists(path):
         try:
-            sha = official.sha256 if official and value == official.url else None
+            sha = official.sha256 if is_official else None
             download_url(value, path, hash_val=sha, hash_type="sha256", progress=False)
         except Exception as e:
             raise CheckpointError(
-                f"SAM weights '{filename}' are not available: download from {value} failed ({e}). Download it on a "
+                f"{what} weights '{filename}' are not available: download from {value} failed ({e}). Download it on a "
                 f"machine with internet access, then copy it to {path} or pass its path with "
-                f"--conf sam_checkpoint /path/to/{filename}; for an offline trial use --conf backbone tiny"
+                f"--conf {conf_key} /path/to/{filename}; for an offline trial use --conf backbone tiny"
             ) from e
     return path
+
+
+def resolve_sam_checkpoint(backbone: str, value: str | None, model_dir: str) -> str | None:
+    """SAM weights for ``backbone``; None for ``tiny`` without a checkpoint (random weights by design)."""
+    if backbone == "tiny" and not value:
+        return None
+    return resolve_checkpoint(value, OFFICIAL_CHECKPOINTS.get(backbone), model_dir, "sam_checkpoint")
 
 
 @dataclass

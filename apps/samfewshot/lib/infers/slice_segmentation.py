@@ -12,13 +12,11 @@ from monai.inferers import Inferer, SliceInferer
 from monai.data import MetaTensor
 from monai.transforms import Activationsd, AsDiscreted, CastToTyped, Compose, Invertd, Lambdad, SqueezeDimd
 from monailabel.interfaces.tasks.infer_v2 import InferType
-from monailabel.tasks.infer.basic_infer import BasicInferTask
 from monailabel.transform.writer import Writer
 from monailabel.utils.others.generic import strtobool
 
+from lib.infers.resident import ResidentModelInfer
 from lib.model import SegmentationModel
-from lib.networks.lora import AdapterError
-from lib.networks.sam_backbone import CheckpointError
 from lib.scoring.uncertainty import normalised_entropy, tta_probabilities
 from lib.transforms import inference_transforms
 from lib.transforms.prompts import batch_prompts, slice_prompts
@@ -26,41 +24,25 @@ from lib.transforms.prompts import batch_prompts, slice_prompts
 logger = logging.getLogger(__name__)
 
 
-class SliceSegmentation(BasicInferTask):
+class SliceSegmentation(ResidentModelInfer):
     """Load any MONAI-readable volume -> normalise -> axial slices at the model size, in batches -> softmax ->
     back to the input's geometry and orientation -> arg-max label. The result JSON carries ``label_names``."""
 
     def __init__(
         self, model: SegmentationModel, device: str = "cpu", batch_size: int = 8, description: str = "", preload: bool = False
     ):
-        self.model = model
         self.batch_size = batch_size
         # The same transform instances must run forwards and be inverted (MONAI matches them by identity).
         self._pre = inference_transforms(model.img_size, model.modality)
         super().__init__(
-            path=model.adapter_path,
-            network=None,
+            model,
+            preload=preload,
             type=InferType.SEGMENTATION,
             labels=model.labels,
             dimension=3,
             description=description or f"{model.name} ({model.backbone}) segmentation of axial slices",
             config={"device": device, "batch_size": batch_size, "modality": model.modality},
         )
-        if preload:
-            try:
-                self.model.resident(device)
-            except (CheckpointError, AdapterError) as e:
-                # The server still starts; every request to this model answers with the reason.
-                logger.error(f"{model.name}: cannot preload: {e}")
-
-    def is_valid(self) -> bool:
-        # The base weights are enough to serve; an adapter is optional.
-        return True
-
-    def info(self) -> dict[str, Any]:
-        info = super().info()
-        info["adapter_version"] = self.model.served_version()
-        return info
 
     def pre_transforms(self, data=None) -> list:
         return self._pre
@@ -83,16 +65,6 @@ class SliceSegmentation(BasicInferTask):
             SqueezeDimd(keys=maps, dim=0, allow_missing_keys=True),
             CastToTyped(keys=maps, dtype=np.uint8, allow_missing_keys=True),
         ]
-
-    def _get_network(self, device, data):
-        try:
-            network, version = self.model.resident(str(device))
-        except (CheckpointError, AdapterError) as e:
-            logger.error(f"{self.model.name} is unavailable: {e}")
-            raise HTTPException(status_code=503, detail=f"{self.model.name} is unavailable: {e}") from e
-        if data is not None:
-            data["adapter_version"] = version
-        return network
 
     def run_inferer(self, data: dict[str, Any], convert_to_batch=True, device="cuda"):
         """Prompt-free slices through the SliceInferer, then the slices a client prompted (``foreground``,
@@ -124,7 +96,6 @@ class SliceSegmentation(BasicInferTask):
 
     def writer(self, data: dict[str, Any], extension=None, dtype=None):
         result_file, result_json = super().writer(data, extension, dtype)
-        result_json["adapter_version"] = data.get("adapter_version", 0)
         if data.get("prompted_slices"):
             result_json["prompted_slices"] = data["prompted_slices"]
         if data.get("uncertainty") is not None:
