@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up (idempotent), then serve the sample brain-MRI datastore on loopback; extra arguments pass through,
+# Set up (idempotent), then serve the sample brain-MRI datastore on loopback; extra arguments pass through and
+# win over these (EM: ./scripts/start.sh --studies sample-datasets/em-neurons --conf models fgnet),
 # e.g. ./scripts/start.sh --conf backbone tiny   or   ./scripts/start.sh --port 8001
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,5 +13,5 @@ exec .venv/bin/monailabel start_server \
   --app apps/samfewshot \
   --studies sample-datasets/brain-mri \
   --host 127.0.0.1 --port "${PORT:-8000}" \
-  --conf models all \
+  --conf models hf_sam,masg_sam \
   "$@"

@@ -52,7 +52,7 @@ class SamFewShotApp(MONAILabelApp):
             studies=studies,
             conf=conf,
             name="samfewshot",
-            description="Few-shot Segment Anything adaptations (HF-SAM, MASG-SAM) with incremental LoRA fine-tuning",
+            description="Few-shot Segment Anything adaptations (HF-SAM, MASG-SAM, FGNet) with incremental fine-tuning",
             version=monailabel.__version__,
         )
         # Scores only change with the model: they are refreshed at start-up and after each training run
@@ -76,7 +76,9 @@ class SamFewShotApp(MONAILabelApp):
         }
 
     def init_scoring_methods(self) -> dict[str, ScoringMethod]:
-        models = {name: config.model for name, config in self.models.items()}
+        models = {name: config.model for name, config in self.models.items() if config.scores_volumes}
+        if not models:
+            return {}
         device = next(iter(self.models.values())).device
         return {"uncertainty": UncertaintyScoring(models, device), "embedding": EmbeddingScoring(models, device)}
 

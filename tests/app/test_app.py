@@ -17,7 +17,7 @@ def client(app_dir, studies):
 
     settings.MONAI_LABEL_APP_DIR = str(app_dir)
     settings.MONAI_LABEL_STUDIES = str(studies)
-    settings.MONAI_LABEL_APP_CONF = {"models": "all", "backbone": "tiny", "auto_scoring": "false"}
+    settings.MONAI_LABEL_APP_CONF = {"models": "hf_sam,masg_sam", "backbone": "tiny", "auto_scoring": "false"}
     clear_cache()
     from monailabel.app import app
 
@@ -135,11 +135,13 @@ def test_save_label_then_sync_train_serves_new_adapter(client, studies, sample_d
 @pytest.mark.parametrize(
     "conf,message",
     [
-        ({"models": "hf_sam,nope"}, "valid: all, hf_sam, masg_sam"),
+        ({"models": "hf_sam,nope"}, "valid: all, hf_sam, masg_sam, fgnet"),
         ({"models": "masg_sam", "masg_modules": "hae,xyz"}, "valid: hae, bfe, dsf"),
         ({"models": "hf_sam", "backbone": "vit_x"}, "unknown SAM backbone 'vit_x'"),
         ({"models": "hf_sam", "labels": "{not json"}, "--conf labels must be JSON"),
         ({"models": "hf_sam", "labels": '{"a": 1, "b": 3}'}, "ids 1..N"),
+        ({"models": "fgnet", "sam2_variant": "hiera_x"}, "unknown SAM2 variant 'hiera_x'"),
+        ({"models": "fgnet", "fgnet_patch": "48,64,8"}, "X and Y multiples of 32"),
     ],
 )
 def test_bad_conf_is_a_clear_start_up_error(app_dir, studies, conf, message):

@@ -22,7 +22,7 @@ import requests
 STARTUP_DEADLINE_S = 120
 # Scoring at start-up and after training is exercised by test_active_learning.py; elsewhere it would only add
 # background subprocesses competing for the CPU.
-BASE_CONF = (("models", "all"), ("backbone", "tiny"), ("auto_scoring", "false"))
+BASE_CONF = (("models", "hf_sam,masg_sam"), ("backbone", "tiny"), ("auto_scoring", "false"))
 
 
 @dataclass

@@ -24,6 +24,7 @@ class SamSegmentationConfig(TaskConfig):
     max_epochs)."""
 
     network_cls: type[SamSegmenter]
+    scores_volumes = True  # uncertainty and embedding scores come from these models
 
     def init(self, name: str, model_dir: str, conf: dict[str, str], planner: Any, **kwargs):
         super().init(name, model_dir, conf, planner, **kwargs)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import torch
 from fastapi import HTTPException
@@ -20,25 +20,22 @@ from lib.infers.resident import ResidentModelInfer
 from lib.model import SegmentationModel
 from lib.transforms import boundary_map, em_volume_transforms
 
-logger = logging.getLogger(__name__)
-
 
 def affinity_watershed(
-    affinity: np.ndarray | torch.Tensor, seed_affinity: float = 0.9, min_fragment_size: int = 50
+    affinity: np.ndarray | torch.Tensor, seed_affinity: float = 0.9, min_fragment_size: int = 50, seed_fraction: float = 0.2
 ) -> np.ndarray:
-    """(3, X, Y, Z) affinities in [0, 1] -> (X, Y, Z) uint32 instance ids 1..N (0 only if nothing is seeded).
+    """(3, X, Y, Z) affinities in [0, 1] -> (X, Y, Z) uint32 instance ids 1..N.
 
     Seeds are the face-connected components of voxels whose six incident edges average at least
     ``seed_affinity``. On a perfect affinity map every voxel beside a boundary scores at most 5/6, so seeds of
-    touching cells never meet. The watershed floods the boundary map (``boundary_map``) from the seeds. Fragments
+    touching cells never meet. A model that is not yet confident anywhere (early in fine-tuning) still gets
+    seeds: the threshold is relaxed to the ``seed_fraction`` most interior voxels when fewer pass it. The watershed floods the boundary map (``boundary_map``) from the seeds. Fragments
     smaller than ``min_fragment_size`` voxels are then dissolved and flooded again from their neighbours, so every
     voxel keeps a cell and no specks remain.
     """
     boundary = boundary_map(torch.as_tensor(affinity, dtype=torch.float32)).numpy()
-    seeds, count = ndimage.label(boundary <= 1 - seed_affinity)
-    if count == 0:
-        logger.warning(f"no voxel reaches the seed affinity {seed_affinity}: no instances")
-        return np.zeros(boundary.shape, dtype=np.uint32)
+    threshold = max(1 - seed_affinity, float(np.quantile(boundary, seed_fraction)))
+    seeds, _ = ndimage.label(boundary <= threshold)
     instances = watershed(boundary, markers=seeds)
     sizes = np.bincount(instances.ravel())
     small = sizes < min_fragment_size
@@ -134,4 +131,22 @@ class AffinityInstances(ResidentModelInfer):
     def writer(self, data: dict[str, Any], extension=None, dtype=None):
         result_file, result_json = super().writer(data, extension, dtype)
         result_json["instances"] = data.get("instances", 0)
+        keep_spatial_units(data.get("image_path"), result_file)
         return result_file, result_json
+
+
+def keep_spatial_units(image_path: str | None, label_path: str | None) -> None:
+    """Give a NIfTI label the spatial units of its NIfTI image. EM volumes are often stored in microns; the label
+    writer assumes mm, and a viewer that honours the units would otherwise scale the label 1000x off the image."""
+    nifti = (".nii", ".nii.gz")
+    if not (isinstance(image_path, str) and isinstance(label_path, str)):
+        return
+    if not (image_path.endswith(nifti) and label_path.endswith(nifti)):
+        return
+    units = nib.load(image_path).header.get_xyzt_units()[0]
+    label = nib.load(label_path)
+    if units in ("unknown", label.header.get_xyzt_units()[0]):
+        return
+    label = nib.Nifti1Image(np.asarray(label.dataobj), label.affine, label.header)
+    label.header.set_xyzt_units(xyz=units)
+    nib.save(label, label_path)

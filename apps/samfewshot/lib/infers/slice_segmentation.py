@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import numpy as np
@@ -20,8 +19,6 @@ from lib.model import SegmentationModel
 from lib.scoring.uncertainty import normalised_entropy, tta_probabilities
 from lib.transforms import inference_transforms
 from lib.transforms.prompts import batch_prompts, slice_prompts
-
-logger = logging.getLogger(__name__)
 
 
 class SliceSegmentation(ResidentModelInfer):

@@ -1,0 +1,77 @@
+"""FGNet: SAM2-guided neuron instance segmentation of 3D EM volumes (serve EM datastores with ``--conf models fgnet``).
+
+``--conf`` keys: ``sam2_variant`` (hiera_t default, hiera_s, hiera_b+, hiera_l; ``backbone tiny`` switches to a
+small random Hiera), ``sam2_checkpoint`` (path or URL; default the official SAM 2.1 file of the variant),
+``sam2_checkpoint_sha256`` (pins the file's hash), ``sam2_lora_rank`` (0 = SAM2 frozen, the default),
+``fgnet_patch`` (X,Y,Z patch in voxels; X and Y multiples of 32), plus the shared ``device``, ``preload`` and
+``max_epochs``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from monailabel.interfaces.config import TaskConfig
+from monailabel.utils.others.generic import strtobool
+
+from lib.infers.affinity_instances import AffinityInstances
+from lib.model import SegmentationModel, resolve_checkpoint, torch_device
+from lib.networks.fgnet import IN_PLANE_STRIDE, FGNet, FGNetOptions, build_fgnet, options_config
+from lib.networks.sam2_backbone import SAM2_CHECKPOINTS, get_hiera_spec
+from lib.trainers.fgnet_trainer import FGNetTrainer
+
+# Patches: 16 sections by 256 x 256 pixels (about 1 um square at 4 nm); the tiny model uses smaller ones on CPU.
+DEFAULT_PATCH = (256, 256, 16)
+TINY_PATCH = (64, 64, 16)
+
+
+def parse_patch(value: str) -> tuple[int, int, int]:
+    try:
+        patch = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        patch = ()
+    if len(patch) != 3 or min(patch) < 1 or patch[0] % IN_PLANE_STRIDE or patch[1] % IN_PLANE_STRIDE:
+        raise ValueError(f"--conf fgnet_patch must be X,Y,Z voxels with X and Y multiples of {IN_PLANE_STRIDE}, got '{value}'")
+    return patch
+
+
+class FGNetConfig(TaskConfig):
+    scores_volumes = False  # the active-learning scores are defined for the segmentation models
+
+    def init(self, name: str, model_dir: str, conf: dict[str, str], planner: Any, **kwargs):
+        super().init(name, model_dir, conf, planner, **kwargs)
+        tiny = conf.get("backbone") == "tiny"
+        get_hiera_spec(conf.get("sam2_variant", "hiera_t"))  # unknown names fail at start-up, tiny or not
+        variant = "tiny" if tiny else conf.get("sam2_variant", "hiera_t")
+        default_patch = TINY_PATCH if tiny else DEFAULT_PATCH
+        self.patch_size = parse_patch(conf.get("fgnet_patch", ",".join(map(str, default_patch))))
+        self.device = torch_device(conf.get("device", "auto"))
+        self.path = os.path.join(model_dir, f"{name}.pt")
+        self.model = SegmentationModel(
+            name=name,
+            labels={},
+            backbone=variant,
+            adapter_path=self.path,
+            build_network=self.build_network,
+            modality="EM",
+            lora_rank=int(conf.get("sam2_lora_rank", 0)),
+            options={"patch_size": list(self.patch_size), **options_config(FGNetOptions())},
+        )
+
+    def build_network(self) -> FGNet:
+        checkpoint = None
+        if self.model.backbone != "tiny" or self.conf.get("sam2_checkpoint"):
+            checkpoint = resolve_checkpoint(
+                self.conf.get("sam2_checkpoint"), SAM2_CHECKPOINTS.get(self.model.backbone), self.model_dir, "sam2_checkpoint", "SAM2"
+            )
+        return build_fgnet(self.model.backbone, self.model.lora_rank, checkpoint, self.conf.get("sam2_checkpoint_sha256"))
+
+    def infer(self) -> AffinityInstances:
+        return AffinityInstances(self.model, self.patch_size, device=self.device, preload=strtobool(self.conf.get("preload", "false")))
+
+    def trainer(self) -> FGNetTrainer:
+        config = {"device": self.device}
+        if self.conf.get("max_epochs"):
+            config["max_epochs"] = int(self.conf["max_epochs"])
+        return FGNetTrainer(self.model, self.patch_size, config=config)
