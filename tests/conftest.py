@@ -25,20 +25,32 @@ sys.path.insert(0, str(APP_DIR))
 @pytest.fixture(scope="session")
 def sample_data() -> Path:
     """The sample datasets; generated here when scripts/setup.sh has not made them yet."""
-    if not (SAMPLES / "brain-mri-groundtruth" / "manifest.json").exists():
+    if not all((SAMPLES / d / "manifest.json").exists() for d in ("brain-mri-groundtruth", "em-neurons-groundtruth")):
         sys.path.insert(0, str(REPO / "scripts"))
-        from prepare_sample_data import generate
+        from prepare_sample_data import generate, generate_em
 
         generate(str(SAMPLES), skip_existing=True)
+        generate_em(str(SAMPLES), skip_existing=True)
     return SAMPLES
+
+
+def _copy_datastore(sample_data: Path, name: str, tmp_path: Path) -> Path:
+    """Copy a sample datastore without the state a server leaves in it (index, lock, originals)."""
+    dst = tmp_path / name
+    shutil.copytree(sample_data / name, dst, ignore=shutil.ignore_patterns("datastore_v2.json", ".lock", "original"))
+    return dst
 
 
 @pytest.fixture
 def studies(tmp_path, sample_data) -> Path:
     """A private copy of the brain-MRI datastore (two volumes with final labels)."""
-    dst = tmp_path / "brain-mri"
-    shutil.copytree(sample_data / "brain-mri", dst, ignore=shutil.ignore_patterns("datastore_v2.json", ".lock", "original"))
-    return dst
+    return _copy_datastore(sample_data, "brain-mri", tmp_path)
+
+
+@pytest.fixture
+def em_studies(tmp_path, sample_data) -> Path:
+    """A private copy of the EM datastore (two volumes with final instance labels)."""
+    return _copy_datastore(sample_data, "em-neurons", tmp_path)
 
 
 @pytest.fixture

@@ -127,7 +127,7 @@ def test_skip_existing_keeps_files(generated, capsys):
         assert _mtimes(out) == before
         assert "skipping" in capsys.readouterr().out
         # The CLI takes the same fast path and succeeds.
-        argv = ["--output-dir", str(out), "--count", "2", "--labelled", "1", "--spacing", "3", "--skip-existing"]
+        argv = ["--dataset", "brain", "--output-dir", str(out), "--count", "2", "--labelled", "1", "--spacing", "3", "--skip-existing"]
         assert psd.main(argv) == 0
         assert _mtimes(out) == before
     finally:
