@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from lib.infers.affinity_instances import affinity_watershed
+from lib.infers.affinity_instances import affinity_watershed, agglomerate
 from lib.networks.fgnet import (
     FeatureGuidedAttention,
     FGNet,
@@ -166,6 +166,19 @@ def test_watershed_dissolves_small_fragments_and_handles_no_seeds():
     # An unsure model still gets instances: seeds from its most interior voxels.
     unsure = 0.3 + 0.4 * affinity
     assert len(np.unique(affinity_watershed(unsure, seed_affinity=0.9, min_fragment_size=50))) == label.max()
+
+
+def test_agglomeration_joins_fragments_by_their_contact_affinity():
+    label = cells((32, 32, 4), seed=2, count=5)
+    affinity, _ = instance_affinities(label)
+    per_section = (label + label.max() * torch.arange(4)).numpy()  # every cell cut into one fragment per section
+    merged = agglomerate(per_section, affinity, merge_affinity=0.5)
+    pairs = np.unique(np.stack([merged.ravel(), label.numpy().ravel()]), axis=1)
+    assert len(np.unique(merged)) == label.max() == pairs.shape[1]  # one merged id per cell, and back
+    # Weak section-to-section affinity (below the threshold) keeps the fragments apart.
+    weak = affinity.clone()
+    weak[0] *= 0.4
+    assert len(np.unique(agglomerate(per_section, weak, merge_affinity=0.5))) == len(np.unique(per_section))
 
 
 def test_balanced_loss_ignores_unlabelled_edges():

@@ -14,29 +14,41 @@ from monai.inferers import Inferer, SlidingWindowInferer
 from monai.transforms import Activationsd
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from scipy import ndimage
+from skimage import graph
 from skimage.segmentation import relabel_sequential, watershed
 
 from lib.infers.resident import ResidentModelInfer
 from lib.model import SegmentationModel
 from lib.transforms import boundary_map, em_volume_transforms
+from lib.transforms.affinities import AFFINITY_AXES
 
 
 def affinity_watershed(
-    affinity: np.ndarray | torch.Tensor, seed_affinity: float = 0.9, min_fragment_size: int = 50, seed_fraction: float = 0.2
+    affinity: np.ndarray | torch.Tensor,
+    seed_affinity: float = 0.9,
+    merge_affinity: float = 0.5,
+    min_fragment_size: int = 50,
+    seed_fraction: float = 0.2,
 ) -> np.ndarray:
     """(3, X, Y, Z) affinities in [0, 1] -> (X, Y, Z) uint32 instance ids 1..N.
 
-    Seeds are the face-connected components of voxels whose six incident edges average at least
-    ``seed_affinity``. On a perfect affinity map every voxel beside a boundary scores at most 5/6, so seeds of
-    touching cells never meet. A model that is not yet confident anywhere (early in fine-tuning) still gets
-    seeds: the threshold is relaxed to the ``seed_fraction`` most interior voxels when fewer pass it. The watershed floods the boundary map (``boundary_map``) from the seeds. Fragments
-    smaller than ``min_fragment_size`` voxels are then dissolved and flooded again from their neighbours, so every
-    voxel keeps a cell and no specks remain.
+    1. Seeds: face-connected components of voxels whose six incident edges average at least ``seed_affinity``.
+       On a perfect map every voxel beside a boundary scores at most 5/6, so seeds of touching cells never meet.
+       A model not yet confident anywhere (early in fine-tuning) still gets seeds: the threshold is relaxed to the
+       ``seed_fraction`` most interior voxels when fewer pass it.
+    2. Watershed of the voxel boundary map (``boundary_map``) from the seeds: fragments, rather too many than too
+       few (a weak section-to-section affinity cuts a neurite into per-section pieces).
+    3. Agglomeration: neighbouring fragments merge when the mean affinity of the edges between them exceeds
+       ``merge_affinity`` (a region adjacency graph cut, as affinity pipelines agglomerate watershed fragments).
+    4. Fragments under ``min_fragment_size`` voxels dissolve into their neighbours (flooded again), so every voxel
+       keeps a cell and no specks remain.
     """
-    boundary = boundary_map(torch.as_tensor(affinity, dtype=torch.float32)).numpy()
+    affinity = torch.as_tensor(affinity, dtype=torch.float32)
+    boundary = boundary_map(affinity).numpy()
     threshold = max(1 - seed_affinity, float(np.quantile(boundary, seed_fraction)))
     seeds, _ = ndimage.label(boundary <= threshold)
-    instances = watershed(boundary, markers=seeds)
+    fragments = watershed(boundary, markers=seeds)
+    instances = agglomerate(fragments, affinity, merge_affinity)
     sizes = np.bincount(instances.ravel())
     small = sizes < min_fragment_size
     small[0] = False
@@ -46,26 +58,54 @@ def affinity_watershed(
     return relabel_sequential(instances)[0].astype(np.uint32)
 
 
+def agglomerate(fragments: np.ndarray, affinity: torch.Tensor, merge_affinity: float) -> np.ndarray:
+    """Merge neighbouring fragments (ids >= 1) whose contact edges have a mean affinity above ``merge_affinity``."""
+    labels = torch.as_tensor(fragments.astype(np.int64))
+    pairs, values = [], []
+    for channel, axis in enumerate(AFFINITY_AXES):
+        n = labels.shape[axis]
+        current, previous = labels.narrow(axis, 1, n - 1), labels.narrow(axis, 0, n - 1)
+        contact = current != previous
+        pairs.append(torch.stack([torch.minimum(current, previous)[contact], torch.maximum(current, previous)[contact]], 1))
+        values.append(affinity[channel].narrow(axis, 1, n - 1)[contact])
+    pairs, values = torch.cat(pairs), torch.cat(values)
+    rag = graph.RAG()
+    for label in np.unique(fragments):
+        rag.add_node(int(label), labels=[int(label)])
+    if len(pairs):
+        unique, inverse = torch.unique(pairs, dim=0, return_inverse=True)
+        mean = torch.zeros(len(unique)).index_add_(0, inverse, values) / torch.bincount(inverse)
+        for (a, b), m in zip(unique.tolist(), mean.tolist()):
+            rag.add_edge(a, b, weight=1.0 - m)
+    # cut_threshold keeps the edges lighter than its threshold and numbers the components from 0.
+    return graph.cut_threshold(fragments, rag, 1.0 - merge_affinity, in_place=False) + 1
+
+
 class AffinityWatershedd:
     """Dictionary transform: ``pred`` (3, X, Y, Z) affinity probabilities -> (X, Y, Z) instance ids, with the
     number of instances in ``data['instances']``."""
 
-    def __init__(self, seed_affinity: float, min_fragment_size: int):
+    def __init__(self, seed_affinity: float, merge_affinity: float, min_fragment_size: int):
         self.seed_affinity = seed_affinity
+        self.merge_affinity = merge_affinity
         self.min_fragment_size = min_fragment_size
 
     def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
         d = dict(data)
         try:
             seed = float(d.get("seed_affinity", self.seed_affinity))
+            merge = float(d.get("merge_affinity", self.merge_affinity))
             min_size = int(d.get("min_fragment_size", self.min_fragment_size))
         except (TypeError, ValueError) as e:
-            raise HTTPException(status_code=422, detail=f"seed_affinity must be a number, min_fragment_size an integer: {e}")
-        if not 0 < seed <= 1 or min_size < 0:
             raise HTTPException(
-                status_code=422, detail=f"need 0 < seed_affinity <= 1 and min_fragment_size >= 0, got {seed} and {min_size}"
+                status_code=422, detail=f"seed_affinity and merge_affinity must be numbers, min_fragment_size an integer: {e}"
             )
-        instances = affinity_watershed(d["pred"].detach().cpu(), seed, min_size)
+        if not (0 < seed <= 1 and 0 <= merge <= 1 and min_size >= 0):
+            raise HTTPException(
+                status_code=422,
+                detail=f"need 0 < seed_affinity <= 1, 0 <= merge_affinity <= 1, min_fragment_size >= 0; got {seed}, {merge}, {min_size}",
+            )
+        instances = affinity_watershed(d["pred"].detach().cpu(), seed, merge, min_size)
         d["instances"] = int(instances.max())
         # The image's meta carries the affine the writer stores; ids need 16 or 32 bits, never the default 8.
         d["pred"] = MetaTensor(torch.from_numpy(instances.astype(np.int64)), meta=d["image"].meta)
@@ -77,7 +117,8 @@ class AffinityInstances(ResidentModelInfer):
     """Any MONAI-readable EM volume (section axis last) -> percentile-normalised -> FGNet refined affinities over
     overlapping patches (Gaussian-weighted) -> seeded watershed -> instance label on the input's own grid.
 
-    Request options: ``seed_affinity`` (default 0.9), ``min_fragment_size`` in voxels (50), ``sw_overlap`` (0.25).
+    Request options: ``seed_affinity`` (default 0.9), ``merge_affinity`` (0.5), ``min_fragment_size`` in voxels (50),
+    ``sw_overlap`` (0.25).
     """
 
     def __init__(
@@ -87,6 +128,7 @@ class AffinityInstances(ResidentModelInfer):
         device: str = "cpu",
         batch_size: int = 2,
         seed_affinity: float = 0.9,
+        merge_affinity: float = 0.5,
         min_fragment_size: int = 50,
         description: str = "",
         preload: bool = False,
@@ -94,6 +136,7 @@ class AffinityInstances(ResidentModelInfer):
         self.patch_size = tuple(patch_size)
         self.batch_size = batch_size
         self.seed_affinity = seed_affinity
+        self.merge_affinity = merge_affinity
         self.min_fragment_size = min_fragment_size
         super().__init__(
             model,
@@ -102,7 +145,13 @@ class AffinityInstances(ResidentModelInfer):
             labels=model.labels,
             dimension=3,
             description=description or f"{model.name} ({model.backbone}) neuron instances from 3D affinities",
-            config={"device": device, "seed_affinity": seed_affinity, "min_fragment_size": min_fragment_size, "sw_overlap": 0.25},
+            config={
+                "device": device,
+                "seed_affinity": seed_affinity,
+                "merge_affinity": merge_affinity,
+                "min_fragment_size": min_fragment_size,
+                "sw_overlap": 0.25,
+            },
         )
 
     def pre_transforms(self, data=None) -> list:
@@ -125,7 +174,7 @@ class AffinityInstances(ResidentModelInfer):
     def post_transforms(self, data=None) -> list:
         return [
             Activationsd(keys="pred", sigmoid=True),
-            AffinityWatershedd(self.seed_affinity, self.min_fragment_size),
+            AffinityWatershedd(self.seed_affinity, self.merge_affinity, self.min_fragment_size),
         ]
 
     def writer(self, data: dict[str, Any], extension=None, dtype=None):

@@ -40,7 +40,8 @@ class BoundaryPairsd(MapTransform):
 
 
 class InstanceAgreement(Metric):
-    """Mean of 1 - adapted Rand error between watershed instances of the predicted affinities and the label."""
+    """Mean of 1 - adapted Rand error between watershed instances of the predicted affinities and the label
+    (volumes without any annotated voxel have no score and are skipped)."""
 
     def reset(self):
         self._scores: list[float] = []
@@ -48,7 +49,9 @@ class InstanceAgreement(Metric):
     def update(self, output):
         for affinity, label in zip(*output):
             instances = affinity_watershed(affinity.detach().cpu())
-            self._scores.append(1.0 - instance_scores(instances, np.asarray(label.cpu())[0])["arand"])
+            arand = instance_scores(instances, np.asarray(label.cpu())[0])["arand"]
+            if not np.isnan(arand):
+                self._scores.append(1.0 - arand)
 
     def compute(self):
         return float(np.mean(self._scores)) if self._scores else 0.0
