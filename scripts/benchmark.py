@@ -2,10 +2,11 @@
 
     .venv/bin/python scripts/benchmark.py --backbone tiny
     .venv/bin/python scripts/benchmark.py --backbone vit_b --slices 100 --skip-update
+    .venv/bin/python scripts/benchmark.py --model fgnet --backbone tiny --slices 32
 
-Runs the app's own code paths (SliceSegmentation infer task, LoraTrainer) on a copy of the sample datastore,
-with random weights in the official layout when no SAM checkpoint is given (speed does not depend on them). Prints a table and
-writes JSON (--out).
+Runs the app's own code paths (infer task, trainer) on a copy of the sample datastore (brain MRI; EM for fgnet),
+with random weights in the official layout when no SAM/SAM2 checkpoint is given (speed does not depend on them).
+Prints a table and writes JSON (--out).
 """
 
 from __future__ import annotations
@@ -52,12 +53,25 @@ def random_official_checkpoint(backbone: str, directory: str) -> str:
     return path
 
 
+def random_official_sam2_checkpoint(variant: str, directory: str) -> str:
+    """sam2's own SAM 2.1 model with random weights, saved like an official file (speed only)."""
+    import torch
+    from sam2.build_sam import build_sam2
+
+    config = {"hiera_t": "t", "hiera_s": "s", "hiera_b+": "b+", "hiera_l": "l"}[variant]
+    path = os.path.join(directory, f"random_sam2_{variant}.pt")
+    model = build_sam2(f"configs/sam2.1/sam2.1_hiera_{config}.yaml", None, device="cpu", apply_postprocessing=False)
+    torch.save({"model": model.state_dict()}, path)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="tiny")
     parser.add_argument("--model", default="hf_sam")
     parser.add_argument("--slices", type=int, default=100, help="axial slices of the benchmark volume")
     parser.add_argument("--sam-checkpoint", default=None, help="official SAM file; default: random weights in its layout")
+    parser.add_argument("--sam2-variant", default="hiera_t", help="fgnet's SAM2 encoder when the backbone is not tiny")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3, help="warm inference repeats")
     parser.add_argument("--update-epochs", type=int, default=5)
@@ -72,11 +86,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app_dir, studies = os.path.join(work, "app"), os.path.join(work, "studies")
         shutil.copytree(APP, app_dir, ignore=shutil.ignore_patterns("model", "logs", "__pycache__"))
-        shutil.copytree(os.path.join(REPO, "sample-datasets", "brain-mri"), studies, ignore=shutil.ignore_patterns("datastore_v2.json", ".lock"))
-        synthetic_volume(os.path.join(studies, "bench.nii.gz"), os.path.join(studies, "brain_003.nii.gz"), args.slices)
+        em = args.model == "fgnet"
+        dataset, reference = ("em-neurons", "em_003") if em else ("brain-mri", "brain_003")
+        shutil.copytree(os.path.join(REPO, "sample-datasets", dataset), studies, ignore=shutil.ignore_patterns("datastore_v2.json", ".lock"))
+        synthetic_volume(os.path.join(studies, "bench.nii.gz"), os.path.join(studies, f"{reference}.nii.gz"), args.slices)
 
         conf = {"models": args.model, "backbone": args.backbone, "device": args.device, "auto_scoring": "false"}
-        if args.backbone != "tiny":
+        if args.backbone != "tiny" and em:
+            conf["sam2_variant"] = args.sam2_variant
+            conf["sam2_checkpoint"] = random_official_sam2_checkpoint(args.sam2_variant, work)
+        elif args.backbone != "tiny":
             conf["sam_checkpoint"] = args.sam_checkpoint or random_official_checkpoint(args.backbone, work)
         app = SamFewShotApp(app_dir, studies, conf)
         request = {"model": args.model, "image": "bench", "device": args.device}
