@@ -79,3 +79,13 @@ def test_em_request_options_are_checked(start_server, tmp_path):
         response = server.post("/infer/fgnet?image=em_002", data={"params": json.dumps(params)})
         assert response.status_code == 422 and message in response.text, (params, response.status_code, response.text)
     assert server.info()["models"]["fgnet"]  # still serving
+
+
+def test_missing_sam2_weights_answer_503_naming_file_and_conf_key(start_server):
+    """Official SAM2 weights cannot be had here (no network, none cached): the server starts, fgnet says why."""
+    server = start_server(*EM_CONF, ("backbone", "vit_b"))
+    assert not list((server.app_dir / "model").glob("sam2*")), "SAM2 weights unexpectedly present"
+    response = server.post("/infer/fgnet?image=em_002", data={"params": "{}"}, timeout=60)
+    assert response.status_code == 503, response.text
+    assert "sam2.1_hiera_tiny.pt" in response.text and "--conf sam2_checkpoint" in response.text, response.text
+    assert server.info()["models"]["fgnet"]["adapter_version"] == 0

@@ -14,7 +14,8 @@ from monai.inferers import Inferer, SlidingWindowInferer
 from monai.transforms import Activationsd
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from scipy import ndimage
-from skimage import graph
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from skimage.segmentation import relabel_sequential, watershed
 
 from lib.infers.resident import ResidentModelInfer
@@ -39,7 +40,8 @@ def affinity_watershed(
     2. Watershed of the voxel boundary map (``boundary_map``) from the seeds: fragments, rather too many than too
        few (a weak section-to-section affinity cuts a neurite into per-section pieces).
     3. Agglomeration: neighbouring fragments merge when the mean affinity of the edges between them exceeds
-       ``merge_affinity`` (a region adjacency graph cut, as affinity pipelines agglomerate watershed fragments).
+       ``merge_affinity`` (connected components of the region adjacency graph cut there, as affinity pipelines
+       agglomerate watershed fragments).
     4. Fragments under ``min_fragment_size`` voxels dissolve into their neighbours (flooded again), so every voxel
        keeps a cell and no specks remain.
     """
@@ -69,16 +71,14 @@ def agglomerate(fragments: np.ndarray, affinity: torch.Tensor, merge_affinity: f
         pairs.append(torch.stack([torch.minimum(current, previous)[contact], torch.maximum(current, previous)[contact]], 1))
         values.append(affinity[channel].narrow(axis, 1, n - 1)[contact])
     pairs, values = torch.cat(pairs), torch.cat(values)
-    rag = graph.RAG()
-    for label in np.unique(fragments):
-        rag.add_node(int(label), labels=[int(label)])
-    if len(pairs):
-        unique, inverse = torch.unique(pairs, dim=0, return_inverse=True)
-        mean = torch.zeros(len(unique)).index_add_(0, inverse, values) / torch.bincount(inverse)
-        for (a, b), m in zip(unique.tolist(), mean.tolist()):
-            rag.add_edge(a, b, weight=1.0 - m)
-    # cut_threshold keeps the edges lighter than its threshold and numbers the components from 0.
-    return graph.cut_threshold(fragments, rag, 1.0 - merge_affinity, in_place=False) + 1
+    unique, inverse = torch.unique(pairs, dim=0, return_inverse=True)
+    mean = torch.zeros(len(unique)).index_add_(0, inverse, values) / torch.bincount(inverse, minlength=len(unique))
+    merge = (mean > merge_affinity).numpy()
+    edges = unique.numpy()[merge]
+    size = int(fragments.max()) + 1
+    graph = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(size, size))
+    _, component = connected_components(graph, directed=False)
+    return component[fragments] + 1
 
 
 class AffinityWatershedd:
