@@ -1,9 +1,27 @@
 #!/usr/bin/env bash
-# Idempotent set-up: .venv with the pinned packages, then the sample data.
+# Idempotent set-up: Debian packages for the hospital path (as root), .venv with the pinned packages, then the
+# sample data.
 # Install order matters: torch first, then sam2 built against that torch (no build isolation, no CUDA
 # extension), then everything else; otherwise pip builds sam2 against a second torch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# Orthanc with DICOMweb (the PACS of the DICOM tests and of scripts/orthanc.sh) and Chromium with its driver
+# (the OHIF browser test) come from Debian. Without root they are left to the administrator and those tests skip.
+DEBIAN_PACKAGES=(orthanc orthanc-dicomweb chromium chromium-driver)
+missing=()
+for package in "${DEBIAN_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "[setup] installing Debian packages: ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  else
+    echo "[setup] not installed (needs root): ${missing[*]}; the tests that need them will skip" >&2
+  fi
+fi
 
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv

@@ -7,9 +7,11 @@ import os
 import threading
 
 import monailabel
+from lib import dicom_seg
 from lib.activelearning import Diversity, First, Handouts, Hybrid, RandomChoice, Uncertainty
 from lib.configs import MODEL_CONFIGS
 from lib.scoring import EmbeddingScoring, UncertaintyScoring
+from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.tasks.infer_v2 import InferTask
@@ -42,6 +44,8 @@ class SamFewShotApp(MONAILabelApp):
         for name in selected_models(conf.get("models")):
             self.models[name] = MODEL_CONFIGS[name]()
             self.models[name].init(name, self.model_dir, conf, None)
+        # DICOM SEG through highdicom, before a DICOMweb datastore is created; unnamed segments take model names.
+        dicom_seg.install({n: i for c in self.models.values() for n, i in c.model.labels.items()})
         self.auto_train = strtobool(conf.get("auto_train", "false"))
         self.auto_scoring = strtobool(conf.get("auto_scoring", "true"))
         self.handouts = Handouts(timeout_s=float(conf.get("handout_timeout", 900)))
@@ -58,6 +62,9 @@ class SamFewShotApp(MONAILabelApp):
         # Scores only change with the model: they are refreshed at start-up and after each training run
         # (below), not after every next_sample as MONAI Label would do.
         self._auto_update_scoring = False
+
+    def _download_dcmqi_tools(self):
+        """MONAI Label fetches dcmqi from GitHub for a DICOMweb datastore; SEG is written with highdicom here."""
 
     def init_infers(self) -> dict[str, InferTask]:
         return {name: config.infer() for name, config in self.models.items()}
@@ -133,6 +140,8 @@ class SamFewShotApp(MONAILabelApp):
         gets no second one, since that waiting run will read the datastore, new label included, when it starts.
         """
         result = super().on_save_label(image_id, label_id) or {}
+        if isinstance(self.datastore(), DICOMWebDatastore):
+            dicom_seg.clear_dicomweb_lists()
         if not self.auto_train:
             return result
         with self._train_lock:

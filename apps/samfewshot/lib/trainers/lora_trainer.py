@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+from functools import partial
 from typing import Any
 
 import torch
@@ -21,6 +22,8 @@ from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.handlers import LrScheduleHandler, MeanDice, from_engine
 from monai.inferers import SimpleInferer, SliceInferer
 from monai.transforms import Activationsd, AsDiscreted, EnsureTyped
+from monailabel.datastore.dicom import DICOMWebDatastore
+from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 
@@ -90,12 +93,21 @@ class LoraTrainer(BasicTrainTask):
 
     # ---- data -------------------------------------------------------------------------------------------
     def pre_process(self, request, datastore: Datastore):
-        """The datastore's final labels, each with the ``label_info`` its client saved (for id remapping)."""
+        """The datastore's final labels, each with the ``label_info`` its client saved (for id remapping).
+
+        A DICOMweb datastore first fetches the SEG labels in the PACS (saved through this server or elsewhere)
+        into its local cache; its own ``get_label_uri`` takes a SEG series id, the cache is keyed by image id.
+        """
         final = DefaultLabelTag.FINAL
+        if isinstance(datastore, DICOMWebDatastore):
+            datastore.datalist()
+            label_uri = partial(LocalDatastore.get_label_uri, datastore, label_tag=final)
+        else:
+            label_uri = partial(datastore.get_label_uri, label_tag=final)
         datalist = []
         for image_id in sorted(datastore.get_labeled_images(final)):
             label_id = datastore.get_labels_by_image_id(image_id)[final]
-            item = {"id": image_id, "image": datastore.get_image_uri(image_id), "label": datastore.get_label_uri(label_id, final)}
+            item = {"id": image_id, "image": datastore.get_image_uri(image_id), "label": label_uri(label_id)}
             info = datastore.get_label_info(label_id, final) or {}
             if info.get("label_info"):
                 item["label_info"] = info["label_info"]

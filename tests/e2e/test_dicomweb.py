@@ -1,0 +1,161 @@
+"""The hospital path end to end: a real Orthanc (Debian package, started by scripts/orthanc.sh), sample volumes sent
+as DICOM series by scripts/upload_dicom.py, and the app served on its DICOMweb root, driven by MONAILabelClient.
+
+Orthanc must be installed (scripts/setup.sh installs it when run as root, as CI does); where the Debian package is
+absent these tests skip and say so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import highdicom as hd
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+from dicomweb_client.api import DICOMwebClient
+from lib.dicom_seg import write_dicom_seg
+from test_client_loop import SLICER_LABEL_INFO, client_for, swapped_ground_truth, wait_for_training
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "scripts"))
+from upload_dicom import volume_to_series  # noqa: E402
+SAMPLES = ("brain_002", "brain_003", "brain_004")
+PLUGIN_DIRS = ("/usr/share/orthanc/plugins", "/usr/lib/orthanc/plugins")
+HAS_ORTHANC = shutil.which("Orthanc") and any(os.path.exists(f"{d}/libOrthancDicomWeb.so") for d in PLUGIN_DIRS)
+MODEL_LABELS = {"white matter": 1, "grey matter": 2}
+
+
+def loopback_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def orthanc(tmp_path) -> str:
+    """A private Orthanc with the DICOMweb plugin; its DICOMweb root."""
+    if not HAS_ORTHANC:
+        pytest.skip("Debian packages orthanc and orthanc-dicomweb are not installed (scripts/setup.sh installs them as root)")
+    folder = tmp_path / "orthanc"
+    script = str(REPO / "scripts" / "orthanc.sh")
+    started = subprocess.run([script, "start", str(folder), str(loopback_port())], capture_output=True, text=True)
+    assert started.returncode == 0, started.stderr
+    yield started.stdout.strip()
+    subprocess.run([script, "stop", str(folder)], check=True)
+
+
+@pytest.fixture
+def studies(orthanc, sample_data, tmp_path, monkeypatch) -> str:
+    """The servers of this module serve Orthanc's DICOMweb root, holding three sample volumes as MR series."""
+    sent = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "upload_dicom.py"), "--url", orthanc]
+        + [str(sample_data / "brain-mri" / f"{name}.nii.gz") for name in SAMPLES],
+        capture_output=True,
+        text=True,
+    )
+    assert sent.returncode == 0, sent.stderr
+    assert len(sent.stdout.splitlines()) == len(SAMPLES), sent.stdout
+    # MONAI Label lists CT series unless told otherwise, and caches what it fetches under the home directory.
+    monkeypatch.setenv("MONAI_LABEL_DICOMWEB_SEARCH_FILTER", json.dumps({"Modality": "MR"}))
+    monkeypatch.setenv("MONAI_LABEL_DICOMWEB_CACHE_PATH", str(tmp_path / "dicomweb-cache"))
+    return orthanc
+
+
+def series_by_sample(dicomweb: str) -> dict[str, str]:
+    """{sample name: SeriesInstanceUID} of the MR series in the PACS (PatientID carries the sample name)."""
+    found = DICOMwebClient(dicomweb).search_for_series(search_filters={"Modality": "MR"}, fields=["PatientID"])
+    return {s["00100020"]["Value"][0]: s["0020000E"]["Value"][0] for s in found}
+
+
+def assert_on_grid_of(label_path: Path, sample: Path) -> None:
+    label, image = sitk.ReadImage(str(label_path)), sitk.ReadImage(str(sample))
+    assert label.GetSize() == image.GetSize()
+    np.testing.assert_allclose(label.GetSpacing(), image.GetSpacing(), atol=1e-4)
+    np.testing.assert_allclose(label.GetOrigin(), image.GetOrigin(), atol=1e-3)
+    np.testing.assert_allclose(label.GetDirection(), image.GetDirection(), atol=1e-5)
+
+
+def test_series_infer_and_dicom_seg(start_server, studies, sample_data, tmp_path):
+    server = start_server(("models", "all"))
+    client = client_for(server, tmp_path)
+    series = series_by_sample(studies)
+    assert sorted(series) == sorted(SAMPLES), series
+    assert server.get("/datastore/?output=stats").json()["total"] == len(SAMPLES)
+    sample = "brain_003"
+    sample_path = sample_data / "brain-mri" / f"{sample}.nii.gz"
+
+    # every model infers on a series fetched from Orthanc; the label lies on the series' grid
+    labels = {}
+    for model in ("hf_sam", "masg_sam", "fgnet"):
+        result_file, result = client.infer(model, series[sample], {"result_extension": ".nii.gz"})
+        labels[model] = tmp_path / f"{model}.nii.gz"
+        shutil.copyfile(result_file, labels[model])
+        assert_on_grid_of(labels[model], sample_path)
+    assert result["instances"] >= 1
+
+    # output=dicom_seg: a SEG referencing the series, segments named after the model's labels
+    response = server.post(
+        f"/infer/hf_sam?image={series[sample]}&output=dicom_seg", data={"params": json.dumps({"label_info": []})}
+    )
+    assert response.status_code == 200, response.text[:500]
+    seg_path = tmp_path / "prediction.dcm"
+    seg_path.write_bytes(response.content)
+    seg = hd.seg.segread(str(seg_path))
+    assert seg.Modality == "SEG" and seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series[sample]
+    names = {int(s.SegmentNumber): s.SegmentLabel for s in seg.SegmentSequence}
+    assert set(names.values()) <= set(MODEL_LABELS) and names, names
+    # the SEG carries the same voxels as the label the same model returned
+    prediction = np.asarray(nib.load(str(labels["hf_sam"])).dataobj)
+    sources = [s.ReferencedSOPInstanceUID for s in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence]
+    pixels = seg.get_pixels_by_source_instance(sources, combine_segments=True)
+    for number, name in names.items():
+        assert (pixels == number).sum() == (prediction == MODEL_LABELS[name]).sum(), name
+
+
+def test_saved_correction_is_a_seg_in_orthanc_and_trains(start_server, studies, sample_data, tmp_path):
+    server = start_server(("models", "hf_sam"))
+    client = client_for(server, tmp_path)
+    series = series_by_sample(studies)
+    image_id = series["brain_002"]
+
+    corrected = swapped_ground_truth(sample_data, "brain_002", tmp_path / "corrected.nii.gz")
+    client.save_label(image_id, str(corrected), tag="final", params={"label_info": SLICER_LABEL_INFO})
+
+    # Orthanc holds a SEG that references the series, with the segments the annotator named
+    pacs = DICOMwebClient(studies)
+    segs = pacs.search_for_series(search_filters={"Modality": "SEG"})
+    assert len(segs) == 1, segs
+    study_uid, seg_uid = segs[0]["0020000D"]["Value"][0], segs[0]["0020000E"]["Value"][0]
+    meta = pydicom.Dataset.from_json(pacs.retrieve_series_metadata(study_uid, seg_uid)[0])
+    assert meta.ReferencedSeriesSequence[0].SeriesInstanceUID == image_id
+    assert sorted(s.SegmentLabel for s in meta.SegmentSequence) == ["grey matter", "white matter"]
+
+    # at once a labelled volume: next_sample hands out only the other two (each once), and training uses it
+    handed_out = [client.next_sample("random", {}).get("id") for _ in range(len(SAMPLES))]
+    assert sorted(handed_out[:2]) == sorted(set(series.values()) - {image_id}) and handed_out[2] is None, handed_out
+    # a SEG that reached the PACS another way (another viewer, another server) is read back as a label too
+    other = series["brain_003"]
+    sources = tmp_path / "brain_003-series"
+    sources.mkdir()
+    for i, ds in enumerate(volume_to_series(sample_data / "brain-mri" / "brain_003.nii.gz")):
+        ds.save_as(str(sources / f"{i}.dcm"))
+    assert str(ds.SeriesInstanceUID) == other
+    truth = sample_data / "brain-mri-groundtruth" / "brain_003.nii.gz"
+    pacs.store_instances([pydicom.dcmread(write_dicom_seg(str(sources), str(truth), [], MODEL_LABELS))])
+
+    task = client.train_start("hf_sam", {"max_epochs": 1})
+    wait_for_training(client, server, task["id"])
+    split = json.loads((server.app_dir / "model" / "hf_sam_split.json").read_text())
+    assert sorted(split["train"]) == sorted([image_id, other]), split
+    assert server.info()["models"]["hf_sam"]["adapter_version"] == 1
