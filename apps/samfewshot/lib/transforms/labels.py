@@ -34,8 +34,19 @@ def client_to_model_ids(label_info: Sequence[Mapping[str, Any]] | None, model_la
     return mapping
 
 
+def slicer_label_info(meta: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """label_info from the header of a 3D Slicer ``.seg.nrrd`` (``Segment<i>_Name``, ``Segment<i>_LabelValue``);
+    [] for any other file."""
+    entries = []
+    while f"Segment{len(entries)}_Name" in meta:
+        i = len(entries)
+        entries.append({"name": str(meta[f"Segment{i}_Name"]), "idx": int(meta.get(f"Segment{i}_LabelValue", i + 1))})
+    return entries
+
+
 class RemapLabelsByNamed(MapTransform):
-    """Rewrite a label volume from the client's ids to the model's ids using ``data[info_key]`` (label_info).
+    """Rewrite a label volume from the client's ids to the model's ids using ``data[info_key]`` (label_info), or,
+    when the client sent none, the segment names a 3D Slicer ``.seg.nrrd`` carries in its header.
 
     A voxel id that appears neither in label_info nor (without label_info) among the model's ids is an error:
     training on it silently would teach the model a wrong class.
@@ -50,9 +61,15 @@ class RemapLabelsByNamed(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
-        mapping = client_to_model_ids(d.get(self.info_key), self.model_labels)
-        mapping.setdefault(0, 0)
         for key in self.key_iterator(d):
+            label_info = d.get(self.info_key) or slicer_label_info(getattr(d[key], "meta", {}))
+            mapping = client_to_model_ids(label_info, self.model_labels)
+            mapping.setdefault(0, 0)
+            if d[key].shape[0] != 1:
+                raise ValueError(
+                    f"label '{key}' has {d[key].shape[0]} layers (a segmentation with overlapping segments); "
+                    "export it as a single labelmap"
+                )
             label = torch.as_tensor(d[key])
             present = {int(v) for v in torch.unique(label)}
             unknown = sorted(present - set(mapping))

@@ -14,6 +14,7 @@ from monai.transforms import (
     EnsureChannelFirstd,
     EnsureTyped,
     LoadImaged,
+    MapTransform,
     Orientationd,
     RandAffined,
     RandCropByPosNegLabeld,
@@ -26,11 +27,29 @@ from .intensity import NormalizeIntensityByModalityd
 from .labels import RemapLabelsByNamed
 
 
+# NRRD names its space in words; MONAI's NrrdReader keeps the words for RAS files (3D Slicer's .seg.nrrd), and
+# Orientation accepts only its own keys.
+NRRD_SPACES = {"right-anterior-superior": "RAS", "left-posterior-superior": "LPS"}
+
+
+class NrrdSpaceToKeysd(MapTransform):
+    """Set ``meta['space']`` from NRRD's words to MONAI's SpaceKeys; the affine already matches that space."""
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            meta = getattr(d[key], "meta", None)
+            if meta is not None and meta.get("space") in NRRD_SPACES:
+                meta["space"] = NRRD_SPACES[meta["space"]]
+        return d
+
+
 def volume_transforms(img_size: int, modality: str, model_labels: Mapping[str, int] | None = None) -> list:
     """Image (and label, when ``model_labels`` is given) -> RAS, normalised, (1, S, S, D) volumes."""
     keys = ["image", "label"] if model_labels is not None else ["image"]
     transforms = [
         LoadImaged(keys=keys, image_only=True),
+        NrrdSpaceToKeysd(keys=keys),
         EnsureChannelFirstd(keys=keys),
         Orientationd(keys=keys, axcodes="RAS"),
         NormalizeIntensityByModalityd(keys="image", modality=modality),
