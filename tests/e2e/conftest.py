@@ -7,8 +7,11 @@ its whole process group included (training runs as a child `python -m monailabel
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,6 +22,7 @@ from pathlib import Path
 import pytest
 import requests
 
+REPO = Path(__file__).resolve().parents[2]
 STARTUP_DEADLINE_S = 120
 # Scoring at start-up and after training is exercised by test_active_learning.py; elsewhere it would only add
 # background subprocesses competing for the CPU.
@@ -147,3 +151,51 @@ def _another_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# ---- a PACS: Orthanc (Debian packages) holding sample volumes as DICOM series ------------------------------
+DICOMWEB_SAMPLES = ("brain_002", "brain_003", "brain_004")
+ORTHANC_PLUGIN_DIRS = ("/usr/share/orthanc/plugins", "/usr/lib/orthanc/plugins")
+HAS_ORTHANC = bool(shutil.which("Orthanc")) and any(os.path.exists(f"{d}/libOrthancDicomWeb.so") for d in ORTHANC_PLUGIN_DIRS)
+
+
+def _loopback_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def orthanc(tmp_path) -> str:
+    """A private Orthanc with the DICOMweb plugin, started by scripts/orthanc.sh; its DICOMweb root."""
+    if not HAS_ORTHANC:
+        pytest.skip("Debian packages orthanc and orthanc-dicomweb are not installed (scripts/setup.sh installs them as root)")
+    folder = tmp_path / "orthanc"
+    script = str(REPO / "scripts" / "orthanc.sh")
+    started = subprocess.run([script, "start", str(folder), str(_loopback_port())], capture_output=True, text=True)
+    assert started.returncode == 0, started.stderr
+    yield started.stdout.strip()
+    subprocess.run([script, "stop", str(folder)], check=True)
+
+
+@pytest.fixture
+def dicomweb_samples() -> tuple[str, ...]:
+    return DICOMWEB_SAMPLES
+
+
+@pytest.fixture
+def dicomweb_studies(orthanc, sample_data, tmp_path, monkeypatch) -> str:
+    """Orthanc's DICOMweb root holding DICOMWEB_SAMPLES as MR series (sent by scripts/upload_dicom.py); a module
+    serves it by overriding its `studies` fixture with this one."""
+    sent = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "upload_dicom.py"), "--url", orthanc]
+        + [str(sample_data / "brain-mri" / f"{name}.nii.gz") for name in DICOMWEB_SAMPLES],
+        capture_output=True,
+        text=True,
+    )
+    assert sent.returncode == 0, sent.stderr
+    assert len(sent.stdout.splitlines()) == len(DICOMWEB_SAMPLES), sent.stdout
+    # MONAI Label lists CT series unless told otherwise, and caches what it fetches under the home directory.
+    monkeypatch.setenv("MONAI_LABEL_DICOMWEB_SEARCH_FILTER", json.dumps({"Modality": "MR"}))
+    monkeypatch.setenv("MONAI_LABEL_DICOMWEB_CACHE_PATH", str(tmp_path / "dicomweb-cache"))
+    return orthanc

@@ -1,17 +1,10 @@
-"""The hospital path end to end: a real Orthanc (Debian package, started by scripts/orthanc.sh), sample volumes sent
-as DICOM series by scripts/upload_dicom.py, and the app served on its DICOMweb root, driven by MONAILabelClient.
-
-Orthanc must be installed (scripts/setup.sh installs it when run as root, as CI does); where the Debian package is
-absent these tests skip and say so.
-"""
+"""The hospital path end to end: a real Orthanc with sample volumes as DICOM series (fixture `dicomweb_studies`),
+the app served on its DICOMweb root, driven by MONAILabelClient."""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -30,46 +23,13 @@ pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "scripts"))
 from upload_dicom import volume_to_series  # noqa: E402
-SAMPLES = ("brain_002", "brain_003", "brain_004")
-PLUGIN_DIRS = ("/usr/share/orthanc/plugins", "/usr/lib/orthanc/plugins")
-HAS_ORTHANC = shutil.which("Orthanc") and any(os.path.exists(f"{d}/libOrthancDicomWeb.so") for d in PLUGIN_DIRS)
 MODEL_LABELS = {"white matter": 1, "grey matter": 2}
 
 
-def loopback_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def orthanc(tmp_path) -> str:
-    """A private Orthanc with the DICOMweb plugin; its DICOMweb root."""
-    if not HAS_ORTHANC:
-        pytest.skip("Debian packages orthanc and orthanc-dicomweb are not installed (scripts/setup.sh installs them as root)")
-    folder = tmp_path / "orthanc"
-    script = str(REPO / "scripts" / "orthanc.sh")
-    started = subprocess.run([script, "start", str(folder), str(loopback_port())], capture_output=True, text=True)
-    assert started.returncode == 0, started.stderr
-    yield started.stdout.strip()
-    subprocess.run([script, "stop", str(folder)], check=True)
-
-
-@pytest.fixture
-def studies(orthanc, sample_data, tmp_path, monkeypatch) -> str:
-    """The servers of this module serve Orthanc's DICOMweb root, holding three sample volumes as MR series."""
-    sent = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "upload_dicom.py"), "--url", orthanc]
-        + [str(sample_data / "brain-mri" / f"{name}.nii.gz") for name in SAMPLES],
-        capture_output=True,
-        text=True,
-    )
-    assert sent.returncode == 0, sent.stderr
-    assert len(sent.stdout.splitlines()) == len(SAMPLES), sent.stdout
-    # MONAI Label lists CT series unless told otherwise, and caches what it fetches under the home directory.
-    monkeypatch.setenv("MONAI_LABEL_DICOMWEB_SEARCH_FILTER", json.dumps({"Modality": "MR"}))
-    monkeypatch.setenv("MONAI_LABEL_DICOMWEB_CACHE_PATH", str(tmp_path / "dicomweb-cache"))
-    return orthanc
+def studies(dicomweb_studies) -> str:
+    """The servers of this module serve Orthanc's DICOMweb root."""
+    return dicomweb_studies
 
 
 def series_by_sample(dicomweb: str) -> dict[str, str]:
@@ -86,12 +46,12 @@ def assert_on_grid_of(label_path: Path, sample: Path) -> None:
     np.testing.assert_allclose(label.GetDirection(), image.GetDirection(), atol=1e-5)
 
 
-def test_series_infer_and_dicom_seg(start_server, studies, sample_data, tmp_path):
+def test_series_infer_and_dicom_seg(start_server, studies, dicomweb_samples, sample_data, tmp_path):
     server = start_server(("models", "all"))
     client = client_for(server, tmp_path)
     series = series_by_sample(studies)
-    assert sorted(series) == sorted(SAMPLES), series
-    assert server.get("/datastore/?output=stats").json()["total"] == len(SAMPLES)
+    assert sorted(series) == sorted(dicomweb_samples), series
+    assert server.get("/datastore/?output=stats").json()["total"] == len(dicomweb_samples)
     sample = "brain_003"
     sample_path = sample_data / "brain-mri" / f"{sample}.nii.gz"
 
@@ -123,7 +83,7 @@ def test_series_infer_and_dicom_seg(start_server, studies, sample_data, tmp_path
         assert (pixels == number).sum() == (prediction == MODEL_LABELS[name]).sum(), name
 
 
-def test_saved_correction_is_a_seg_in_orthanc_and_trains(start_server, studies, sample_data, tmp_path):
+def test_saved_correction_is_a_seg_in_orthanc_and_trains(start_server, studies, dicomweb_samples, sample_data, tmp_path):
     server = start_server(("models", "hf_sam"))
     client = client_for(server, tmp_path)
     series = series_by_sample(studies)
@@ -142,7 +102,7 @@ def test_saved_correction_is_a_seg_in_orthanc_and_trains(start_server, studies, 
     assert sorted(s.SegmentLabel for s in meta.SegmentSequence) == ["grey matter", "white matter"]
 
     # at once a labelled volume: next_sample hands out only the other two (each once), and training uses it
-    handed_out = [client.next_sample("random", {}).get("id") for _ in range(len(SAMPLES))]
+    handed_out = [client.next_sample("random", {}).get("id") for _ in range(len(dicomweb_samples))]
     assert sorted(handed_out[:2]) == sorted(set(series.values()) - {image_id}) and handed_out[2] is None, handed_out
     # a SEG that reached the PACS another way (another viewer, another server) is read back as a label too
     other = series["brain_003"]

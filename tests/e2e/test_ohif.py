@@ -1,0 +1,104 @@
+"""OHIF in a headless browser: the OHIF v3 viewer that monailabel ships (served at /ohif/) opens a study from the
+PACS through the server's DICOMweb proxy, its MONAI Label panel connects to the server and runs hf_sam, and the
+segmentation is drawn over the images. Debian's chromium and chromedriver drive it through selenium; screenshots
+stay in the test's tmp dir."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import time
+
+import numpy as np
+import pytest
+from dicomweb_client.api import DICOMwebClient
+from PIL import Image
+
+pytestmark = pytest.mark.e2e
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+# Headless as root, no GPU (WebGL through SwiftShader), and none of Chromium's own calls to the network.
+CHROMIUM_FLAGS = (
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--enable-unsafe-swiftshader",
+    "--use-angle=swiftshader",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1600,1000",
+)
+LOAD_TIMEOUT_S = 120
+
+
+@pytest.fixture
+def studies(dicomweb_studies) -> str:
+    return dicomweb_studies
+
+
+@pytest.fixture
+def browser(tmp_path):
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.skip("Debian packages chromium and chromium-driver are not installed (scripts/setup.sh installs them as root)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    options = Options()
+    options.binary_location = CHROMIUM
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tmp_path / 'chromium-profile'}")
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def viewport_pixels(element) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(element.screenshot_as_png)).convert("RGB")).astype(np.int16)
+
+
+def test_ohif_runs_hf_sam_and_shows_the_segmentation(start_server, studies, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    server = start_server(("models", "hf_sam"))
+    study = DICOMwebClient(studies).search_for_studies()[0]["0020000D"]["Value"][0]
+    wait = WebDriverWait(browser, LOAD_TIMEOUT_S)
+
+    # the study opens in OHIF's MONAI Label mode, images fetched through the server's DICOMweb proxy
+    browser.get(f"{server.url}/ohif/monai-label?StudyInstanceUIDs={study}")
+    wait.until(lambda d: "/125" in d.find_element(By.CSS_SELECTOR, '[data-cy="viewport-overlay-bottom-right"]').text)
+    for button in browser.find_elements(By.CSS_SELECTOR, '[data-cy="confirm-and-hide-button"]'):
+        button.click()
+
+    # the panel connects to this server (its default is port 8000) and lists the model
+    address = browser.find_element(By.XPATH, "//input[@value='http://127.0.0.1:8000/']")
+    address.send_keys(Keys.CONTROL, "a")
+    address.send_keys(server.url + "/")
+    address.find_element(By.XPATH, "following::button[1]").click()
+    wait.until(lambda d: any(o.text.strip() == "hf_sam" for o in d.find_elements(By.CSS_SELECTOR, "select.selectBox option")))
+
+    viewport = browser.find_elements(By.CSS_SELECTOR, '[data-cy="viewport-pane"]')[0]
+    time.sleep(2)  # let the first render settle before taking the reference picture
+    before = viewport_pixels(viewport)
+    (tmp_path / "before.png").write_bytes(viewport.screenshot_as_png)
+
+    tab = browser.find_element(By.CSS_SELECTOR, "input.tab-switch[value='segmentation']")
+    browser.execute_script("arguments[0].click()", tab)
+    run = wait.until(ec.element_to_be_clickable((By.XPATH, "//button[contains(@class,'actionButton') and text()='Run']")))
+    run.click()
+
+    # the label comes back from /infer/hf_sam and is drawn over the viewport
+    def changed_fraction(d) -> float:
+        diff = np.abs(viewport_pixels(viewport) - before).sum(axis=2)
+        return float((diff > 60).mean())
+
+    wait.until(lambda d: changed_fraction(d) > 0.02)
+    (tmp_path / "after.png").write_bytes(viewport.screenshot_as_png)
+    assert "Infer Request" in server.log() and "'model': 'hf_sam'" in server.log()
