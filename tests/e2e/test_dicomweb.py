@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -119,3 +120,19 @@ def test_saved_correction_is_a_seg_in_orthanc_and_trains(start_server, studies, 
     split = json.loads((server.app_dir / "model" / "hf_sam_split.json").read_text())
     assert sorted(split["train"]) == sorted([image_id, other]), split
     assert server.info()["models"]["hf_sam"]["adapter_version"] == 1
+
+
+def test_upload_script_sends_a_dicom_folder_as_it_is(orthanc, sample_data, tmp_path):
+    folder = tmp_path / "exported"
+    folder.mkdir()
+    for i, ds in enumerate(volume_to_series(sample_data / "brain-mri" / "brain_005.nii.gz")):
+        ds.save_as(str(folder / f"IM{i:04d}"))  # no extension, as many PACS exports name them
+    sent = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "upload_dicom.py"), "--url", orthanc, str(folder)], capture_output=True, text=True
+    )
+    assert sent.returncode == 0, sent.stderr
+    assert series_by_sample(orthanc) == {"brain_005": sent.stdout.split()[0]}
+    missing = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "upload_dicom.py"), "--url", orthanc, str(tmp_path / "nope")], capture_output=True, text=True
+    )
+    assert missing.returncode == 1 and "does not exist" in missing.stderr
