@@ -6,7 +6,10 @@
 
 Runs the app's own code paths (infer task, trainer) on a copy of the sample datastore (brain MRI; EM for fgnet),
 with random weights in the official layout when no SAM/SAM2 checkpoint is given (speed does not depend on them).
-Prints a table and writes JSON (--out).
+For the SAM models the same run also measures the reference path (segment_anything's unmodified encoder, prompt
+encoder and decoder, fp32, one slice at a time, at the model size), counts the network's FLOPs per slice with
+torch's FlopCounterMode and measures the machine's fp32 and bf16 matmul throughput, so every speed is also a
+fraction of the hardware limit. Prints a table and writes JSON (--out).
 """
 
 from __future__ import annotations
@@ -65,6 +68,59 @@ def random_official_sam2_checkpoint(variant: str, directory: str) -> str:
     return path
 
 
+def matmul_flops_per_s(dtype, device: str, n: int = 2048, seconds: float = 2.0) -> float:
+    """Sustained FLOP/s of an n x n matrix product in ``dtype``: the machine's practical limit for dense layers."""
+    import torch
+
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        done += 1
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return 2 * n**3 * done / (time.perf_counter() - start)
+
+
+def flops_per_slice(network, img_size: int, device: str) -> float:
+    """FLOPs of one forward of ``network`` on a (1, 1, S, S) slice, counted by torch (with autograd on: the
+    counter's module hooks reject parameter views made under no_grad)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        network(torch.rand(1, 1, img_size, img_size, device=device))
+    return float(counter.get_total_flops())
+
+
+def reference_seconds_per_slice(backbone: str, device: str, slices: int = 3) -> float:
+    """segment_anything's own ImageEncoderViT + PromptEncoder + MaskDecoder at the model size, fp32, one slice per
+    call (as SAMed-style pipelines run a volume), without prompts; best of ``slices`` timed calls after a warm-up."""
+    import torch
+    from lib.networks.sam_backbone import build_image_encoder, build_prompt_encoder, get_encoder_spec
+    from segment_anything.modeling import MaskDecoder, TwoWayTransformer
+
+    spec = get_encoder_spec(backbone)
+    encoder, prompts = build_image_encoder(spec).to(device).eval(), build_prompt_encoder(spec).to(device).eval()
+    decoder = MaskDecoder(
+        transformer_dim=spec.prompt_dim,
+        transformer=TwoWayTransformer(depth=2, embedding_dim=spec.prompt_dim, mlp_dim=spec.decoder_mlp_dim, num_heads=spec.decoder_heads),
+    ).to(device).eval()
+    image = torch.rand(1, 3, spec.img_size, spec.img_size, device=device)
+    times = []
+    with torch.no_grad():
+        for _ in range(slices + 1):
+            start = time.perf_counter()
+            sparse, dense = prompts(points=None, boxes=None, masks=None)
+            decoder(encoder(image), prompts.get_dense_pe(), sparse, dense, multimask_output=True)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    return min(times[1:])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="tiny")
@@ -73,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sam-checkpoint", default=None, help="official SAM file; default: random weights in its layout")
     parser.add_argument("--sam2-variant", default="hiera_t", help="fgnet's SAM2 encoder when the backbone is not tiny")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="inference precision")
+    parser.add_argument("--batch-size", type=int, default=None, help="slices per forward (default: the app's)")
     parser.add_argument("--repeats", type=int, default=3, help="warm inference repeats")
     parser.add_argument("--update-epochs", type=int, default=5)
     parser.add_argument("--skip-update", action="store_true", help="do not measure the incremental update")
@@ -91,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copytree(os.path.join(REPO, "sample-datasets", dataset), studies, ignore=shutil.ignore_patterns("datastore_v2.json", ".lock"))
         synthetic_volume(os.path.join(studies, "bench.nii.gz"), os.path.join(studies, f"{reference}.nii.gz"), args.slices)
 
-        conf = {"models": args.model, "backbone": args.backbone, "device": args.device, "auto_scoring": "false"}
+        conf = {"models": args.model, "backbone": args.backbone, "device": args.device, "auto_scoring": "false", "precision": args.precision}
         if args.backbone != "tiny" and em:
             conf["sam2_variant"] = args.sam2_variant
             conf["sam2_checkpoint"] = random_official_sam2_checkpoint(args.sam2_variant, work)
@@ -99,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
             conf["sam_checkpoint"] = args.sam_checkpoint or random_official_checkpoint(args.backbone, work)
         app = SamFewShotApp(app_dir, studies, conf)
         request = {"model": args.model, "image": "bench", "device": args.device}
+        if args.batch_size:
+            request["batch_size"] = args.batch_size
         results: dict = {
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()},
             "config": vars(args),
@@ -131,6 +191,17 @@ def main(argv: list[str] | None = None) -> int:
         results["trainable_parameters"] = sum(p.numel() for p in network.parameters() if p.requires_grad)
         results["all_parameters"] = sum(p.numel() for p in network.parameters())
         results["peak_rss_mb"] = peak_rss_mb()
+        if not em:
+            size = app.models[args.model].model.img_size
+            results["gflop_per_slice"] = flops_per_slice(network, size, args.device) / 1e9
+            results["fp32_matmul_gflops"] = matmul_flops_per_s(torch.float32, args.device) / 1e9
+            results["bf16_matmul_gflops"] = matmul_flops_per_s(torch.bfloat16, args.device) / 1e9
+            achieved = results["gflop_per_slice"] * results["infer_warm_slices_per_s"]
+            results["achieved_gflops"] = achieved
+            results["fraction_of_fp32_peak"] = achieved / results["fp32_matmul_gflops"]
+            results["fraction_of_bf16_peak"] = achieved / results["bf16_matmul_gflops"]
+            results["reference_s_per_slice"] = reference_seconds_per_slice(args.backbone, args.device)
+            results["speedup_over_reference"] = results["infer_warm_slices_per_s"] * results["reference_s_per_slice"]
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -148,3 +148,28 @@ def torch_device(name: str) -> str:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--conf device {name}: no CUDA device is available")
     return name
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def native_bf16(device: str) -> bool:
+    """Whether ``device`` computes bf16 matrix products in hardware (CUDA with bf16, or a CPU with AVX512-BF16/AMX)."""
+    if device.startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def inference_precision(name: str, device: str) -> str:
+    """'auto' -> bf16 where the device runs it natively, else fp32; an unknown name is an error."""
+    if name not in PRECISIONS:
+        raise ValueError(f"--conf precision {name!r}: valid values are {', '.join(PRECISIONS)}")
+    if name == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return name
+
+
+def autocast(precision: str, device: str):
+    """The autocast context of ``precision`` on ``device`` (a no-op for fp32)."""
+    device_type = "cuda" if str(device).startswith("cuda") else "cpu"
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16")

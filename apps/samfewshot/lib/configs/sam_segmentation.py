@@ -10,7 +10,7 @@ from monailabel.interfaces.config import TaskConfig
 from monailabel.utils.others.generic import strtobool
 
 from lib.infers.slice_segmentation import SliceSegmentation
-from lib.model import SegmentationModel, parse_labels, resolve_sam_checkpoint, torch_device
+from lib.model import SegmentationModel, inference_precision, parse_labels, resolve_sam_checkpoint, torch_device
 from lib.networks.sam_backbone import get_encoder_spec
 from lib.networks.sam_segmenter import SamSegmenter, build_segmenter
 from lib.trainers.lora_trainer import LoraTrainer
@@ -21,7 +21,7 @@ DEFAULT_LABELS = {"white matter": 1, "grey matter": 2}
 
 class SamSegmentationConfig(TaskConfig):
     """Reads the shared ``--conf`` keys (backbone, sam_checkpoint, labels, lora_rank, modality, device, preload,
-    max_epochs)."""
+    precision, max_epochs)."""
 
     network_cls: type[SamSegmenter]
     scores_volumes = True  # uncertainty and embedding scores come from these models
@@ -58,7 +58,17 @@ class SamSegmentationConfig(TaskConfig):
         )
 
     def infer(self) -> SliceSegmentation:
-        return SliceSegmentation(self.model, device=self.device, preload=strtobool(self.conf.get("preload", "false")))
+        precision = inference_precision(self.conf.get("precision", "auto"), self.device)
+        # On the 2-core CPU, 8 slices per forward ran vit_b 1.8x slower per slice than 2 (cache-bound attention);
+        # a GPU needs the larger batches to fill (docs/benchmarks.md).
+        batch_size = 8 if self.device.startswith("cuda") else 2
+        return SliceSegmentation(
+            self.model,
+            device=self.device,
+            batch_size=batch_size,
+            preload=strtobool(self.conf.get("preload", "false")),
+            precision=precision,
+        )
 
     def trainer(self) -> LoraTrainer:
         config = {"device": self.device}

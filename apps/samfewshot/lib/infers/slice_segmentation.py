@@ -15,7 +15,7 @@ from monailabel.transform.writer import Writer
 from monailabel.utils.others.generic import strtobool
 
 from lib.infers.resident import ResidentModelInfer
-from lib.model import SegmentationModel
+from lib.model import SegmentationModel, autocast
 from lib.scoring.uncertainty import normalised_entropy, tta_probabilities
 from lib.transforms import inference_transforms
 from lib.transforms.prompts import batch_prompts, slice_prompts
@@ -26,9 +26,16 @@ class SliceSegmentation(ResidentModelInfer):
     back to the input's geometry and orientation -> arg-max label. The result JSON carries ``label_names``."""
 
     def __init__(
-        self, model: SegmentationModel, device: str = "cpu", batch_size: int = 8, description: str = "", preload: bool = False
+        self,
+        model: SegmentationModel,
+        device: str = "cpu",
+        batch_size: int = 8,
+        description: str = "",
+        preload: bool = False,
+        precision: str = "fp32",
     ):
         self.batch_size = batch_size
+        self.precision = precision
         # The same transform instances must run forwards and be inverted (MONAI matches them by identity).
         self._pre = inference_transforms(model.img_size, model.modality)
         super().__init__(
@@ -38,7 +45,7 @@ class SliceSegmentation(ResidentModelInfer):
             labels=model.labels,
             dimension=3,
             description=description or f"{model.name} ({model.backbone}) segmentation of axial slices",
-            config={"device": device, "batch_size": batch_size, "modality": model.modality},
+            config={"device": device, "batch_size": batch_size, "modality": model.modality, "precision": precision},
         )
 
     def pre_transforms(self, data=None) -> list:
@@ -65,7 +72,19 @@ class SliceSegmentation(ResidentModelInfer):
 
     def run_inferer(self, data: dict[str, Any], convert_to_batch=True, device="cuda"):
         """Prompt-free slices through the SliceInferer, then the slices a client prompted (``foreground``,
-        ``background`` points or an ``roi``) again with the prompts through SAM's prompt encoder."""
+        ``background`` points or an ``roi``) again with the prompts through SAM's prompt encoder.
+
+        With ``precision`` bf16 the network runs under autocast (the bound against fp32 is in docs/benchmarks.md and
+        tests/unit/test_precision.py); logits are handed on as fp32.
+        """
+        with autocast(self.precision, device):
+            data = self._run(data, convert_to_batch, device)
+        data["pred"] = data["pred"].float()
+        if data.get("uncertainty") is not None:
+            data["uncertainty"] = data["uncertainty"].float()
+        return data
+
+    def _run(self, data: dict[str, Any], convert_to_batch, device) -> dict[str, Any]:
         data = super().run_inferer(data, convert_to_batch, device)
         try:
             prompted = slice_prompts(data["image"], data)
@@ -77,7 +96,7 @@ class SliceSegmentation(ResidentModelInfer):
             with torch.no_grad():
                 for k, prompts in prompted.items():
                     logits = network(image[None, ..., k], batch_prompts(prompts, device))
-                    data["pred"][..., k] = logits[0].to(data["pred"].device)
+                    data["pred"][..., k] = logits[0].to(data["pred"].device, data["pred"].dtype)
             data["prompted_slices"] = sorted(prompted)
         if strtobool(data.get("uncertainty", False)):
             data["uncertainty"] = self._uncertainty_map(data, device)

@@ -1,0 +1,45 @@
+"""The bf16 inference path against fp32 on the tiny models: the bound docs/benchmarks.md states.
+
+Bound: relative L2 error of the logits <= 5 %, and the arg-max label of >= 98 % of the pixels unchanged.
+"""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from lib.model import autocast, inference_precision
+from lib.networks.hf_sam import HFSam
+from lib.networks.masg_sam import MASGSam
+from lib.networks.sam_segmenter import build_segmenter
+
+MAX_RELATIVE_ERROR = 0.05
+MIN_LABEL_AGREEMENT = 0.98
+
+
+@pytest.mark.parametrize("model_cls", [HFSam, MASGSam])
+def test_bf16_logits_match_fp32_within_the_bound(model_cls, sample_data):
+    kwargs = {"class_text": torch.randn(3, 64)} if model_cls is MASGSam else {}
+    network = build_segmenter(model_cls, "tiny", 3, 4, None, **kwargs).eval()
+    volume = np.asarray(nib.load(str(sample_data / "brain-mri" / "brain_003.nii.gz")).dataobj, dtype=np.float32)
+    slices = torch.from_numpy(volume[..., 40:100:15]).permute(2, 0, 1)[:, None]  # 4 axial slices through the brain
+    slices = F.interpolate(slices / slices.amax(), size=(256, 256), mode="bilinear")
+    with torch.no_grad():
+        reference = network(slices)
+        with autocast("bf16", "cpu"):
+            fast = network(slices)
+    assert fast.dtype == torch.bfloat16  # the fast path really ran in bf16
+    fast = fast.float()
+    relative_error = float((fast - reference).norm() / reference.norm())
+    agreement = float((fast.argmax(1) == reference.argmax(1)).float().mean())
+    print(f"{model_cls.__name__}: relative error {relative_error:.4f}, label agreement {agreement:.4f}")
+    assert relative_error <= MAX_RELATIVE_ERROR and agreement >= MIN_LABEL_AGREEMENT
+
+
+def test_precision_choice():
+    assert inference_precision("fp32", "cpu") == "fp32" and inference_precision("bf16", "cpu") == "bf16"
+    assert inference_precision("auto", "cpu") in ("fp32", "bf16")
+    with pytest.raises(ValueError, match="valid values are auto, fp32, bf16"):
+        inference_precision("fp8", "cpu")
