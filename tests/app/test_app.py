@@ -149,3 +149,28 @@ def test_bad_conf_is_a_clear_start_up_error(app_dir, studies, conf, message):
 
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
         SamFewShotApp(str(app_dir), str(studies), {"backbone": "tiny", **conf})
+
+
+def test_slices_without_content_are_background_without_a_forward_pass(client, studies, tmp_path):
+    from monailabel.interfaces.utils.app import app_instance
+
+    # brain_003 with 20 slices of air added above and below
+    img = nib.load(str(studies / "brain_003.nii.gz"))
+    data = np.asarray(img.dataobj)
+    padded = np.concatenate([np.zeros_like(data[..., :20]), data, np.zeros_like(data[..., :20])], axis=-1)
+    shifted = img.affine.copy()
+    shifted[:3, 3] -= shifted[:3, 2] * 20
+    nib.save(nib.Nifti1Image(padded, shifted), str(studies / "padded.nii.gz"))
+
+    network, _ = app_instance().models["hf_sam"].model.resident("cpu")
+    seen = []
+    hook = network.register_forward_hook(lambda module, args, output: seen.append(args[0].shape[0]))
+    try:
+        label, result = _infer(client, "padded", {})
+    finally:
+        hook.remove()
+    assert result["skipped_slices"] >= 40
+    assert sum(seen) == padded.shape[-1] - result["skipped_slices"]  # the network saw only the slab with content
+    pred = _as_array(label, tmp_path, "padded_label.nii.gz")
+    assert pred.shape == padded.shape
+    assert not pred[..., :20].any() and not pred[..., -20:].any()

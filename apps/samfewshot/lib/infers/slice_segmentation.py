@@ -17,8 +17,12 @@ from monailabel.utils.others.generic import strtobool
 from lib.infers.resident import ResidentModelInfer
 from lib.model import SegmentationModel, autocast
 from lib.scoring.uncertainty import normalised_entropy, tta_probabilities
-from lib.transforms import inference_transforms
+from lib.transforms import content_slices, inference_transforms
 from lib.transforms.prompts import batch_prompts, slice_prompts
+
+
+# Logit margin of background over every class on slices without content: softmax gives background with certainty.
+BACKGROUND_LOGIT_GAP = 1e4
 
 
 class SliceSegmentation(ResidentModelInfer):
@@ -85,7 +89,7 @@ class SliceSegmentation(ResidentModelInfer):
         return data
 
     def _run(self, data: dict[str, Any], convert_to_batch, device) -> dict[str, Any]:
-        data = super().run_inferer(data, convert_to_batch, device)
+        data = self._segment_content(data, convert_to_batch, device)
         try:
             prompted = slice_prompts(data["image"], data)
         except ValueError as e:
@@ -102,6 +106,24 @@ class SliceSegmentation(ResidentModelInfer):
             data["uncertainty"] = self._uncertainty_map(data, device)
         return data
 
+    def _segment_content(self, data: dict[str, Any], convert_to_batch, device) -> dict[str, Any]:
+        """Run the network on the slab of slices that hold content (``content_slices``) only; slices of air or
+        padding above and below it are background without a forward pass."""
+        image = data["image"]
+        content = torch.nonzero(content_slices(image.as_tensor())).flatten()
+        if len(content) == 0 or (content[0] == 0 and content[-1] == image.shape[-1] - 1):
+            return super().run_inferer(data, convert_to_batch, device)
+        first, last = int(content[0]), int(content[-1]) + 1
+        data["image"] = image[..., first:last]
+        data = super().run_inferer(data, convert_to_batch, device)
+        slab = torch.as_tensor(data["pred"])
+        pred = torch.full((slab.shape[0], *image.shape[1:]), -BACKGROUND_LOGIT_GAP, dtype=slab.dtype, device=slab.device)
+        pred[0] = 0.0
+        pred[..., first:last] = slab
+        data["image"], data["pred"] = image, MetaTensor(pred, meta=image.meta)
+        data["skipped_slices"] = int(image.shape[-1] - (last - first))
+        return data
+
     def _uncertainty_map(self, data: dict[str, Any], device) -> MetaTensor:
         """(1, S, S, D) normalised entropy of the flip-averaged softmax, per voxel, with the image's geometry."""
         network = self._get_network(device, data)
@@ -114,6 +136,7 @@ class SliceSegmentation(ResidentModelInfer):
         result_file, result_json = super().writer(data, extension, dtype)
         if data.get("prompted_slices"):
             result_json["prompted_slices"] = data["prompted_slices"]
+        result_json["skipped_slices"] = data.get("skipped_slices", 0)
         if data.get("uncertainty") is not None:
             # Stored by the app as a datastore label with tag "uncertainty"; 255 = maximal entropy (log K).
             uncertainty = data["uncertainty"]

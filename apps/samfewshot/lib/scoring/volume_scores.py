@@ -22,7 +22,7 @@ from monailabel.interfaces.tasks.scoring import ScoringMethod
 from lib.model import SegmentationModel
 from lib.networks.sam_backbone import encode_with_taps
 from lib.scoring.uncertainty import foreground_uncertainty, tta_probabilities
-from lib.transforms import volume_transforms
+from lib.transforms import content_slices, volume_transforms
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +30,7 @@ logger = logging.getLogger(__name__)
 def body_slices(model: SegmentationModel, image_path: str, max_slices: int) -> torch.Tensor:
     """(N, 1, S, S) normalised axial slices of the volume, evenly spread over the non-empty ones."""
     volume = Compose(volume_transforms(model.img_size, model.modality))({"image": image_path})["image"].as_tensor()
-    content = volume[0].flatten(0, 1).amax(0)  # (D,) brightest voxel per slice, intensities in [0, 1]
-    indexes = torch.nonzero(content > 0.05).flatten()
+    indexes = torch.nonzero(content_slices(volume)).flatten()
     if len(indexes) == 0:
         indexes = torch.arange(volume.shape[-1])
     chosen = indexes[np.linspace(0, len(indexes) - 1, min(max_slices, len(indexes))).round().astype(int)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
+import torch
 from monai.transforms import (
     EnsureChannelFirstd,
     EnsureTyped,
@@ -93,3 +94,9 @@ def training_slice_transforms(
         ),
         EnsureTyped(keys=keys, dtype=[np.float32, np.int64]),
     ]
+
+
+def content_slices(volume: torch.Tensor, threshold: float = 0.05) -> torch.Tensor:
+    """(1, S, S, D) intensities normalised to [0, 1] -> (D,) bool: axial slices holding anything brighter than
+    ``threshold`` (the body or the field of view, not the air or padding around it)."""
+    return volume[0].flatten(0, 1).amax(0) > threshold
