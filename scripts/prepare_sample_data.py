@@ -200,7 +200,7 @@ def write_json(obj, path: Path) -> None:
 
 
 def existing_manifest(layout: Layout, output_dir: Path, params: dict) -> dict | None:
-    """The manifest of a complete previous run with the same parameters, else None."""
+    """The manifest of a complete previous run with the same parameters (said on stdout), else None."""
     try:
         manifest = json.loads((output_dir / layout.groundtruth / "manifest.json").read_text())
     except (OSError, ValueError):
@@ -210,6 +210,8 @@ def existing_manifest(layout: Layout, output_dir: Path, params: dict) -> dict | 
     # Extra files (e.g. labels saved later through MONAI Label) are fine; missing ones are not.
     if not all(p.is_file() for p in layout.expected_files(output_dir, params["count"], params["labelled"])):
         return None
+    where, seed, count = output_dir / layout.datastore, params["seed"], params["count"]
+    print(f"[sample-data] {where} is complete (seed {seed}, {count} volumes); skipping")
     return manifest
 
 
@@ -289,11 +291,9 @@ def generate(
         "labelled": int(labelled),
         "spacing_mm": float(spacing),
     }
-    if skip_existing:
-        manifest = existing_manifest(BRAIN, output_dir, params)
-        if manifest is not None:
-            print(f"[sample-data] {output_dir / BRAIN.datastore} is complete (seed {seed}, {count} volumes); skipping")
-            return manifest
+    manifest = existing_manifest(BRAIN, output_dir, params) if skip_existing else None
+    if manifest is not None:
+        return manifest
 
     start = time.perf_counter()
     import monai
@@ -515,11 +515,9 @@ def generate_em(
         "shape": [int(s) for s in shape],
         "spacing_nm": list(EM_SPACING_NM),
     }
-    if skip_existing:
-        manifest = existing_manifest(EM, output_dir, params)
-        if manifest is not None:
-            print(f"[sample-data] {output_dir / EM.datastore} is complete (seed {seed}, {count} volumes); skipping")
-            return manifest
+    manifest = existing_manifest(EM, output_dir, params) if skip_existing else None
+    if manifest is not None:
+        return manifest
 
     start = time.perf_counter()
     from tqdm import tqdm

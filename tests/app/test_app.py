@@ -7,23 +7,6 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
-
-
-@pytest.fixture
-def client(app_dir, studies):
-    from monailabel.config import settings
-    from monailabel.interfaces.utils.app import clear_cache
-
-    settings.MONAI_LABEL_APP_DIR = str(app_dir)
-    settings.MONAI_LABEL_STUDIES = str(studies)
-    settings.MONAI_LABEL_APP_CONF = {"models": "hf_sam,masg_sam", "backbone": "tiny", "auto_scoring": "false"}
-    clear_cache()
-    from monailabel.app import app
-
-    with TestClient(app) as c:
-        yield c
-    clear_cache()
 
 
 MODELS = ["hf_sam", "masg_sam"]

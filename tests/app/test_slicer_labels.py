@@ -14,7 +14,6 @@ import nrrd
 import numpy as np
 import pytest
 import torch
-from fastapi.testclient import TestClient
 
 MODEL_LABELS = {"white matter": 1, "grey matter": 2}
 # Slicer numbers segments in the order they were created: here grey matter first.
@@ -60,19 +59,8 @@ def write_seg_nrrd(path: Path, labels: np.ndarray, affine: np.ndarray) -> Path:
 
 
 @pytest.fixture
-def client(app_dir, studies):
-    from monailabel.config import settings
-    from monailabel.interfaces.utils.app import clear_cache
-
-    settings.MONAI_LABEL_APP_DIR = str(app_dir)
-    settings.MONAI_LABEL_STUDIES = str(studies)
-    settings.MONAI_LABEL_APP_CONF = {"models": "hf_sam", "backbone": "tiny", "auto_scoring": "false"}
-    clear_cache()
-    from monailabel.app import app
-
-    with TestClient(app) as c:
-        yield c
-    clear_cache()
+def client_conf() -> dict:
+    return {"models": "hf_sam", "backbone": "tiny", "auto_scoring": "false"}
 
 
 @pytest.mark.parametrize("fmt", ["seg.nrrd", "nii.gz", "seg.nrrd without label_info"])

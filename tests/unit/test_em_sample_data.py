@@ -1,8 +1,6 @@
 """Tests for the EM part of scripts/prepare_sample_data.py on small volumes (2 volumes of 96 x 96 x 10 voxels)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -10,28 +8,10 @@ import pytest
 from scipy.ndimage import binary_dilation
 from skimage.measure import label as connected_components
 from skimage.segmentation import find_boundaries
+from test_sample_data import _arrays, _mtimes, psd
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "prepare_sample_data.py"
 SMALL = {"count": 2, "labelled": 1, "shape": (96, 96, 10)}
 NAMES = ["em_000.nii.gz", "em_001.nii.gz"]
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("prepare_sample_data", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-psd = _load_script()
-
-
-def _arrays(root: Path) -> dict:
-    return {str(p.relative_to(root)): np.asarray(nib.load(p).dataobj) for p in sorted(root.rglob("*.nii.gz"))}
-
-
-def _mtimes(root: Path) -> dict:
-    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def _in_plane_boundaries(labels: np.ndarray) -> np.ndarray:

@@ -126,7 +126,7 @@ def test_official_sam2_checkpoint_loads_through_the_loader(tmp_path):
     assert all(torch.equal(v, reference[k]) for k, v in encoder.state_dict().items())
     assert (tmp_path / "sam2.1_hiera_tiny.pt.sha256").exists()  # hash pinned on first use
 
-    with pytest.raises(CheckpointError, match="holds a hiera_t Hiera .* variant is hiera_s.*sam2_variant hiera_t"):
+    with pytest.raises(CheckpointError, match="holds a hiera_t Hiera .* sam2_variant is hiera_s.*--conf sam2_variant hiera_t"):
         load_sam2_encoder(build_sam2_image_encoder(HIERA_VARIANTS["hiera_s"]), str(path), HIERA_VARIANTS["hiera_s"])
     with pytest.raises(CheckpointError, match="expected 0+"):
         load_sam2_encoder(encoder, str(path), HIERA_VARIANTS["hiera_t"], sha256="0" * 64)

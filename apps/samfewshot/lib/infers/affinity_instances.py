@@ -5,14 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import torch
 from fastapi import HTTPException
 from monai.data import MetaTensor
 from monai.inferers import Inferer, SlidingWindowInferer
 from monai.transforms import Activationsd
-from monailabel.interfaces.tasks.infer_v2 import InferType
 from scipy import ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
@@ -141,9 +139,6 @@ class AffinityInstances(ResidentModelInfer):
         super().__init__(
             model,
             preload=preload,
-            type=InferType.SEGMENTATION,
-            labels=model.labels,
-            dimension=3,
             description=description or f"{model.name} ({model.backbone}) neuron instances from 3D affinities",
             config={
                 "device": device,
@@ -180,22 +175,5 @@ class AffinityInstances(ResidentModelInfer):
     def writer(self, data: dict[str, Any], extension=None, dtype=None):
         result_file, result_json = super().writer(data, extension, dtype)
         result_json["instances"] = data.get("instances", 0)
-        keep_spatial_units(data.get("image_path"), result_file)
         return result_file, result_json
 
-
-def keep_spatial_units(image_path: str | None, label_path: str | None) -> None:
-    """Give a NIfTI label the spatial units of its NIfTI image. EM volumes are often stored in microns; the label
-    writer assumes mm, and a viewer that honours the units would otherwise scale the label 1000x off the image."""
-    nifti = (".nii", ".nii.gz")
-    if not (isinstance(image_path, str) and isinstance(label_path, str)):
-        return
-    if not (image_path.endswith(nifti) and label_path.endswith(nifti)):
-        return
-    units = nib.load(image_path).header.get_xyzt_units()[0]
-    label = nib.load(label_path)
-    if units in ("unknown", label.header.get_xyzt_units()[0]):
-        return
-    label = nib.Nifti1Image(np.asarray(label.dataobj), label.affine, label.header)
-    label.header.set_xyzt_units(xyz=units)
-    nib.save(label, label_path)

@@ -6,7 +6,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import nibabel as nib
+import numpy as np
 from fastapi import HTTPException
+from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from lib.model import SegmentationModel
@@ -17,9 +20,13 @@ logger = logging.getLogger(__name__)
 
 
 class ResidentModelInfer(BasicInferTask):
+    """A 3D segmentation task on ``model``'s resident network; subclasses add description and config."""
+
     def __init__(self, model: SegmentationModel, *, preload: bool = False, **kwargs):
         self.model = model
-        super().__init__(path=model.adapter_path, network=None, **kwargs)
+        super().__init__(
+            path=model.adapter_path, network=None, type=InferType.SEGMENTATION, labels=model.labels, dimension=3, **kwargs
+        )
         if preload:
             try:
                 self.model.resident(self._config["device"])
@@ -49,4 +56,22 @@ class ResidentModelInfer(BasicInferTask):
     def writer(self, data: dict[str, Any], extension=None, dtype=None):
         result_file, result_json = super().writer(data, extension, dtype)
         result_json["adapter_version"] = data.get("adapter_version", 0)
+        keep_spatial_units(data.get("image_path"), result_file)
         return result_file, result_json
+
+
+def keep_spatial_units(image_path: str | None, label_path: str | None) -> None:
+    """Give a NIfTI label the spatial units of its NIfTI image. EM and microscopy volumes are often stored in microns;
+    MONAI Label's label writer assumes mm, and a viewer that honours the units would put the label 1000x off."""
+    nifti = (".nii", ".nii.gz")
+    if not (isinstance(image_path, str) and isinstance(label_path, str)):
+        return
+    if not (image_path.endswith(nifti) and label_path.endswith(nifti)):
+        return
+    units = nib.load(image_path).header.get_xyzt_units()[0]
+    label = nib.load(label_path)
+    if units in ("unknown", label.header.get_xyzt_units()[0]):
+        return
+    label = nib.Nifti1Image(np.asarray(label.dataobj), label.affine, label.header)
+    label.header.set_xyzt_units(xyz=units)
+    nib.save(label, label_path)

@@ -10,7 +10,6 @@ from fastapi import HTTPException
 from monai.inferers import Inferer, SliceInferer
 from monai.data import MetaTensor
 from monai.transforms import Activationsd, AsDiscreted, CastToTyped, Compose, Invertd, Lambdad, SqueezeDimd
-from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.transform.writer import Writer
 from monailabel.utils.others.generic import strtobool
 
@@ -45,9 +44,6 @@ class SliceSegmentation(ResidentModelInfer):
         super().__init__(
             model,
             preload=preload,
-            type=InferType.SEGMENTATION,
-            labels=model.labels,
-            dimension=3,
             description=description or f"{model.name} ({model.backbone}) segmentation of axial slices",
             config={"device": device, "batch_size": batch_size, "modality": model.modality, "precision": precision},
         )

@@ -19,7 +19,7 @@ from sam2.modeling.backbones.image_encoder import FpnNeck, ImageEncoder
 from sam2.modeling.position_encoding import PositionEmbeddingSine
 from torch import nn
 
-from .sam_backbone import CheckpointError, OfficialCheckpoint, sha256_of
+from .sam_backbone import CheckpointError, OfficialCheckpoint, require_geometry, sha256_of
 
 logger = logging.getLogger(__name__)
 
@@ -143,14 +143,10 @@ def load_sam2_encoder_state(path: str, spec: HieraSpec, sha256: str | None = Non
     state = payload.get("model", payload) if isinstance(payload, dict) else None
     if not isinstance(state, dict):
         raise CheckpointError(f"'{path}' does not hold a SAM2 state dict")
-    embed_dim, depth = _trunk_geometry(state)
-    if (embed_dim, depth) != (spec.embed_dim, spec.depth):
-        found = next((n for n, s in HIERA_VARIANTS.items() if (s.embed_dim, s.depth) == (embed_dim, depth)), "unknown")
-        raise CheckpointError(
-            f"'{path}' holds a {found} Hiera (embed_dim {embed_dim}, depth {depth}) but the SAM2 variant is {spec.name} "
-            f"(embed_dim {spec.embed_dim}, depth {spec.depth}); set --conf sam2_variant {found} or point "
-            f"--conf sam2_checkpoint at a {spec.name} file"
-        )
+    try:
+        require_geometry(*_trunk_geometry(state), spec, HIERA_VARIANTS, "Hiera", "sam2_variant", "sam2_checkpoint")
+    except CheckpointError as e:
+        raise CheckpointError(f"'{path}': {e}") from e
     prefix = "image_encoder."
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 

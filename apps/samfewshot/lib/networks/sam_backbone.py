@@ -165,6 +165,21 @@ def encode_with_taps(
     return encoder.neck(x.permute(0, 3, 1, 2)), taps
 
 
+def require_geometry(
+    embed_dim: int, depth: int, spec, variants: dict, kind: str, variant_key: str, checkpoint_key: str
+) -> None:
+    """A checkpoint's encoder (``embed_dim``, ``depth``) must be ``spec``'s; else an error naming the variant it
+    holds (looked up in ``variants``) and the ``--conf`` keys that fix it."""
+    if (embed_dim, depth) == (spec.embed_dim, spec.depth):
+        return
+    found = next((n for n, v in variants.items() if (v.embed_dim, v.depth) == (embed_dim, depth)), "unknown")
+    raise CheckpointError(
+        f"checkpoint holds a {found} {kind} (embed_dim {embed_dim}, depth {depth}) but the {variant_key} is "
+        f"{spec.name} (embed_dim {spec.embed_dim}, depth {spec.depth}); set --conf {variant_key} {found} or point "
+        f"--conf {checkpoint_key} at a {spec.name} file"
+    )
+
+
 def sha256_of(path: str, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -196,14 +211,7 @@ def adapt_official_state(state: dict[str, torch.Tensor], spec: SamEncoderSpec) -
     Resizes ``pos_embed`` (1, 64, 64, C) -> (1, S/16, S/16, C) and the relative position tables of the
     global-attention blocks (127 -> 2*S/16-1 rows); windowed blocks keep their 14x14 tables.
     """
-    embed_dim, depth = _official_spec_of(state)
-    if (embed_dim, depth) != (spec.embed_dim, spec.depth):
-        found = next((n for n, s in SAM_ENCODERS.items() if (s.embed_dim, s.depth) == (embed_dim, depth)), "unknown")
-        raise CheckpointError(
-            f"checkpoint holds a {found} image encoder (embed_dim {embed_dim}, depth {depth}) but the backbone is "
-            f"{spec.name} (embed_dim {spec.embed_dim}, depth {spec.depth}); set --conf backbone {found} or point "
-            f"--conf sam_checkpoint at a {spec.name} file"
-        )
+    require_geometry(*_official_spec_of(state), spec, SAM_ENCODERS, "image encoder", "backbone", "sam_checkpoint")
     out = dict(state)
     e = spec.embedding_size
     pos = state["image_encoder.pos_embed"]
