@@ -5,6 +5,9 @@
 # extension), then everything else; otherwise pip builds sam2 against a second torch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# One set-up at a time: a second caller (another terminal, a parallel test run) waits, then finds it done.
+exec 9>.setup.lock
+flock 9
 
 # Orthanc with DICOMweb (the PACS of the DICOM tests and of scripts/orthanc.sh) and Chromium with its driver
 # (the OHIF browser test) come from Debian. Without root they are left to the administrator and those tests skip.
