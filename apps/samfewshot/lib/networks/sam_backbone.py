@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
 from torch import nn
 
+from .sam_attention import use_sdpa_attention
+
 logger = logging.getLogger(__name__)
 
 OFFICIAL_IMG_SIZE = 1024
@@ -103,8 +105,8 @@ def get_encoder_spec(backbone: str) -> SamEncoderSpec:
 
 
 def build_image_encoder(spec: SamEncoderSpec) -> ImageEncoderViT:
-    """ViT encoder: (B, 3, S, S) in -> (B, prompt_dim, S/16, S/16) out."""
-    return ImageEncoderViT(
+    """ViT encoder with fused (SDPA) attention: (B, 3, S, S) in -> (B, prompt_dim, S/16, S/16) out."""
+    encoder = ImageEncoderViT(
         img_size=spec.img_size,
         patch_size=spec.patch_size,
         embed_dim=spec.embed_dim,
@@ -118,6 +120,7 @@ def build_image_encoder(spec: SamEncoderSpec) -> ImageEncoderViT:
         window_size=spec.window_size,
         global_attn_indexes=spec.global_attn_indexes,
     )
+    return use_sdpa_attention(encoder)
 
 
 def build_prompt_encoder(spec: SamEncoderSpec) -> PromptEncoder:
