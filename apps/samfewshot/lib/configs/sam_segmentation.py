@@ -21,7 +21,7 @@ DEFAULT_LABELS = {"white matter": 1, "grey matter": 2}
 
 class SamSegmentationConfig(TaskConfig):
     """Reads the shared ``--conf`` keys (backbone, sam_checkpoint, labels, lora_rank, modality, device, preload,
-    precision, max_epochs)."""
+    precision, embedding_cache_mb, max_epochs)."""
 
     network_cls: type[SamSegmenter]
     scores_volumes = True  # uncertainty and embedding scores come from these models
@@ -68,6 +68,7 @@ class SamSegmentationConfig(TaskConfig):
             batch_size=batch_size,
             preload=strtobool(self.conf.get("preload", "false")),
             precision=precision,
+            embedding_cache_mb=int(self.conf.get("embedding_cache_mb", 1024)),
         )
 
     def trainer(self) -> LoraTrainer:

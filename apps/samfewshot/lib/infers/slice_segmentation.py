@@ -13,6 +13,7 @@ from monai.transforms import Activationsd, AsDiscreted, CastToTyped, Compose, In
 from monailabel.transform.writer import Writer
 from monailabel.utils.others.generic import strtobool
 
+from lib.infers.embedding_cache import CachedEncoding, EmbeddingCache
 from lib.infers.resident import ResidentModelInfer
 from lib.model import SegmentationModel, autocast
 from lib.scoring.uncertainty import normalised_entropy, tta_probabilities
@@ -36,9 +37,11 @@ class SliceSegmentation(ResidentModelInfer):
         description: str = "",
         preload: bool = False,
         precision: str = "fp32",
+        embedding_cache_mb: int = 0,
     ):
         self.batch_size = batch_size
         self.precision = precision
+        self.embeddings = EmbeddingCache(embedding_cache_mb << 20)
         # The same transform instances must run forwards and be inverted (MONAI matches them by identity).
         self._pre = inference_transforms(model.img_size, model.modality)
         super().__init__(
@@ -47,6 +50,14 @@ class SliceSegmentation(ResidentModelInfer):
             description=description or f"{model.name} ({model.backbone}) segmentation of axial slices",
             config={"device": device, "batch_size": batch_size, "modality": model.modality, "precision": precision},
         )
+
+    def _get_network(self, device, data):
+        """The resident network, reading image embeddings of slices seen before with the same adapter from the
+        cache (``embedding_cache_mb``; 0 turns it off)."""
+        network = super()._get_network(device, data)
+        if not self.embeddings.max_bytes or data is None:
+            return network
+        return CachedEncoding(network, self.embeddings, (str(device), data["adapter_version"], self.precision))
 
     def pre_transforms(self, data=None) -> list:
         return self._pre

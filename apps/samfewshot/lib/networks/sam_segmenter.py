@@ -10,6 +10,7 @@ transformer), ``class_tokens`` (the mask tokens), ``fuse_after`` (image tokens a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -118,15 +119,27 @@ class SamSegmenter(nn.Module):
         """Loss of the last training forward; logits (B, K, H, W), label (B, 1, H, W) class ids."""
         return self.segmentation_loss(logits, label)
 
-    def forward(self, image: torch.Tensor, prompts: Prompts | None = None) -> torch.Tensor:
+    def encode(self, image: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Everything that depends on the image alone: (B, 3, S, S) model input -> image embedding (B, C, h, w)
+        and projected taps [(B, C, h, w)]. Prompts only enter after it, so a caller may reuse its result."""
+        embedding, taps = encode_with_taps(self.image_encoder, image, self.tap_indexes)
+        return embedding, self.project_taps(taps)
+
+    def forward(
+        self,
+        image: torch.Tensor,
+        prompts: Prompts | None = None,
+        encode: Callable[[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]] | None = None,
+    ) -> torch.Tensor:
+        """``encode`` replaces ``self.encode`` (e.g. by a lookup of embeddings computed before)."""
         size = image.shape[-2:]
         if image.shape[1] == 1:
             image = image.expand(-1, 3, -1, -1)
         model_size = (self.spec.img_size, self.spec.img_size)
         if tuple(size) != model_size:
             image = F.interpolate(image, size=model_size, mode="bilinear", align_corners=False)
-        embedding, taps = encode_with_taps(self.image_encoder, image, self.tap_indexes)
-        features = SliceFeatures(image=image, taps=self.project_taps(taps))
+        embedding, taps = (encode or self.encode)(image)
+        features = SliceFeatures(image=image, taps=taps)
         masks = self.decode(self.fuse_before(embedding, features), features, prompts)
         return F.interpolate(masks, size=size, mode="bilinear", align_corners=False)
 

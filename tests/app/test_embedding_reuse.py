@@ -1,0 +1,35 @@
+"""Re-inference reuses image embeddings: the same label with the encoder skipped, prompts decoded on the cached
+embeddings, and a newly published adapter never served an embedding of the previous one."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+
+
+def label_of(result) -> np.ndarray:
+    return np.asarray(nib.load(result["label"]).dataobj)
+
+
+def test_reinference_reuses_embeddings_until_the_adapter_changes(app_dir, studies):
+    from main import SamFewShotApp
+
+    app = SamFewShotApp(str(app_dir), str(studies), {"models": "hf_sam", "backbone": "tiny", "auto_scoring": "false"})
+    cache = app._infers["hf_sam"].embeddings
+    request = {"model": "hf_sam", "image": "brain_002", "device": "cpu"}
+
+    first = app.infer(request)
+    encoded = cache.misses
+    assert encoded > 0 and cache.hits == 0 and len(cache) == encoded
+
+    # Same volume and adapter, now with a point prompt: every slice comes from the cache, the prompted slice too.
+    prompted = app.infer({**request, "foreground": [[60, 70, 62]]})
+    assert cache.misses == encoded and cache.hits == encoded + 1
+    assert prompted["params"]["prompted_slices"] == [62]
+    again = app.infer(request)
+    assert np.array_equal(label_of(again), label_of(first))
+
+    app.train({"model": "hf_sam", "max_epochs": 1, "device": "cpu"})
+    retrained = app.infer(request)
+    assert retrained["params"]["adapter_version"] == 1
+    assert cache.misses == 2 * encoded  # every slice encoded again by the new adapter
