@@ -94,6 +94,15 @@ class SegmentationModel:
     _version_stamp: tuple | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable for the processes of a multi-process training run: without the resident networks and lock."""
+        state = dict(self.__dict__)
+        state.update(_resident={}, _lock=None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _lock=threading.Lock())
+
     @property
     def num_classes(self) -> int:
         return len(self.labels) + 1

@@ -5,6 +5,12 @@ The train/val split is persisted so a volume that was ever trained on never beco
 run resumes from the published adapter and publishes its best adapter (by validation Dice, or the last one
 when there is no validation volume) atomically at the end, as a new numbered version. No full-model
 checkpoints are written: the frozen backbone never leaves the base weights.
+
+Scale-out runs through MONAI Label's ``multi_gpu`` request: one process per GPU (``gpus`` "all" or "0,1,..."),
+torch DDP, NCCL; with ``device`` cpu the same path runs ``len(gpus)`` processes over gloo. Each process trains on
+its share of the volumes with ``train_batch_size`` per process, so the effective batch is processes x
+``train_batch_size``; ``lr`` is used as given (not scaled with the process count) and the schedule counts the
+steps of one process.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import json
 import logging
 import math
 import os
+import socket
 from functools import partial
 from typing import Any
 
@@ -26,6 +33,7 @@ from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.tasks.train.basic_train import BasicTrainTask, Context
+from monailabel.utils.others.generic import strtobool
 
 from lib.model import SegmentationModel
 from lib.networks.lora import AdapterError, adapter_state_dict, publish_adapter
@@ -44,6 +52,17 @@ def warmup_poly(total_steps: int, warmup_steps: int, power: float = 0.9):
         return max(0.0, 1.0 - progress) ** power
 
     return factor
+
+
+def unwrap(network: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DistributedDataParallel (its parameter names have no 'module.' prefix)."""
+    return getattr(network, "module", network)
+
+
+def free_loopback_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class LoraTrainer(BasicTrainTask):
@@ -89,7 +108,43 @@ class LoraTrainer(BasicTrainTask):
             labels=model.labels,
             disable_meta_tracking=True,
             tracking=None,
+            # The prompt encoder's point and box embeddings get no gradient from a batch without prompts.
+            find_unused_parameters=True,
         )
+
+    def __call__(self, request, datastore: Datastore):
+        """MONAI Label's run; a ``multi_gpu`` request gets a process-group backend for its device (NCCL on CUDA,
+        gloo on CPU) and a rendezvous on a free loopback port unless it names its own."""
+        request = dict(request)
+        multi = request.get("multi_gpu", self._config["multi_gpu"])
+        request["multi_gpu"] = multi if isinstance(multi, bool) else strtobool(str(multi))
+        if request["multi_gpu"]:
+            cuda = str(request.get("device", self._config["device"])).startswith("cuda")
+            request.setdefault("distributed_backend", "nccl" if cuda else "gloo")
+            request.setdefault("distributed_url", f"tcp://127.0.0.1:{free_loopback_port()}")
+        return super().__call__(request, datastore)
+
+    def _device(self, context: Context):
+        if context.multi_gpu and not str(context.request["device"]).startswith("cuda"):
+            return torch.device("cpu")
+        return super()._device(context)
+
+    def _create_network_and_optimizer(self, context: Context):
+        network = self.network(context).to(context.device)
+        context.network = network
+        optimizer = self.optimizer(context)
+        if context.multi_gpu:
+            ids = [context.device.index] if context.device.type == "cuda" else None
+            network = torch.nn.parallel.DistributedDataParallel(
+                network, device_ids=ids, output_device=ids and ids[0], find_unused_parameters=self._find_unused_parameters
+            )
+        return network, optimizer
+
+    def process_share(self, context: Context, count: int) -> int:
+        """How many of ``count`` volumes one process trains on (MONAI Label splits only when each gets one)."""
+        if context.multi_gpu and count // context.world_size:
+            return math.ceil(count / context.world_size)
+        return count
 
     # ---- data -------------------------------------------------------------------------------------------
     def pre_process(self, request, datastore: Datastore):
@@ -177,11 +232,10 @@ class LoraTrainer(BasicTrainTask):
 
     def loss_function(self, context: Context):
         # The network owns its loss: 0.1*CE + 0.9*Dice, plus whatever auxiliary terms the model has.
-        network = getattr(context.network, "module", context.network)  # unwrap DistributedDataParallel
-        return network.training_loss
+        return unwrap(context.network).training_loss
 
     def lr_scheduler_handler(self, context: Context):
-        steps_per_epoch = math.ceil(len(context.train_datalist) / context.train_batch_size)
+        steps_per_epoch = math.ceil(self.process_share(context, len(context.train_datalist)) / context.train_batch_size)
         total = max(1, steps_per_epoch * context.max_epochs)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             context.optimizer, warmup_poly(total, max(1, int(self.warmup_fraction * total)))
@@ -242,7 +296,7 @@ class LoraTrainer(BasicTrainTask):
             metric = engine.state.metrics.get(engine.state.key_metric_name, -math.inf)
             # Without validation the last epoch wins: later epochs have seen more slices.
             if context.evaluator is None or metric >= best["metric"]:
-                best.update(metric=metric, state=adapter_state_dict(context.network), epoch=context.trainer.state.epoch)
+                best.update(metric=metric, state=adapter_state_dict(unwrap(context.network)), epoch=context.trainer.state.epoch)
 
         def publish(engine):
             if best["state"] is None:
@@ -254,6 +308,7 @@ class LoraTrainer(BasicTrainTask):
                 "metric_name": watched.state.key_metric_name,
                 "train_volumes": [d["id"] for d in context.train_datalist],
                 "val_volumes": [d["id"] for d in context.val_datalist],
+                "processes": context.world_size if context.multi_gpu else 1,
             }
             version = publish_adapter(self.model.adapter_path, best["state"], self.model.adapter_config(), info)
             logger.info(f"{self.model.name}: published adapter version {version} ({info['metric_name']} {info['metric']:.4f})")
