@@ -9,10 +9,20 @@ import torch
 from lib.networks.lora import read_adapter
 
 
-@pytest.mark.parametrize("model", ["hf_sam"])
-def test_two_process_gloo_run_publishes_one_adapter(model, app_dir, studies):
+# model -> (datastore fixture, its labelled volumes, a volume to infer)
+DATASTORES = {
+    "hf_sam": ("studies", ["brain_000", "brain_001"], "brain_002"),
+    "masg_sam": ("studies", ["brain_000", "brain_001"], "brain_002"),
+    "fgnet": ("em_studies", ["em_000", "em_001"], "em_002"),
+}
+
+
+@pytest.mark.parametrize("model", list(DATASTORES))
+def test_two_process_gloo_run_publishes_one_adapter(model, app_dir, request):
     from main import SamFewShotApp
 
+    fixture, labelled, unlabelled = DATASTORES[model]
+    studies = request.getfixturevalue(fixture)
     app = SamFewShotApp(str(app_dir), str(studies), {"models": model, "backbone": "tiny", "auto_scoring": "false"})
     served = app.models[model].model
     base = {n: p.detach().clone() for n, p in served.resident("cpu")[0].named_parameters() if p.requires_grad}
@@ -24,12 +34,12 @@ def test_two_process_gloo_run_publishes_one_adapter(model, app_dir, studies):
     info = payload["info"]
     assert payload["version"] == 1
     assert info["processes"] == 2  # both ranks joined the process group; rank 0 published
-    assert sorted(info["train_volumes"]) == ["brain_000", "brain_001"]
+    assert sorted(info["train_volumes"]) == labelled
     # Published names are the model's own (no DistributedDataParallel 'module.' prefix) and the weights moved.
     assert set(payload["state_dict"]) == set(base)
     network, version = served.resident("cpu")
     assert version == 1
     changed = [n for n, p in network.named_parameters() if p.requires_grad and not torch.equal(p, base[n])]
     assert changed
-    result = app.infer({"model": model, "image": "brain_002", "device": "cpu"})
+    result = app.infer({"model": model, "image": unlabelled, "device": "cpu"})
     assert result["params"]["adapter_version"] == 1

@@ -12,7 +12,7 @@ import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from monai.apps import download_url
@@ -20,6 +20,7 @@ from torch import nn
 
 from lib.networks.lora import check_adapter_config, load_adapter_state, read_adapter
 from lib.networks.sam_backbone import OFFICIAL_CHECKPOINTS, CheckpointError, OfficialCheckpoint, get_encoder_spec
+from lib.process_local import ProcessLocal
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ def resolve_sam_checkpoint(backbone: str, value: str | None, model_dir: str) -> 
 
 
 @dataclass
-class SegmentationModel:
+class SegmentationModel(ProcessLocal):
     """One served segmentation model: ``build_network()`` gives its network with LoRA and frozen base weights."""
 
     name: str
@@ -93,15 +94,7 @@ class SegmentationModel:
     _version: int = field(default=0, repr=False)
     _version_stamp: tuple | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def __getstate__(self) -> dict[str, Any]:
-        """Picklable for the processes of a multi-process training run: without the resident networks and lock."""
-        state = dict(self.__dict__)
-        state.update(_resident={}, _lock=None)
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state, _lock=threading.Lock())
+    process_local: ClassVar[dict[str, Callable[[], Any]]] = {"_resident": dict, "_lock": threading.Lock}
 
     @property
     def num_classes(self) -> int:

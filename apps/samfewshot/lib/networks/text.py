@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.model import CLIPTextCfg, _build_text_tower
 
+from ..process_local import ProcessLocal
 from .sam_backbone import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -40,9 +41,11 @@ def class_prompts(label_names: list[str], modality: str) -> list[str]:
     return [PROMPT_TEMPLATE.format(modality=word, label=name) for name in ["background", *label_names]]
 
 
-class ClassTextEmbedder:
+class ClassTextEmbedder(ProcessLocal):
     """Embeds class prompts with ``clip_model`` (open_clip name) and ``clip_checkpoint`` (file path or open_clip
     pretrained tag); ``tiny`` builds the small random tower instead. ``embed`` returns (K, D), L2-normalised."""
+
+    process_local = {"_memory": dict, "_lock": threading.Lock}
 
     def __init__(self, clip_model: str = "ViT-B-16", clip_checkpoint: str | None = "openai", tiny: bool = False, cache_dir: str | None = None):
         self.clip_model = clip_model
