@@ -35,15 +35,19 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def synthetic_volume(path: str, reference: str, slices: int) -> None:
-    """The reference volume cropped or tiled along the axial axis to ``slices`` slices."""
+def synthetic_volume(path: str, reference: str, slices: int, air_slices: int = 0) -> None:
+    """``slices`` axial slices through the reference volume's centre (tiled when it has fewer), with ``air_slices``
+    empty slices added above and below (what slab skipping leaves out)."""
     import nibabel as nib
     import numpy as np
 
     ref = nib.load(reference)
     data = np.asarray(ref.dataobj)
     reps = -(-slices // data.shape[2])
-    nib.save(nib.Nifti1Image(np.concatenate([data] * reps, axis=2)[..., :slices], ref.affine), path)
+    tiled = np.concatenate([data] * reps, axis=2)
+    first = max(0, (data.shape[2] - slices) // 2)
+    air = np.zeros((*data.shape[:2], air_slices), data.dtype)
+    nib.save(nib.Nifti1Image(np.concatenate([air, tiled[..., first : first + slices], air], axis=2), ref.affine), path)
 
 
 def random_official_checkpoint(backbone: str, directory: str) -> str:
@@ -103,7 +107,8 @@ def reference_seconds_per_slice(backbone: str, device: str, slices: int = 3) -> 
     from segment_anything.modeling import MaskDecoder, TwoWayTransformer
 
     spec = get_encoder_spec(backbone)
-    encoder, prompts = build_image_encoder(spec).to(device).eval(), build_prompt_encoder(spec).to(device).eval()
+    encoder = build_image_encoder(spec, fused_attention=False).to(device).eval()
+    prompts = build_prompt_encoder(spec).to(device).eval()
     decoder = MaskDecoder(
         transformer_dim=spec.prompt_dim,
         transformer=TwoWayTransformer(depth=2, embedding_dim=spec.prompt_dim, mlp_dim=spec.decoder_mlp_dim, num_heads=spec.decoder_heads),
@@ -125,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="tiny")
     parser.add_argument("--model", default="hf_sam")
-    parser.add_argument("--slices", type=int, default=100, help="axial slices of the benchmark volume")
+    parser.add_argument("--slices", type=int, default=100, help="axial slices through the sample volume's centre")
+    parser.add_argument("--air-slices", type=int, default=0, help="empty slices added above and below them")
     parser.add_argument("--sam-checkpoint", default=None, help="official SAM file; default: random weights in its layout")
     parser.add_argument("--sam2-variant", default="hiera_t", help="fgnet's SAM2 encoder when the backbone is not tiny")
     parser.add_argument("--device", default="cpu")
@@ -147,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         em = args.model == "fgnet"
         dataset, reference = ("em-neurons", "em_003") if em else ("brain-mri", "brain_003")
         shutil.copytree(os.path.join(REPO, "sample-datasets", dataset), studies, ignore=shutil.ignore_patterns("datastore_v2.json", ".lock"))
-        synthetic_volume(os.path.join(studies, "bench.nii.gz"), os.path.join(studies, f"{reference}.nii.gz"), args.slices)
+        synthetic_volume(
+            os.path.join(studies, "bench.nii.gz"), os.path.join(studies, f"{reference}.nii.gz"), args.slices, args.air_slices
+        )
 
         conf = {"models": args.model, "backbone": args.backbone, "device": args.device, "auto_scoring": "false", "precision": args.precision}
         if args.backbone != "tiny" and em:
@@ -164,17 +172,30 @@ def main(argv: list[str] | None = None) -> int:
             "config": vars(args),
         }
 
+        # Every timed inference but the last starts from an empty embedding cache: a volume seen for the first time.
+        task = app._infers[args.model]
+        embeddings = getattr(task, "embeddings", None)
         start = time.perf_counter()
         app.infer(request)
         results["infer_cold_s"] = time.perf_counter() - start
         warm = []
         for _ in range(args.repeats):
+            if embeddings:
+                embeddings.clear()
             start = time.perf_counter()
             out = app.infer(request)
             warm.append(time.perf_counter() - start)
+        skipped = out["params"].get("skipped_slices", 0)
         results["infer_warm_s"] = min(warm)
-        results["infer_warm_slices_per_s"] = args.slices / min(warm)
+        total = args.slices + 2 * args.air_slices
+        results["infer_warm_slices_per_s"] = total / min(warm)
+        results["skipped_slices"] = skipped
+        results["network_slices_per_s"] = (total - skipped) / min(warm)
         results["infer_latencies"] = out["params"]["latencies"]
+        if embeddings:
+            start = time.perf_counter()
+            app.infer(request)
+            results["reinfer_cached_embeddings_s"] = time.perf_counter() - start
 
         if not args.skip_update:
             start = time.perf_counter()
@@ -196,12 +217,13 @@ def main(argv: list[str] | None = None) -> int:
             results["gflop_per_slice"] = flops_per_slice(network, size, args.device) / 1e9
             results["fp32_matmul_gflops"] = matmul_flops_per_s(torch.float32, args.device) / 1e9
             results["bf16_matmul_gflops"] = matmul_flops_per_s(torch.bfloat16, args.device) / 1e9
-            achieved = results["gflop_per_slice"] * results["infer_warm_slices_per_s"]
+            achieved = results["gflop_per_slice"] * results["network_slices_per_s"]
             results["achieved_gflops"] = achieved
             results["fraction_of_fp32_peak"] = achieved / results["fp32_matmul_gflops"]
             results["fraction_of_bf16_peak"] = achieved / results["bf16_matmul_gflops"]
             results["reference_s_per_slice"] = reference_seconds_per_slice(args.backbone, args.device)
             results["speedup_over_reference"] = results["infer_warm_slices_per_s"] * results["reference_s_per_slice"]
+            results["network_speedup_over_reference"] = results["network_slices_per_s"] * results["reference_s_per_slice"]
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -52,6 +52,10 @@ class EmbeddingCache:
     def nbytes(self) -> int:
         return int(self._entries.currsize)
 
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
     def lookup(self, scope: Hashable, keys: list[bytes]) -> list[Encoding | None]:
         with self._lock:
             if scope != self._scope:

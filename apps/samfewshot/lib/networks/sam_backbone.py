@@ -104,8 +104,9 @@ def get_encoder_spec(backbone: str) -> SamEncoderSpec:
     return SAM_ENCODERS[backbone]
 
 
-def build_image_encoder(spec: SamEncoderSpec) -> ImageEncoderViT:
-    """ViT encoder with fused (SDPA) attention: (B, 3, S, S) in -> (B, prompt_dim, S/16, S/16) out."""
+def build_image_encoder(spec: SamEncoderSpec, fused_attention: bool = True) -> ImageEncoderViT:
+    """ViT encoder: (B, 3, S, S) in -> (B, prompt_dim, S/16, S/16) out; ``fused_attention`` runs its attention
+    through SDPA (``sam_attention``), else segment_anything's own attention runs."""
     encoder = ImageEncoderViT(
         img_size=spec.img_size,
         patch_size=spec.patch_size,
@@ -120,7 +121,7 @@ def build_image_encoder(spec: SamEncoderSpec) -> ImageEncoderViT:
         window_size=spec.window_size,
         global_attn_indexes=spec.global_attn_indexes,
     )
-    return use_sdpa_attention(encoder)
+    return use_sdpa_attention(encoder) if fused_attention else encoder
 
 
 def build_prompt_encoder(spec: SamEncoderSpec) -> PromptEncoder:
