@@ -9,11 +9,15 @@ import threading
 import monailabel
 from lib import dicom_seg
 from lib.activelearning import Diversity, First, Handouts, Hybrid, RandomChoice, Uncertainty
+from lib.auth import install_token_check
 from lib.configs import MODEL_CONFIGS
+from lib.datastore import CheckedDatastore
 from lib.scoring import EmbeddingScoring, UncertaintyScoring
+from lib.validation import check_choice, http_errors, install_request_checks
+from monailabel.config import settings
 from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.interfaces.app import MONAILabelApp
-from monailabel.interfaces.datastore import DefaultLabelTag
+from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
@@ -49,6 +53,9 @@ class SamFewShotApp(MONAILabelApp):
         self.auto_train = strtobool(conf.get("auto_train", "false"))
         self.auto_scoring = strtobool(conf.get("auto_scoring", "true"))
         self.handouts = Handouts(timeout_s=float(conf.get("handout_timeout", 900)))
+        # Requests MONAI Label parses before the app sees them, and its bearer-token check (lib/auth.py).
+        install_request_checks()
+        install_token_check()
         self._final_label_ts: dict[str, int] = {}
         self._train_lock = threading.Lock()
         super().__init__(
@@ -65,6 +72,21 @@ class SamFewShotApp(MONAILabelApp):
 
     def _download_dcmqi_tools(self):
         """MONAI Label fetches dcmqi from GitHub for a DICOMweb datastore; SEG is written with highdicom here."""
+
+    def init_datastore(self) -> Datastore:
+        """A local datastore checks every upload (lib/datastore.py); labels without label_info may hold the
+        segmentation models' ids, or any id when an instance model (FGNet) is served."""
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()
+        instances = any(not config.model.labels for config in self.models.values())
+        known_ids = None if instances else {i for config in self.models.values() for i in config.model.labels.values()}
+        return CheckedDatastore(
+            self.studies,
+            extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+            known_ids=known_ids,
+        )
 
     def init_infers(self) -> dict[str, InferTask]:
         return {name: config.infer() for name, config in self.models.items()}
@@ -91,6 +113,8 @@ class SamFewShotApp(MONAILabelApp):
 
     def infer(self, request, datastore=None):
         """MONAI Label's infer; a requested per-voxel uncertainty map is stored as the image's 'uncertainty' label."""
+        with http_errors():
+            check_choice(request.get("model"), self._infers, "model")
         result = super().infer(request, datastore)
         uncertainty = (result.get("params") or {}).get("uncertainty")
         image_id = request.get("image")
@@ -103,6 +127,13 @@ class SamFewShotApp(MONAILabelApp):
                 uncertainty["tag"] = "uncertainty"
             os.remove(path)  # the datastore keeps its own copy; an image from outside it gets the summary only
         return result
+
+    def next_sample(self, request):
+        with http_errors():
+            check_choice(request.get("strategy") or "random", self._strategies, "strategy")
+            if request.get("model") is not None:
+                check_choice(request["model"], self.models, "model")
+        return super().next_sample(request)
 
     def on_init_complete(self):
         super().on_init_complete()

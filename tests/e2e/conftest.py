@@ -86,7 +86,7 @@ def server_command(app_dir: Path, studies: Path, port: int, conf: tuple[tuple[st
     return cmd
 
 
-def server_env() -> dict[str, str]:
+def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env["MONAI_LABEL_TRACKING_ENABLED"] = "false"
     # The server sees what its scoring/training subprocesses write to the datastore by reloading it on change;
@@ -95,7 +95,51 @@ def server_env() -> dict[str, str]:
     # Training runs in a subprocess started by the server: it must find this venv's interpreter and tools first.
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra or {})
     return env
+
+
+def launch(
+    app_dir: Path,
+    studies: Path,
+    port: int,
+    conf: tuple[tuple[str, str], ...],
+    log_path: Path,
+    *,
+    env: dict[str, str] | None = None,
+    ready_status: int = 200,
+    expect_failure: bool = False,
+) -> Server:
+    """Start a server and wait until /info/ answers ``ready_status`` (401 for a server that wants a token); with
+    ``expect_failure`` until the process exits by itself. The caller stops it (``Server.stop``)."""
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            server_command(app_dir, studies, port, conf),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=server_env(env),
+            cwd=str(log_path.parent),
+            start_new_session=True,
+        )
+    server = Server(f"http://127.0.0.1:{port}", process, log_path, app_dir, studies)
+    deadline = time.monotonic() + STARTUP_DEADLINE_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            if expect_failure:
+                return server
+            pytest.fail(f"server exited early with code {process.returncode}; log tail:\n{server.log_tail()}")
+        if not expect_failure:
+            try:
+                if requests.get(server.url + "/info/", timeout=2).status_code == ready_status:
+                    return server
+            except requests.RequestException:
+                pass
+        time.sleep(0.5)
+    server.stop()
+    if expect_failure:
+        pytest.fail(f"server was expected to fail at start-up but still runs; log tail:\n{server.log_tail()}")
+    pytest.fail(f"server did not answer /info/ within {STARTUP_DEADLINE_S} s; log tail:\n{server.log_tail()}")
 
 
 @pytest.fixture
@@ -110,35 +154,25 @@ def start_server(tmp_path, app_dir, studies, free_port) -> Callable[..., Server]
     def start(*conf: tuple[str, str], expect_failure: bool = False) -> Server:
         port = free_port if not servers else _another_port()
         log_path = tmp_path / f"server-{len(servers)}.log"
-        with open(log_path, "wb") as log:
-            process = subprocess.Popen(
-                server_command(app_dir, studies, port, conf),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=server_env(),
-                cwd=str(tmp_path),
-                start_new_session=True,
-            )
-        server = Server(f"http://127.0.0.1:{port}", process, log_path, app_dir, studies)
+        server = launch(app_dir, studies, port, conf, log_path, expect_failure=expect_failure)
         servers.append(server)
+        return server
 
-        deadline = time.monotonic() + STARTUP_DEADLINE_S
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                if expect_failure:
-                    return server
-                pytest.fail(f"server exited early with code {process.returncode}; log tail:\n{server.log_tail()}")
-            if not expect_failure:
-                try:
-                    if requests.get(server.url + "/info/", timeout=2).status_code == 200:
-                        return server
-                except requests.RequestException:
-                    pass
-            time.sleep(0.5)
-        if expect_failure:
-            pytest.fail(f"server was expected to fail at start-up but still runs; log tail:\n{server.log_tail()}")
-        pytest.fail(f"server did not answer /info/ within {STARTUP_DEADLINE_S} s; log tail:\n{server.log_tail()}")
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def module_server_factory(module_tmp, module_app_dir, module_studies) -> Callable[..., Server]:
+    """start(*conf, env=None, ready_status=200) -> Server on the module's app and brain-MRI datastore copies (one
+    server per module keeps the CPU for the tests); every server it started stops when the module ends."""
+    servers: list[Server] = []
+
+    def start(*conf: tuple[str, str], env: dict[str, str] | None = None, ready_status: int = 200) -> Server:
+        log_path = module_tmp / f"server-{len(servers)}.log"
+        servers.append(launch(module_app_dir, module_studies, _another_port(), conf, log_path, env=env, ready_status=ready_status))
+        return servers[-1]
 
     yield start
     for server in servers:

@@ -1,5 +1,7 @@
 """What every samfewshot infer task shares: the network is the model's resident one (adapter hot-swapped),
-a missing checkpoint or unreadable adapter answers 503 with the reason, and results carry the adapter version."""
+a missing checkpoint or unreadable adapter answers 503 with the reason, a volume the models cannot segment
+(unreadable, not 3D, NaN, constant, too large: lib/validation.py) answers 422 with the reason, and results carry
+the adapter version."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 from lib.model import SegmentationModel
 from lib.networks.lora import AdapterError
 from lib.networks.sam_backbone import CheckpointError
+from lib.validation import http_errors, stored_image_grid
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +36,13 @@ class ResidentModelInfer(BasicInferTask):
             except (CheckpointError, AdapterError) as e:
                 # The server still starts; every request to this model answers with the reason.
                 logger.error(f"{model.name}: cannot preload: {e}")
+
+    def __call__(self, request, callbacks=None):
+        image = request.get("image")
+        if isinstance(image, str):
+            with http_errors():
+                stored_image_grid(image)
+        return super().__call__(request, callbacks)
 
     def is_valid(self) -> bool:
         # The base weights are enough to serve; an adapter is optional.

@@ -1,0 +1,84 @@
+"""The local datastore, checking every upload before anything is stored (``lib.validation``).
+
+MONAI Label's LocalDatastore copies whatever arrives: a truncated file, a 4D series, a label on another grid, or an
+image id such as ``../x`` that lands outside the datastore. Here an upload is read and checked first; a refused one
+leaves the datastore JSON and every stored file as they were.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Collection
+from typing import Any
+
+from monailabel.datastore.local import LocalDatastore
+
+from lib.validation import (
+    STORED_SUFFIXES,
+    InvalidInput,
+    NotFound,
+    check_image,
+    check_label,
+    check_name,
+    http_errors,
+    stored_image_grid,
+)
+
+# Per-voxel maps the app stores beside labels (main.py: the uncertainty map of an infer request), not label ids.
+MAP_TAGS = frozenset({"uncertainty"})
+
+
+class CheckedDatastore(LocalDatastore):
+    """``known_ids``: the label ids a label may hold without label_info (the served segmentation models' ids), or
+    None when instance labels (any non-negative id) are served."""
+
+    def __init__(self, *args: Any, known_ids: Collection[int] | None = None, **kwargs: Any):
+        self.known_ids = None if known_ids is None else frozenset(known_ids)
+        super().__init__(*args, **kwargs)
+
+    def _stored_suffix(self, filename: str, what: str) -> str:
+        suffix = self._to_id(os.path.basename(filename))[1]
+        if suffix not in STORED_SUFFIXES:
+            raise InvalidInput(
+                f"{what} file type {suffix or '(none)'!r} is not stored by this datastore; send NIfTI (.nii.gz, .nii) "
+                "or NRRD (.nrrd); convert a DICOM series first (e.g. with SimpleITK or dcm2niix)"
+            )
+        return suffix
+
+    def _image_path(self, image_id: str) -> str:
+        if image_id not in self._datastore.objects:
+            raise NotFound(f"image {image_id!r} is not in the datastore")
+        return self.get_image_uri(image_id)
+
+    def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
+        with http_errors():
+            check_name(image_id or self._to_id(os.path.basename(image_filename))[0], "image id")
+            self._stored_suffix(image_filename, "image")
+            check_image(image_filename, name=image_id)
+        return super().add_image(image_id, image_filename, image_info)
+
+    def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
+        with http_errors():
+            check_name(label_tag, "label tag")
+            image = stored_image_grid(self._image_path(image_id))
+            self._stored_suffix(label_filename, "label")
+            ids = label_tag not in MAP_TAGS
+            info = (label_info or {}).get("label_info")
+            check_label(label_filename, image, self.known_ids, info, ids=ids, name=f"{image_id} ({label_tag})")
+        return super().save_label(image_id, label_filename, label_tag, label_info)
+
+    def remove_image(self, image_id: str) -> None:
+        with http_errors():
+            self._image_path(image_id)
+        super().remove_image(image_id)
+
+    def update_image_info(self, image_id: str, info: dict[str, Any]) -> None:
+        with http_errors():
+            self._image_path(image_id)
+        return super().update_image_info(image_id, info)
+
+    def update_label_info(self, label_id: str, label_tag: str, info: dict[str, Any]) -> None:
+        with http_errors():
+            if not self._datastore.label(label_id, label_tag):
+                raise NotFound(f"no label {label_id!r} with tag {label_tag!r} in the datastore")
+        return super().update_label_info(label_id, label_tag, info)
