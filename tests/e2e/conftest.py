@@ -49,6 +49,9 @@ class Server:
     def post(self, path: str, timeout: float = 120, **kwargs) -> requests.Response:
         return requests.post(self.url + path, timeout=timeout, **kwargs)
 
+    def put(self, path: str, timeout: float = 120, **kwargs) -> requests.Response:
+        return requests.put(self.url + path, timeout=timeout, **kwargs)
+
     def info(self) -> dict:
         response = self.get("/info/")
         assert response.status_code == 200, f"/info/ answered {response.status_code}: {response.text}\n{self.log_tail()}"
@@ -76,9 +79,14 @@ def _signal_group(pgid: int, sig: int) -> None:
         pass
 
 
-def server_command(app_dir: Path, studies: Path, port: int, conf: tuple[tuple[str, str], ...]) -> list[str]:
-    cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(app_dir), "--studies", str(studies)]
-    cmd += ["--host", "127.0.0.1", "--port", str(port)]
+def server_command(
+    app_dir: Path, studies: Path, port: int, conf: tuple[tuple[str, str], ...], start_script: bool = False
+) -> list[str]:
+    """``monailabel start_server`` on loopback, or with ``start_script`` scripts/start.sh and its own host default."""
+    cmd = [str(REPO / "scripts" / "start.sh")] if start_script else [sys.executable, "-m", "monailabel.main", "start_server"]
+    cmd += ["--app", str(app_dir), "--studies", str(studies), "--port", str(port)]
+    if not start_script:
+        cmd += ["--host", "127.0.0.1"]
     merged = dict(BASE_CONF)
     merged.update(conf)  # a later value for a key replaces the default (e.g. backbone vit_b)
     for key, value in merged.items():
@@ -109,12 +117,13 @@ def launch(
     env: dict[str, str] | None = None,
     ready_status: int = 200,
     expect_failure: bool = False,
+    start_script: bool = False,
 ) -> Server:
-    """Start a server and wait until /info/ answers ``ready_status`` (401 for a server that wants a token); with
-    ``expect_failure`` until the process exits by itself. The caller stops it (``Server.stop``)."""
+    """Start a server (``server_command``) and wait until /info/ answers ``ready_status`` (401 for a server that
+    wants a token); with ``expect_failure`` until the process exits by itself. The caller stops it (``Server.stop``)."""
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            server_command(app_dir, studies, port, conf),
+            server_command(app_dir, studies, port, conf, start_script),
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -165,13 +174,14 @@ def start_server(tmp_path, app_dir, studies, free_port) -> Callable[..., Server]
 
 @pytest.fixture(scope="module")
 def module_server_factory(module_tmp, module_app_dir, module_studies) -> Callable[..., Server]:
-    """start(*conf, env=None, ready_status=200) -> Server on the module's app and brain-MRI datastore copies (one
-    server per module keeps the CPU for the tests); every server it started stops when the module ends."""
+    """start(*conf, env=None, ready_status=200, start_script=False) -> Server on the module's app and brain-MRI
+    datastore copies (one server per module keeps the CPU for the tests); every server it started stops when the
+    module ends. See ``launch`` for the keywords."""
     servers: list[Server] = []
 
-    def start(*conf: tuple[str, str], env: dict[str, str] | None = None, ready_status: int = 200) -> Server:
+    def start(*conf: tuple[str, str], **kwargs) -> Server:
         log_path = module_tmp / f"server-{len(servers)}.log"
-        servers.append(launch(module_app_dir, module_studies, _another_port(), conf, log_path, env=env, ready_status=ready_status))
+        servers.append(launch(module_app_dir, module_studies, _another_port(), conf, log_path, **kwargs))
         return servers[-1]
 
     yield start
