@@ -131,8 +131,6 @@ class SamFewShotApp(MONAILabelApp):
     def next_sample(self, request):
         with http_errors():
             check_choice(request.get("strategy") or "random", self._strategies, "strategy")
-            if request.get("model") is not None:
-                check_choice(request["model"], self.models, "model")
         return super().next_sample(request)
 
     def on_init_complete(self):

@@ -131,7 +131,6 @@ CASES = [
     Case("train-json-malformed", "post", "/train/hf_sam", 422, "JSON decode error", body="{bad"),
     # POST /activelearning/{strategy}
     Case("al-unknown-strategy", "post", "/activelearning/nosuch", 404, "unknown strategy 'nosuch'; valid: diversity, first", body={}),
-    Case("al-unknown-model", "post", "/activelearning/uncertainty", 404, "unknown model 'nosuch'", body={"model": "nosuch"}),
     Case("al-json-malformed", "post", "/activelearning/random", 422, "JSON decode error", body="{bad"),
     # POST /scoring/{method}
     Case("scoring-unknown-method", "post", "/scoring/nosuch", 404, "unknown scoring method 'nosuch'; valid: embedding, uncertainty", body={}),
