@@ -43,12 +43,17 @@ def test_json_object_and_empty_field_parse():
 
 @pytest.mark.parametrize(
     "label_info,message",
-    [("grey", "must be a list"), ([{"idx": 1}], "need a 'name'"), ([{"name": "a", "idx": "1"}], "non-negative integer"),
+    [("grey", "must be a list"), ([{"idx": 1}], "need a 'name'"), ([{"name": "a", "idx": "one"}], "non-negative integer"),
      ([{"name": "a", "idx": -1}], "non-negative integer"), ([{"name": "a", "idx": True}], "non-negative integer")],
 )
 def test_malformed_label_info_is_refused(label_info, message):
     with pytest.raises(v.InvalidInput, match=message):
         v.check_label_info(label_info)
+
+
+def test_label_info_ids_may_be_numeric_strings():
+    # the trainer's remapping reads idx with int()
+    assert v.check_label_info([{"name": "white matter", "idx": "1"}, {"name": "grey matter", "idx": 2}]) == {1: "white matter", 2: "grey matter"}
 
 
 @pytest.mark.parametrize(

@@ -110,20 +110,20 @@ def check_label_info(label_info: Any) -> dict[int, str]:
     for entry in label_info:
         if not isinstance(entry, Mapping) or not isinstance(entry.get("name"), str):
             raise InvalidInput(f"label_info entries need a 'name' string and an integer 'idx', got {entry!r}")
-        idx = entry.get("idx")
-        if isinstance(idx, bool) or not isinstance(idx, int) or idx < 0:
-            raise InvalidInput(f"label_info 'idx' must be a non-negative integer, got {idx!r} for {entry['name']!r}")
+        idx = _integer(entry.get("idx"))
+        if idx is None or idx < 0:
+            raise InvalidInput(f"label_info 'idx' must be a non-negative integer, got {entry.get('idx')!r} for {entry['name']!r}")
         ids[idx] = entry["name"]
     return ids
 
 
 # Training options a client may set and what they must be; other keys pass to the trainer unchecked.
 TRAIN_OPTIONS: dict[str, tuple[str, Callable[[Any], bool]]] = {
-    "max_epochs": ("a positive integer", lambda v: _integer(v) is not None and _integer(v) >= 1),
-    "train_batch_size": ("a positive integer", lambda v: _integer(v) is not None and _integer(v) >= 1),
-    "val_batch_size": ("a positive integer", lambda v: _integer(v) is not None and _integer(v) >= 1),
+    "max_epochs": ("a positive integer", lambda v: (_integer(v) or 0) >= 1),
+    "train_batch_size": ("a positive integer", lambda v: (_integer(v) or 0) >= 1),
+    "val_batch_size": ("a positive integer", lambda v: (_integer(v) or 0) >= 1),
     "early_stop_patience": ("an integer", lambda v: _integer(v) is not None),
-    "lr": ("a positive number", lambda v: _number(v) is not None and _number(v) > 0),
+    "lr": ("a positive number", lambda v: (_number(v) or 0) > 0),
     "val_split": ("a number in [0, 1)", lambda v: _number(v) is not None and 0 <= _number(v) < 1),
     "multi_gpu": ("true or false", lambda v: isinstance(v, bool) or str(v).lower() in ("true", "false", "1", "0")),
 }
