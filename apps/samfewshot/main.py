@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 
 import monailabel
-from lib import dicom_seg
+from lib import dicom_seg, endpoints
 from lib.activelearning import Diversity, First, Handouts, Hybrid, RandomChoice, Uncertainty
 from lib.auth import install_token_check
 from lib.configs import MODEL_CONFIGS
@@ -58,6 +59,12 @@ class SamFewShotApp(MONAILabelApp):
         install_token_check()
         self._final_label_ts: dict[str, int] = {}
         self._train_lock = threading.Lock()
+        # One inference at a time (a queue) unless MONAI_LABEL_INFER_CONCURRENCY says otherwise: parallel volumes
+        # would each take the full device memory and share the same cores. The event loop stays free meanwhile.
+        if "MONAI_LABEL_INFER_CONCURRENCY" not in os.environ:
+            settings.MONAI_LABEL_INFER_CONCURRENCY = 1
+        if "monailabel.app" in sys.modules:  # inside a server (not a training subprocess or a script)
+            endpoints.serve_blocking_endpoints_in_threads(sys.modules["monailabel.app"].app)
         super().__init__(
             app_dir=app_dir,
             studies=studies,
