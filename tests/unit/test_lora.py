@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import errno
 import io
 import os
 import time
@@ -178,7 +179,7 @@ def test_failed_publish_leaves_served_adapter_intact(tmp_path, monkeypatch, fail
         return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(lora.torch, "save", failing_save)
-    with pytest.raises(error):
+    with pytest.raises(AdapterError if error is OSError else error):
         publish_adapter(str(path), _dummy_state(2), _config())
     monkeypatch.undo()
     assert len(calls) == fail_on_call
@@ -195,6 +196,29 @@ def test_failed_publish_leaves_served_adapter_intact(tmp_path, monkeypatch, fail
     # the next publish works normally
     assert publish_adapter(str(path), _dummy_state(3), _config()) == 2
     assert torch.equal(read_adapter(str(path))["state_dict"]["b.weight"], _dummy_state(3)["b.weight"])
+
+
+@pytest.mark.parametrize(
+    "where, code, reason",
+    [("mkstemp", errno.EROFS, "the model directory is read-only"), ("fsync", errno.ENOSPC, "the disk is full")],
+    ids=["read-only-dir", "disk-full"],
+)
+def test_publish_on_a_full_or_read_only_disk_names_the_cause_and_keeps_the_served_adapter(tmp_path, monkeypatch, where, code, reason):
+    path = tmp_path / "hf_sam.pt"
+    publish_adapter(str(path), _dummy_state(1), _config())
+    before = path.read_bytes()
+    target = lora.tempfile if where == "mkstemp" else lora.os
+
+    def fail(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(target, where, fail)
+    with pytest.raises(AdapterError, match=f"cannot publish version 2 .*{reason}.*version 1 stays served"):
+        publish_adapter(str(path), _dummy_state(2), _config())
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert list_versions(str(path)) == [1]
+    assert not [p.name for p in tmp_path.rglob(".tmp*")]
 
 
 # --------------------------------------------------------------------------------------------- config checks

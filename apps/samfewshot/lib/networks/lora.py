@@ -9,6 +9,7 @@ publish also keeps a numbered copy under ``history/`` from which an earlier vers
 from __future__ import annotations
 
 import datetime
+import errno
 import os
 import tempfile
 from typing import Any
@@ -124,12 +125,19 @@ def publish_adapter(
         "state_dict": state,
     }
     kept = history_path(path, version)
-    _atomic_save(payload, kept)
     try:
-        _atomic_save(payload, path)
-    except BaseException:
-        os.remove(kept)  # never list a version that was not served
-        raise
+        _atomic_save(payload, kept)
+        try:
+            _atomic_save(payload, path)
+        except BaseException:
+            os.remove(kept)  # never list a version that was not served
+            raise
+    except OSError as e:
+        reason = {errno.ENOSPC: "the disk is full", errno.EROFS: "the model directory is read-only"}.get(e.errno, str(e))
+        raise AdapterError(
+            f"cannot publish version {version} of adapter '{path}': {reason} ({e.strerror or e}); "
+            f"version {version - 1} stays served"
+        ) from e
     return version
 
 
