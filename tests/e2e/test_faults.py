@@ -95,33 +95,40 @@ def uncertainty_scores(studies: Path) -> dict[str, dict]:
     return {i: o["image"].get("info", {}).get("uncertainty", {}) for i, o in objects.items()}
 
 
+def wait_for_scoring(server) -> None:
+    deadline = time.monotonic() + SCORING_DEADLINE_S
+    while True:
+        response = server.get("/scoring/")
+        if response.status_code == 200 and response.json().get("status") not in ("SUBMITTED", "RUNNING"):
+            assert response.json()["status"] == "DONE", response.json()
+            return
+        assert time.monotonic() < deadline, f"scoring did not finish\n{server.log_tail()}"
+        time.sleep(1)
+
+
 def test_restart_recovers_adapters_scores_and_split(start_server, app_dir, studies, tmp_path):
     server = start_server()
     client = client_for(server, tmp_path)
     wait_for_training(client, server, client.train_start("hf_sam", {"max_epochs": 2})["id"])
-    assert server.post("/scoring/uncertainty").status_code == 200
-    deadline = time.monotonic() + SCORING_DEADLINE_S
-    while not all(s.get("hf_sam", {}).get("adapter_version") == 1 for s in uncertainty_scores(studies).values()):
-        assert time.monotonic() < deadline, f"scores of adapter version 1 missing\n{server.log_tail()}"
-        time.sleep(1)
+    assert server.post("/scoring/uncertainty", json={"model": "hf_sam"}).status_code == 200
+    wait_for_scoring(server)
     scores = uncertainty_scores(studies)
+    assert all(s["hf_sam"]["adapter_version"] == 1 for s in scores.values()), scores
     split = json.loads((app_dir / "model" / "hf_sam_split.json").read_text())
     versions = {m: adapter_version(server, m) for m in ("hf_sam", "masg_sam")}
     server.stop()
 
-    restarted = start_server(("auto_scoring", "true"))
+    restarted = start_server()
     assert {m: adapter_version(restarted, m) for m in versions} == versions == {"hf_sam": 1, "masg_sam": 0}
-    # Start-up scoring keeps the scores of an unchanged adapter instead of recomputing them.
-    deadline = time.monotonic() + SCORING_DEADLINE_S
-    while "scoring 'uncertainty'" not in restarted.log():
-        assert time.monotonic() < deadline, f"start-up scoring did not finish\n{restarted.log_tail()}"
-        time.sleep(1)
-    assert {i: s["hf_sam"] for i, s in uncertainty_scores(studies).items()} == {i: s["hf_sam"] for i, s in scores.items()}
+    # Scoring again keeps the stored scores of an unchanged adapter instead of recomputing them.
+    assert restarted.post("/scoring/uncertainty", json={"model": "hf_sam"}).status_code == 200
+    wait_for_scoring(restarted)
+    assert "'scored': 0, 'skipped': 8" in restarted.log()
+    assert uncertainty_scores(studies) == scores
     client = MONAILabelClient(restarted.url, tmpdir=str(tmp_path / "client"))
     assert client.next_sample("uncertainty", {"model": "hf_sam"}).get("id") in scores
     _, result = client.infer("hf_sam", "brain_002", {})
     assert result["adapter_version"] == 1
-    restarted.post("/scoring/stop")  # leave the cores to the training run
     wait_for_training(client, restarted, client.train_start("hf_sam", {"max_epochs": 1})["id"])
     assert json.loads((app_dir / "model" / "hf_sam_split.json").read_text()) == split
     assert "hf_sam: resuming from adapter version 1" in restarted.log()
