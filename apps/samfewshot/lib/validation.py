@@ -424,10 +424,43 @@ def _task_request(run: Callable[..., Any]) -> Callable[..., Any]:
     return staticmethod(checked)
 
 
+def publish_uploaded_adapter(background_tasks, model: str, file) -> dict[str, Any]:
+    """``PUT /model/{model}``: MONAI Label copies any upload over the served file, in place. Here the upload must be an
+    adapter of this model's configuration, and it is published like a training run's (atomic, numbered, kept in
+    the history), so a bad or half-sent file never replaces the served adapter."""
+    import tempfile
+
+    from monailabel.interfaces.utils.app import app_instance
+    from monailabel.utils.others.generic import file_checksum
+
+    from lib.networks.lora import AdapterError, check_adapter_config, publish_adapter, read_adapter
+
+    app = app_instance()
+    with http_errors():
+        check_choice(model, list(app.models), "model")
+    served = app.models[model].model
+    with tempfile.NamedTemporaryFile(suffix=".pt") as upload:
+        for chunk in iter(lambda: file.file.read(1 << 20), b""):
+            upload.write(chunk)
+        upload.flush()
+        with http_errors():
+            try:
+                payload = read_adapter(upload.name)
+                check_adapter_config(payload, served.adapter_config(), file.filename or "upload")
+            except AdapterError as e:
+                raise InvalidInput(f"not an adapter of {model}: {e}") from e
+    info = {**payload.get("info", {}), "uploaded": file.filename, "uploaded_version": payload["version"]}
+    version = publish_adapter(served.adapter_path, payload["state_dict"], payload["config"], info)
+    logger.info(f"{model}: uploaded adapter published as version {version}")
+    return {"checksum": file_checksum(served.adapter_path), "modified_time": int(os.stat(served.adapter_path).st_mtime), "version": version}
+
+
 def install_request_checks() -> None:
     """Check what MONAI Label's endpoints parse themselves before the app is called (idempotent)."""
-    from monailabel.endpoints import datastore, infer
+    from monailabel.endpoints import datastore, infer, model
     from monailabel.utils.async_tasks.task import AsyncTask
+
+    model.update_model = publish_uploaded_adapter
 
     infer.run_inference = _checked(infer.run_inference, _infer_request)
     datastore.add_image = _checked(datastore.add_image, _json_fields("params"))
