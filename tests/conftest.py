@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
-import socket
 import sys
 from pathlib import Path
 
@@ -217,6 +216,6 @@ def module_studies(module_tmp, sample_data) -> Path:
 
 @pytest.fixture
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from lib.trainers.lora_trainer import free_loopback_port
+
+    return free_loopback_port()

@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from lib.trainers.lora_trainer import free_loopback_port
 
 REPO = Path(__file__).resolve().parents[2]
 STARTUP_DEADLINE_S = 120
@@ -161,7 +161,7 @@ def start_server(tmp_path, app_dir, studies, free_port) -> Callable[..., Server]
     servers: list[Server] = []
 
     def start(*conf: tuple[str, str], expect_failure: bool = False) -> Server:
-        port = free_port if not servers else _another_port()
+        port = free_port if not servers else free_loopback_port()
         log_path = tmp_path / f"server-{len(servers)}.log"
         server = launch(app_dir, studies, port, conf, log_path, expect_failure=expect_failure)
         servers.append(server)
@@ -181,7 +181,7 @@ def module_server_factory(module_tmp, module_app_dir, module_studies) -> Callabl
 
     def start(*conf: tuple[str, str], **kwargs) -> Server:
         log_path = module_tmp / f"server-{len(servers)}.log"
-        servers.append(launch(module_app_dir, module_studies, _another_port(), conf, log_path, **kwargs))
+        servers.append(launch(module_app_dir, module_studies, free_loopback_port(), conf, log_path, **kwargs))
         return servers[-1]
 
     yield start
@@ -189,24 +189,10 @@ def module_server_factory(module_tmp, module_app_dir, module_studies) -> Callabl
         server.stop()
 
 
-def _another_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # ---- a PACS: Orthanc (Debian packages) holding sample volumes as DICOM series ------------------------------
 DICOMWEB_SAMPLES = ("brain_002", "brain_003", "brain_004")
 ORTHANC_PLUGIN_DIRS = ("/usr/share/orthanc/plugins", "/usr/lib/orthanc/plugins")
 HAS_ORTHANC = bool(shutil.which("Orthanc")) and any(os.path.exists(f"{d}/libOrthancDicomWeb.so") for d in ORTHANC_PLUGIN_DIRS)
-
-
-def _loopback_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -216,7 +202,7 @@ def orthanc(tmp_path) -> str:
         pytest.skip("Debian packages orthanc and orthanc-dicomweb are not installed (scripts/setup.sh installs them as root)")
     folder = tmp_path / "orthanc"
     script = str(REPO / "scripts" / "orthanc.sh")
-    started = subprocess.run([script, "start", str(folder), str(_loopback_port())], capture_output=True, text=True)
+    started = subprocess.run([script, "start", str(folder), str(free_loopback_port())], capture_output=True, text=True)
     assert started.returncode == 0, started.stderr
     yield started.stdout.strip()
     subprocess.run([script, "stop", str(folder)], check=True)

@@ -19,6 +19,11 @@ from fastapi.routing import APIRoute, APIRouter
 
 logger = logging.getLogger(__name__)
 
+# What a rebuilt route keeps of the original (APIRoute's constructor arguments of the same names).
+ROUTE_SETTINGS = (
+    "methods", "name", "summary", "description", "response_model", "response_class", "status_code", "tags",
+    "dependencies", "responses", "include_in_schema", "dependency_overrides_provider",
+)
 # Endpoints whose bodies do their work without awaiting (the proxy routes await I/O and stay on the loop).
 BLOCKING_PREFIXES = ("/infer/", "/datastore/", "/activelearning/", "/scoring/", "/train/", "/session/", "/batch/")
 
@@ -48,22 +53,8 @@ def serve_blocking_endpoints_in_threads(app: FastAPI, prefixes: tuple[str, ...] 
                 continue
             if not inspect.iscoroutinefunction(route.endpoint):
                 continue
-            routes[i] = APIRoute(
-                route.path,
-                in_worker_thread(route.endpoint),
-                methods=route.methods,
-                name=route.name,
-                summary=route.summary,
-                description=route.description,
-                response_model=route.response_model,
-                response_class=route.response_class,
-                status_code=route.status_code,
-                tags=route.tags,
-                dependencies=route.dependencies,
-                responses=route.responses,
-                include_in_schema=route.include_in_schema,
-                dependency_overrides_provider=route.dependency_overrides_provider,
-            )
+            settings = {field: getattr(route, field) for field in ROUTE_SETTINGS}
+            routes[i] = APIRoute(route.path, in_worker_thread(route.endpoint), **settings)
             changed.append(f"{','.join(sorted(route.methods))} {route.path}")
         if hasattr(router, "_mark_routes_changed"):  # FastAPI caches the routes of included routers
             router._mark_routes_changed()

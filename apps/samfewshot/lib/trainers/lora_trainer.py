@@ -130,6 +130,7 @@ class LoraTrainer(BasicTrainTask):
         return super()._device(context)
 
     def _create_network_and_optimizer(self, context: Context):
+        """MONAI Label's, except that DDP gets device ids only on CUDA (a CPU module must be wrapped without any)."""
         network = self.network(context).to(context.device)
         context.network = network
         optimizer = self.optimizer(context)
