@@ -288,8 +288,14 @@ class LoraTrainer(BasicTrainTask):
     def finalize(self, context: Context):
         """Keep the best adapter of this run in memory; publish it once, when the run completes."""
         super().finalize(context)  # train_stats for clients, early stopping
-        if context.local_rank != 0:
-            return
+        if context.local_rank == 0:
+            self._publish_best_on_completion(context)
+        if context.multi_gpu:
+            # MONAI Label destroys the process group right after the run. Ranks leave together: a rank that
+            # tore down its side of the gloo pairs while rank 0 was still publishing was seen aborted (SIGABRT).
+            context.trainer.add_event_handler(Events.COMPLETED, lambda engine: torch.distributed.barrier())
+
+    def _publish_best_on_completion(self, context: Context):
         watched = context.evaluator or context.trainer
         best = {"metric": -math.inf, "state": None, "epoch": 0}
 
