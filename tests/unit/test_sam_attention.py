@@ -1,12 +1,12 @@
-"""SDPA attention in the SAM encoder computes what segment_anything's own attention computes."""
+"""The SAM encoder's SDPA attention and unpadded window blocks compute what segment_anything's own compute."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from segment_anything.modeling.image_encoder import Attention
+from segment_anything.modeling.image_encoder import Attention, Block
 
-from lib.networks.sam_attention import SdpaAttention
+from lib.networks.sam_attention import SdpaAttention, UnpaddedWindowBlock
 from lib.networks.sam_backbone import build_image_encoder, get_encoder_spec
 
 
@@ -25,23 +25,41 @@ def test_sdpa_attention_matches_segment_anything_forward_and_backward(size):
     randomise_rel_pos(reference)
     fused = SdpaAttention(64, num_heads=4, use_rel_pos=True, input_size=size)
     fused.load_state_dict(reference.state_dict())
-    x = torch.randn(2, *size, 64)
-    x_ref, x_fused = x.clone().requires_grad_(), x.clone().requires_grad_()
-    out_ref, out_fused = reference(x_ref), fused(x_fused)
-    torch.testing.assert_close(out_fused, out_ref, rtol=1e-4, atol=1e-5)
+    assert_same_forward_and_backward(reference, fused, torch.randn(2, *size, 64))
+
+
+def assert_same_forward_and_backward(reference: torch.nn.Module, ours: torch.nn.Module, x: torch.Tensor) -> None:
+    x_ref, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_ref, out_ours = reference(x_ref), ours(x_ours)
+    torch.testing.assert_close(out_ours, out_ref, rtol=1e-4, atol=1e-5)
     grad = torch.randn_like(out_ref)
     out_ref.backward(grad)
-    out_fused.backward(grad)
-    torch.testing.assert_close(x_fused.grad, x_ref.grad, rtol=1e-4, atol=1e-5)
-    for (name, p_ref), p_fused in zip(reference.named_parameters(), fused.parameters()):
-        torch.testing.assert_close(p_fused.grad, p_ref.grad, rtol=1e-4, atol=1e-5, msg=f"gradient of {name}")
+    out_ours.backward(grad)
+    torch.testing.assert_close(x_ours.grad, x_ref.grad, rtol=1e-4, atol=1e-5)
+    for (name, p_ref), p_ours in zip(reference.named_parameters(), ours.parameters()):
+        torch.testing.assert_close(p_ours.grad, p_ref.grad, rtol=1e-4, atol=1e-5, msg=f"gradient of {name}")
+
+
+@pytest.mark.parametrize("tokens", [(6, 7), (8, 8), (3, 4)])
+def test_unpadded_window_block_matches_segment_anything(tokens):
+    """Token maps that need window padding on one or both sides, none, or are smaller than a window; the padding's
+    keys and values (the qkv bias) reach the real tokens' attention, and its gradient the bias."""
+    torch.manual_seed(0)
+    reference = Block(64, num_heads=4, use_rel_pos=True, window_size=4, input_size=(4, 4))
+    randomise_rel_pos(reference)
+    with torch.no_grad():
+        reference.attn.qkv.bias.normal_(0, 1)
+    ours = Block(64, num_heads=4, use_rel_pos=True, window_size=4, input_size=(4, 4))
+    ours.load_state_dict(reference.state_dict())
+    ours.__class__, ours.attn.__class__ = UnpaddedWindowBlock, SdpaAttention
+    assert_same_forward_and_backward(reference, ours, torch.randn(2, *tokens, 64))
 
 
 def test_encoder_uses_sdpa_with_the_official_parameters():
     spec = get_encoder_spec("tiny")
     torch.manual_seed(0)
     ours = build_image_encoder(spec).eval()
-    assert all(type(block.attn) is SdpaAttention for block in ours.blocks)
+    assert all(type(block) is UnpaddedWindowBlock and type(block.attn) is SdpaAttention for block in ours.blocks)
     official = build_image_encoder(spec, fused_attention=False).eval()
     assert all(type(block.attn) is Attention for block in official.blocks)
     randomise_rel_pos(ours)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
 from torch import nn
 
-from .sam_attention import use_sdpa_attention
+from .sam_attention import use_fused_attention
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +106,8 @@ def get_encoder_spec(backbone: str) -> SamEncoderSpec:
 
 def build_image_encoder(spec: SamEncoderSpec, fused_attention: bool = True) -> ImageEncoderViT:
     """ViT encoder: (B, 3, S, S) in -> (B, prompt_dim, S/16, S/16) out; ``fused_attention`` runs its attention
-    through SDPA (``sam_attention``), else segment_anything's own attention runs."""
+    through SDPA and skips the per-token work on window padding (``sam_attention``), else segment_anything's own
+    blocks run."""
     encoder = ImageEncoderViT(
         img_size=spec.img_size,
         patch_size=spec.patch_size,
@@ -121,7 +122,7 @@ def build_image_encoder(spec: SamEncoderSpec, fused_attention: bool = True) -> I
         window_size=spec.window_size,
         global_attn_indexes=spec.global_attn_indexes,
     )
-    return use_sdpa_attention(encoder) if fused_attention else encoder
+    return use_fused_attention(encoder) if fused_attention else encoder
 
 
 def build_prompt_encoder(spec: SamEncoderSpec) -> PromptEncoder:
