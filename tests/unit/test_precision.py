@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import lib.model
 from lib.model import autocast, inference_precision
 from lib.networks.hf_sam import HFSam
 from lib.networks.masg_sam import MASGSam
@@ -43,3 +44,14 @@ def test_precision_choice():
     assert inference_precision("auto", "cpu") in ("fp32", "bf16")
     with pytest.raises(ValueError, match="valid values are auto, fp32, bf16"):
         inference_precision("fp8", "cpu")
+
+
+@pytest.mark.parametrize(
+    "bf16_instructions, bf16_seconds, expected", [(True, 0.5, "bf16"), (True, 0.95, "fp32"), (True, 2.0, "fp32"), (False, 0.5, "fp32")]
+)
+def test_auto_precision_follows_the_measured_cpu_speed(monkeypatch, bf16_instructions, bf16_seconds, expected):
+    """A CPU with bf16 instructions gets bf16 only where its bf16 products measure clearly faster than fp32."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bf16_instructions)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(lib.model, "linear_seconds", lambda precision: {"fp32": 1.0, "bf16": bf16_seconds}[precision])
+    assert inference_precision("auto", "cpu") == expected
