@@ -6,6 +6,8 @@
 
 Runs the app's own code paths (infer task, trainer) on a copy of the sample datastore (brain MRI; EM for fgnet),
 with random weights in the official layout when no SAM/SAM2 checkpoint is given (speed does not depend on them).
+The SAM models segment a volume of ``--slices`` axial slices of 512 x 512 voxels (``--in-plane``) made from the
+sample brain_003; fgnet the EM sample em_003 as it is.
 For the SAM models the same run also measures the reference path (segment_anything's unmodified encoder, prompt
 encoder and decoder, fp32, one slice at a time, at the model size), counts the network's FLOPs per slice with
 torch's FlopCounterMode and measures the machine's fp32 and bf16 matmul throughput, so every speed is also a
@@ -31,23 +33,36 @@ os.environ.setdefault("MONAI_LABEL_TRACKING_ENABLED", "false")
 os.environ.setdefault("MONAI_LABEL_DATASTORE_AUTO_RELOAD", "false")
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def peak_memory_mb(device: str) -> dict[str, float]:
+    """Peak resident memory of this process so far and, on CUDA, peak GPU memory allocated by torch."""
+    peaks = {"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device.startswith("cuda"):
+        import torch
+
+        peaks["gpu_memory"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return peaks
 
 
-def synthetic_volume(path: str, reference: str, slices: int, air_slices: int = 0) -> None:
+def synthetic_volume(path: str, reference: str, slices: int, air_slices: int = 0, in_plane: int | None = None) -> None:
     """``slices`` axial slices through the reference volume's centre (tiled when it has fewer), with ``air_slices``
-    empty slices added above and below (what slab skipping leaves out)."""
+    empty slices added above and below (what slab skipping leaves out); resampled to ``in_plane`` x ``in_plane``
+    voxels per slice when given (a CT-sized 512 x 512 grid; the field of view stays the reference's)."""
     import nibabel as nib
     import numpy as np
+    from monai.transforms import Resize
 
     ref = nib.load(reference)
-    data = np.asarray(ref.dataobj)
+    data = np.asarray(ref.dataobj, dtype=np.float32)
+    affine = ref.affine.copy()
+    if in_plane:
+        factors = [data.shape[0] / in_plane, data.shape[1] / in_plane]
+        data = Resize((in_plane, in_plane, data.shape[2]), mode="trilinear")(data[None])[0].numpy()
+        affine[:3, :2] *= factors
     reps = -(-slices // data.shape[2])
     tiled = np.concatenate([data] * reps, axis=2)
     first = max(0, (data.shape[2] - slices) // 2)
     air = np.zeros((*data.shape[:2], air_slices), data.dtype)
-    nib.save(nib.Nifti1Image(np.concatenate([air, tiled[..., first : first + slices], air], axis=2), ref.affine), path)
+    nib.save(nib.Nifti1Image(np.concatenate([air, tiled[..., first : first + slices], air], axis=2), affine), path)
 
 
 def random_official_checkpoint(backbone: str, directory: str) -> str:
@@ -132,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="hf_sam")
     parser.add_argument("--slices", type=int, default=100, help="axial slices through the sample volume's centre")
     parser.add_argument("--air-slices", type=int, default=0, help="empty slices added above and below them")
+    parser.add_argument(
+        "--in-plane", type=int, default=512, help="voxels per slice side of the benchmark volume, 0 = the sample's own (SAM models)"
+    )
     parser.add_argument("--sam-checkpoint", default=None, help="official SAM file; default: random weights in its layout")
     parser.add_argument("--sam2-variant", default="hiera_t", help="fgnet's SAM2 encoder when the backbone is not tiny")
     parser.add_argument("--device", default="cpu")
@@ -154,7 +172,11 @@ def main(argv: list[str] | None = None) -> int:
         dataset, reference = ("em-neurons", "em_003") if em else ("brain-mri", "brain_003")
         shutil.copytree(os.path.join(REPO, "sample-datasets", dataset), studies, ignore=shutil.ignore_patterns("datastore_v2.json", ".lock"))
         synthetic_volume(
-            os.path.join(studies, "bench.nii.gz"), os.path.join(studies, f"{reference}.nii.gz"), args.slices, args.air_slices
+            os.path.join(studies, "bench.nii.gz"),
+            os.path.join(studies, f"{reference}.nii.gz"),
+            args.slices,
+            args.air_slices,
+            None if em else args.in_plane or None,
         )
 
         conf = {"models": args.model, "backbone": args.backbone, "device": args.device, "auto_scoring": "false", "precision": args.precision}
@@ -174,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # Every timed inference but the last starts from an empty embedding cache: a volume seen for the first time.
         task = app._infers[args.model]
+        results["precision"] = getattr(task, "precision", "fp32")
         embeddings = getattr(task, "embeddings", None)
         start = time.perf_counter()
         app.infer(request)
@@ -197,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             app.infer(request)
             results["reinfer_cached_embeddings_s"] = time.perf_counter() - start
 
+        results.update({f"peak_{kind}_infer_mb": mb for kind, mb in peak_memory_mb(args.device).items()})
         if not args.skip_update:
             start = time.perf_counter()
             app.train({"model": args.model, "max_epochs": args.update_epochs, "device": args.device})
@@ -211,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         network, _ = app.models[args.model].model.resident(args.device)
         results["trainable_parameters"] = sum(p.numel() for p in network.parameters() if p.requires_grad)
         results["all_parameters"] = sum(p.numel() for p in network.parameters())
-        results["peak_rss_mb"] = peak_rss_mb()
+        results.update({f"peak_{kind}_mb": mb for kind, mb in peak_memory_mb(args.device).items()})
         if not em:
             size = app.models[args.model].model.img_size
             results["gflop_per_slice"] = flops_per_slice(network, size, args.device) / 1e9
@@ -221,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
             results["achieved_gflops"] = achieved
             results["fraction_of_fp32_peak"] = achieved / results["fp32_matmul_gflops"]
             results["fraction_of_bf16_peak"] = achieved / results["bf16_matmul_gflops"]
+            # The hardware limit is the faster of the two: some CPUs with bf16 instructions run bf16 slower.
+            results["fraction_of_peak"] = achieved / max(results["fp32_matmul_gflops"], results["bf16_matmul_gflops"])
             results["reference_s_per_slice"] = reference_seconds_per_slice(args.backbone, args.device)
             results["speedup_over_reference"] = results["infer_warm_slices_per_s"] * results["reference_s_per_slice"]
             results["network_speedup_over_reference"] = results["network_slices_per_s"] * results["reference_s_per_slice"]
@@ -229,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"{'measure':32s} value")
     for key, value in results.items():
-        if isinstance(value, (int, float)):
+        if isinstance(value, (int, float, str)):
             print(f"{key:32s} {value:.3f}" if isinstance(value, float) else f"{key:32s} {value}")
     if args.out:
         with open(args.out, "w") as f:

@@ -291,8 +291,8 @@ class LoraTrainer(BasicTrainTask):
         if context.local_rank == 0:
             self._publish_best_on_completion(context)
         if context.multi_gpu:
-            # MONAI Label destroys the process group right after the run. Ranks leave together: a rank that
-            # tore down its side of the gloo pairs while rank 0 was still publishing was seen aborted (SIGABRT).
+            # MONAI Label destroys the process group right after the run; the ranks leave it together, after
+            # rank 0 has published (a rank once ended in SIGABRT at this point while rank 0 had yet to publish).
             context.trainer.add_event_handler(Events.COMPLETED, lambda engine: torch.distributed.barrier())
 
     def _publish_best_on_completion(self, context: Context):
