@@ -9,9 +9,9 @@ with random weights in the official layout when no SAM/SAM2 checkpoint is given 
 The SAM models segment a volume of ``--slices`` axial slices of 512 x 512 voxels (``--in-plane``) made from the
 sample brain_003; fgnet the EM sample em_003 as it is.
 For the SAM models the same run also measures the reference path (segment_anything's unmodified encoder, prompt
-encoder and decoder, fp32, one slice at a time, at the model size), counts the network's FLOPs per slice with
-torch's FlopCounterMode and measures the machine's fp32 and bf16 matmul throughput, so every speed is also a
-fraction of the hardware limit. Prints a table and writes JSON (--out).
+encoder and decoder, fp32, one slice at a time, at the model size) in turns with the app's network, counts the
+network's FLOPs per slice with torch's FlopCounterMode and measures the machine's fp32 and bf16 matmul
+throughput, so every speed is also a fraction of the hardware limit. Prints a table and writes JSON (--out).
 """
 
 from __future__ import annotations
@@ -114,10 +114,18 @@ def flops_per_slice(network, img_size: int, device: str) -> float:
     return float(counter.get_total_flops())
 
 
-def reference_seconds_per_slice(backbone: str, device: str, slices: int = 3) -> float:
-    """segment_anything's own ImageEncoderViT + PromptEncoder + MaskDecoder at the model size, fp32, one slice per
-    call (as SAMed-style pipelines run a volume), without prompts; best of ``slices`` timed calls after a warm-up."""
+def paired_seconds_per_slice(network, backbone: str, device: str, batch_size: int, precision: str, rounds: int = 3):
+    """Seconds per slice of the reference path and of ``network`` (``batch_size`` slices per forward under
+    ``precision``), timed in turns in one process so that a host whose speed drifts slows both alike; medians of
+    ``rounds`` after one warm-up call of each.
+
+    The reference is segment_anything's own ImageEncoderViT + PromptEncoder + MaskDecoder at the model size, fp32,
+    one slice per call (as SAMed-style pipelines run a volume), without prompts.
+    """
+    import statistics
+
     import torch
+    from lib.model import autocast
     from lib.networks.sam_backbone import build_image_encoder, build_prompt_encoder, get_encoder_spec
     from segment_anything.modeling import MaskDecoder, TwoWayTransformer
 
@@ -128,17 +136,30 @@ def reference_seconds_per_slice(backbone: str, device: str, slices: int = 3) -> 
         transformer_dim=spec.prompt_dim,
         transformer=TwoWayTransformer(depth=2, embedding_dim=spec.prompt_dim, mlp_dim=spec.decoder_mlp_dim, num_heads=spec.decoder_heads),
     ).to(device).eval()
-    image = torch.rand(1, 3, spec.img_size, spec.img_size, device=device)
-    times = []
+    reference_image = torch.rand(1, 3, spec.img_size, spec.img_size, device=device)
+    slices = torch.rand(batch_size, 1, spec.img_size, spec.img_size, device=device)
+
+    def reference():
+        sparse, dense = prompts(points=None, boxes=None, masks=None)
+        decoder(encoder(reference_image), prompts.get_dense_pe(), sparse, dense, multimask_output=True)
+        return 1
+
+    def ours():
+        with autocast(precision, device):
+            network(slices)
+        return batch_size
+
+    times = {reference: [], ours: []}
     with torch.no_grad():
-        for _ in range(slices + 1):
-            start = time.perf_counter()
-            sparse, dense = prompts(points=None, boxes=None, masks=None)
-            decoder(encoder(image), prompts.get_dense_pe(), sparse, dense, multimask_output=True)
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-    return min(times[1:])
+        for round in range(rounds + 1):
+            for path in (reference, ours):
+                start = time.perf_counter()
+                count = path()
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                if round:
+                    times[path].append((time.perf_counter() - start) / count)
+    return statistics.median(times[reference]), statistics.median(times[ours])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -247,9 +268,14 @@ def main(argv: list[str] | None = None) -> int:
             results["fraction_of_bf16_peak"] = achieved / results["bf16_matmul_gflops"]
             # The hardware limit is the faster of the two: some CPUs with bf16 instructions run bf16 slower.
             results["fraction_of_peak"] = achieved / max(results["fp32_matmul_gflops"], results["bf16_matmul_gflops"])
-            results["reference_s_per_slice"] = reference_seconds_per_slice(args.backbone, args.device)
-            results["speedup_over_reference"] = results["infer_warm_slices_per_s"] * results["reference_s_per_slice"]
-            results["network_speedup_over_reference"] = results["network_slices_per_s"] * results["reference_s_per_slice"]
+            reference, ours = paired_seconds_per_slice(
+                network, args.backbone, args.device, args.batch_size or task.batch_size, results["precision"]
+            )
+            results["reference_s_per_slice"] = reference
+            results["paired_network_s_per_slice"] = ours
+            results["paired_network_speedup"] = reference / ours
+            results["speedup_over_reference"] = results["infer_warm_slices_per_s"] * reference
+            results["network_speedup_over_reference"] = results["network_slices_per_s"] * reference
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -21,8 +21,9 @@ def test_one_run_reports_speed_hardware_limit_update_and_size(tmp_path, sample_d
     r = json.loads(out.read_text())
 
     positive = [
-        "infer_cold_s", "infer_warm_s", "reinfer_cached_embeddings_s", "reference_s_per_slice", "gflop_per_slice",
-        "fp32_matmul_gflops", "bf16_matmul_gflops", "update_s", "adapter_bytes", "peak_rss_mb",
+        "infer_cold_s", "infer_warm_s", "reinfer_cached_embeddings_s", "reference_s_per_slice",
+        "paired_network_s_per_slice", "gflop_per_slice", "fp32_matmul_gflops", "bf16_matmul_gflops", "update_s",
+        "adapter_bytes", "peak_rss_mb",
     ]
     assert all(r[key] > 0 for key in positive), {key: r.get(key) for key in positive}
     assert r["skipped_slices"] == 6  # the air above and below never reaches the network
@@ -33,5 +34,6 @@ def test_one_run_reports_speed_hardware_limit_update_and_size(tmp_path, sample_d
     assert r["fraction_of_peak"] == pytest.approx(achieved / max(r["fp32_matmul_gflops"], r["bf16_matmul_gflops"]))
     assert r["peak_rss_mb"] >= r["peak_rss_infer_mb"] > 0
     assert r["speedup_over_reference"] == pytest.approx(r["infer_warm_slices_per_s"] * r["reference_s_per_slice"])
+    assert r["paired_network_speedup"] == pytest.approx(r["reference_s_per_slice"] / r["paired_network_s_per_slice"])
     assert r["adapter_version_served"] == 1  # the update was served by the next request
     assert 0 < r["trainable_parameters"] < r["all_parameters"]
