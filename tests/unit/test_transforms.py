@@ -15,6 +15,7 @@ from monai.transforms import Compose, Invertd
 from lib.transforms import (
     NormalizeIntensityByModalityd,
     RemapLabelsByNamed,
+    argmax_labels,
     client_to_model_ids,
     image_modality,
     inference_transforms,
@@ -256,3 +257,13 @@ def test_volume_transforms_remap_slicer_ids(labelled):
     assert set(torch.unique(plain["label"]).tolist()) == {0, 1, 2}
     assert torch.equal(swapped["label"] == 2, plain["label"] == 1)
     assert torch.equal(swapped["label"] == 1, plain["label"] == 2)
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+def test_argmax_labels_is_torch_argmax_with_the_dimension_kept(dim):
+    scores = torch.randint(0, 3, (3, 4, 5, 6)).float()  # many ties: the first highest index wins, as in argmax
+    expected = torch.argmax(scores, dim=dim, keepdim=True)
+    assert torch.equal(argmax_labels(scores, dim), expected)
+    image = MetaTensor(scores, affine=torch.diag(torch.tensor([2.0, 3.0, 4.0, 1.0])))
+    labels = argmax_labels(image)
+    assert isinstance(labels, MetaTensor) and torch.equal(labels.affine, image.affine)  # the geometry travels on

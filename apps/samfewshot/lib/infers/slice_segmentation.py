@@ -9,7 +9,7 @@ import torch
 from fastapi import HTTPException
 from monai.inferers import Inferer, SliceInferer
 from monai.data import MetaTensor
-from monai.transforms import Activationsd, AsDiscreted, CastToTyped, Compose, Invertd, Lambdad, SqueezeDimd
+from monai.transforms import Activationsd, CastToTyped, Compose, Invertd, Lambdad, SqueezeDimd
 from monailabel.transform.writer import Writer
 from monailabel.utils.others.generic import strtobool
 
@@ -17,7 +17,7 @@ from lib.infers.embedding_cache import CachedEncoding, EmbeddingCache
 from lib.infers.resident import ResidentModelInfer
 from lib.model import SegmentationModel, autocast
 from lib.scoring.uncertainty import normalised_entropy, tta_probabilities
-from lib.transforms import content_slices, inference_transforms
+from lib.transforms import argmax_labels, content_slices, inference_transforms
 from lib.transforms.prompts import batch_prompts, slice_prompts
 
 
@@ -75,7 +75,7 @@ class SliceSegmentation(ResidentModelInfer):
         return [
             Activationsd(keys="pred", softmax=True),
             Invertd(keys=maps, transform=Compose(self._pre), orig_keys=["image"] * 2, nearest_interp=False, allow_missing_keys=True),
-            AsDiscreted(keys="pred", argmax=True),
+            Lambdad(keys="pred", func=argmax_labels),
             Lambdad(keys="uncertainty", func=lambda u: (u.clamp(0, 1) * 255).round(), allow_missing_keys=True),
             SqueezeDimd(keys=maps, dim=0, allow_missing_keys=True),
             CastToTyped(keys=maps, dtype=np.uint8, allow_missing_keys=True),

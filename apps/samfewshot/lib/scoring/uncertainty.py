@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from lib.transforms.labels import argmax_labels
+
 # Identity, left-right and anterior-posterior flips of an axial slice (B, C, H, W).
 FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,))
 
@@ -46,5 +48,5 @@ def foreground_uncertainty(probabilities: torch.Tensor) -> float:
     """Mean normalised entropy over the voxels predicted as foreground, so empty slices do not dilute it; the
     mean over all voxels when nothing is predicted."""
     entropy = normalised_entropy(probabilities)
-    foreground = probabilities.argmax(1) > 0
+    foreground = argmax_labels(probabilities, 1).squeeze(1) > 0
     return float(entropy[foreground].mean() if foreground.any() else entropy.mean())
