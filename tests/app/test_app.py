@@ -143,7 +143,13 @@ def test_slices_without_content_are_background_without_a_forward_pass(client, st
     padded = np.concatenate([np.zeros_like(data[..., :20]), data, np.zeros_like(data[..., :20])], axis=-1)
     shifted = img.affine.copy()
     shifted[:3, 3] -= shifted[:3, 2] * 20
-    nib.save(nib.Nifti1Image(padded, shifted), str(studies / "padded.nii.gz"))
+    upload = tmp_path / "padded.nii.gz"
+    nib.save(nib.Nifti1Image(padded, shifted), str(upload))
+    # Through the upload endpoint: a file dropped into the studies folder is listed only once the datastore's
+    # watcher has seen it, which may be after the request.
+    with open(upload, "rb") as f:
+        r = client.put("/datastore/image", params={"image": "padded"}, files={"file": ("padded.nii.gz", f)})
+    assert r.status_code == 200, r.text
 
     network, _ = app_instance().models["hf_sam"].model.resident("cpu")
     seen = []
