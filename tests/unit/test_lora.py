@@ -6,6 +6,7 @@ import copy
 import errno
 import io
 import os
+import re
 import time
 
 import pytest
@@ -16,7 +17,9 @@ from lib.model import SegmentationModel
 from lib.networks.hf_sam import HFSam
 from lib.networks.lora import (
     AdapterError,
+    adapter_spec,
     adapter_state_dict,
+    check_adapter_tensors,
     check_adapter_config,
     history_path,
     list_versions,
@@ -155,6 +158,17 @@ def test_versions_history_and_restore(tmp_path):
     assert "[1, 2, 3, 4]" in str(err.value)
 
 
+def test_a_withdrawn_adapter_never_gets_its_numbers_reused(tmp_path):
+    """DELETE /model/{model} moves the served file aside; the next publish continues after the history."""
+    path = str(tmp_path / "models" / "hf_sam.pt")
+    for v in (1, 2):
+        publish_adapter(path, _dummy_state(v), _config())
+    kept = open(history_path(path, 2), "rb").read()
+    os.rename(path, path + ".deleted")
+    assert publish_adapter(path, _dummy_state(3), _config()) == 3
+    assert open(history_path(path, 2), "rb").read() == kept and list_versions(path) == [1, 2, 3]
+
+
 # ------------------------------------------------------------------------------------------- atomic publish
 
 
@@ -263,6 +277,13 @@ def test_load_adapter_state_refuses_other_tensors(base):
         load_adapter_state(net, {k: v for k, v in state.items() if not k.startswith("fusion_after.")})
     with pytest.raises(AdapterError, match="unknown"):
         load_adapter_state(net, dict(state, **{"image_encoder.neck.0.weight": torch.zeros(1)}))
+    first = next(iter(state))
+    for value, message in ((torch.zeros(1), "has shape (1,), model"), (state[first].double(), "has dtype torch.float64"),
+                           (torch.full_like(state[first], float("nan")), "NaN or infinite"), ([1.0], "is a list, not a tensor")):
+        with pytest.raises(AdapterError, match=re.escape(message)):
+            load_adapter_state(net, dict(state, **{first: value}))
+    with pytest.raises(AdapterError, match="not a dict of tensors"):
+        check_adapter_tensors([], adapter_spec(net))
 
 
 @pytest.mark.parametrize("content", ["garbage", "plain-dict", "other-format-version"])

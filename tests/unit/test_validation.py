@@ -163,3 +163,111 @@ def test_a_stored_image_is_checked_again_once_it_changes(bad_volumes, tmp_path):
     os.utime(path, ns=(1, 1))  # a different mtime even on coarse file-system clocks
     with pytest.raises(v.InvalidInput, match="NaN"):
         v.stored_image_grid(str(path))
+
+
+# ---- limits on what a client names and sends ------------------------------------------------------------------
+@pytest.mark.parametrize("name,message", [("a" * 129, "129 bytes long; at most 128"), ("é" * 65, "130 bytes long")])
+def test_names_are_bounded_in_bytes(name, message):
+    with pytest.raises(v.InvalidInput, match=message):
+        v.check_name(name, "image id")
+    assert v.check_name("a" * 128, "image id")
+
+
+@pytest.mark.parametrize(
+    "filename,message",
+    [("a\x00b.nii.gz", "control characters"), ("x" * 256, "longer than 255 bytes"), ("a." + "x" * 20, "at most 16 characters"), (7, "must be a string")],
+)
+def test_upload_file_names_are_checked(filename, message):
+    with pytest.raises(v.InvalidInput, match=message):
+        v.check_filename(filename, "image")
+    assert v.check_filename("brain 002.seg.nrrd", "label") == "brain 002.seg.nrrd"
+    assert v.check_filename(None, "image") == ""
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [("[" * 10_000 + "]" * 10_000, "nested deeper than 32 levels"), ('{"a": ' + "[" * 40 + "]" * 40 + "}", "nested deeper"),
+     ('{"a": "' + "x" * (1 << 20) + '"}', "bytes of JSON; at most 1048576")],
+)
+def test_json_fields_are_bounded_in_depth_and_size(text, message):
+    with pytest.raises(v.InvalidInput, match=message):
+        v.parse_json_object(text, "params")
+
+
+def test_task_options_are_bounded_and_repeat_the_url():
+    assert v.check_options(None, "train options") == {}
+    with pytest.raises(v.InvalidInput, match="16393 bytes of JSON; at most 16384"):
+        v.check_options({"a": "x" * 16384}, "train options")
+    with pytest.raises(v.InvalidInput, match="must be a JSON object, got list"):
+        v.check_options([1], "train options")
+    v.check_same({"model": "hf_sam"}, "model", "hf_sam", "train options")
+    with pytest.raises(v.InvalidInput, match="model '../x' in the train options differs from the model 'hf_sam' the URL names"):
+        v.check_same({"model": "../x"}, "model", "hf_sam", "train options")
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [({"name": "../run"}, "name must be a plain name"), ({"tracking_uri": "file:///tmp/x"}, "tracking_uri must be empty"),
+     ({"train_ds": "/etc/passwd"}, "may not set train_ds"), ({"distributed_url": "file:///tmp/x"}, "may not set distributed_url"),
+     ({"gpus": "0;ls"}, "gpus must be"), ({"device": ["cpu", "tpu"]}, "device must be"), ({"dataset": "EvilDataset"}, "dataset must be one of")],
+)
+def test_train_options_naming_server_paths_are_refused(options, message):
+    with pytest.raises(v.InvalidInput, match=message):
+        v.check_train_options(options)
+
+
+def test_the_trainer_config_clients_echo_passes():
+    """3D Slicer sends the first value of each option of the trainer's config (MONAI Label's defaults)."""
+    v.check_train_options({"name": "train_01", "pretrained": True, "device": ["cpu"], "max_epochs": 50, "early_stop_patience": -1,
+                           "val_split": 0.2, "train_batch_size": 1, "val_batch_size": 1, "multi_gpu": True, "gpus": "all",
+                           "dataset": "SmartCacheDataset", "dataloader": "ThreadDataLoader", "tracking": "None", "tracking_uri": "",
+                           "tracking_experiment_name": ""})
+
+
+@pytest.mark.parametrize(
+    "params,message",
+    [({"image": "/etc/hostname"}, "differs from the image 'brain_002'"), ({"model": "fgnet"}, "differs from the model 'hf_sam'"),
+     ({"image_path": "/etc/hostname"}, "may not set image_path"), ({"save_label": True}, "may not set save_label"),
+     ({"result_extension": ".exe"}, "result_extension must be one of"), ({"result_dtype": "complex64"}, "result_dtype must be"),
+     ({"foreground": [[1, 2, float("inf")]]}, "foreground must be"), ({"roi": [0, 0, 1, 1, 0]}, "roi must be"),
+     ({"batch_size": 0}, "batch_size must be an integer in 1..256"), ({"label_info": "white"}, "label_info must be a list")],
+)
+def test_infer_params_keep_the_image_and_server_keys(params, message):
+    with pytest.raises(v.InvalidInput, match=message):
+        v.check_infer_params(params, "brain_002", "hf_sam")
+
+
+def test_what_slicer_and_ohif_send_passes():
+    v.check_infer_params({"image": "brain_002", "device": "cpu", "batch_size": 2, "modality": "auto", "precision": "fp32",
+                          "result_extension": ".nrrd", "result_dtype": "uint8", "result_compress": False, "restore_label_idx": False,
+                          "label": "white matter", "foreground": [[10, 20, 30.5]], "background": [], "roi": [], "slice": 3,
+                          "client_id": "user-xyz", "white matter": [[1, 2, 3]]}, "brain_002", "hf_sam")
+
+
+@pytest.mark.parametrize("value,message", [("CRC32:ab", "algorithm 'CRC32' is not supported"), ("SHA256:xyz", "not a SHA256 hex digest"), ("MD5:" + "a" * 64, "32 hex digits")])
+def test_checksums_name_a_supported_algorithm(value, message):
+    with pytest.raises(v.InvalidInput, match=message):
+        v.check_checksum(value)
+    v.check_checksum("a" * 64)
+    v.check_checksum("MD5:" + "b" * 32)
+
+
+@pytest.mark.parametrize("data_file", ["../../../etc/hostname", "/etc/hostname"])
+def test_detached_nrrd_headers_are_refused_unread(tmp_path, data_file):
+    path = tmp_path / "volume.nrrd"
+    path.write_text(f"NRRD0004\ntype: float\ndimension: 3\nsizes: 4 4 4\nencoding: raw\ndata file: {data_file}\n\n")
+    with pytest.raises(v.InvalidInput, match="voxels lie in another file"):
+        v.check_image(str(path))
+
+
+@pytest.mark.parametrize("fill,message", [(np.nan, "affine that is not finite"), (0.0, "affine that is not invertible")])
+def test_broken_affines_are_refused(tmp_path, bad_volumes, fill, message):
+    ref = nib.load(bad_volumes["image.nii.gz"])
+    header = ref.header.copy()
+    header.set_qform(None, code=0)
+    header.set_sform(ref.affine, code=1)
+    for row in ("srow_x", "srow_y", "srow_z"):
+        header[row][:3] = fill
+    nib.save(nib.Nifti1Image(np.asarray(ref.dataobj), None, header), str(tmp_path / "broken.nii.gz"))
+    with pytest.raises(v.InvalidInput, match=message):
+        v.check_image(str(tmp_path / "broken.nii.gz"))

@@ -20,7 +20,7 @@ import torch
 from monai.apps import download_url
 from torch import nn
 
-from lib.networks.lora import check_adapter_config, load_adapter_state, read_adapter
+from lib.networks.lora import adapter_spec, check_adapter_config, load_adapter_state, read_adapter
 from lib.networks.sam_backbone import OFFICIAL_CHECKPOINTS, CheckpointError, OfficialCheckpoint, get_encoder_spec
 from lib.process_local import ProcessLocal
 
@@ -96,6 +96,7 @@ class SegmentationModel(ProcessLocal):
     _version: int = field(default=0, repr=False)
     _version_stamp: tuple | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _adapter_spec: dict[str, tuple] | None = field(default=None, repr=False)
     process_local: ClassVar[dict[str, Callable[[], Any]]] = {"_resident": dict, "_lock": threading.Lock}
 
     @property
@@ -119,6 +120,15 @@ class SegmentationModel(ProcessLocal):
         check_adapter_config(payload, self.adapter_config(), path)
         load_adapter_state(network, payload["state_dict"])
         return payload
+
+    def adapter_spec(self) -> dict[str, tuple]:
+        """Name -> (shape, dtype) of every tensor an adapter of this model holds (``lora.adapter_spec``), read from a
+        resident network, or from one built for the purpose when none is (once per process)."""
+        if self._adapter_spec is None:
+            with self._lock:
+                built = next(iter(self._resident.values()), None)
+            self._adapter_spec = adapter_spec(built[0] if built else self.build_network())
+        return self._adapter_spec
 
     def resident(self, device: str) -> tuple[nn.Module, int]:
         """The network kept on ``device`` with the currently published adapter swapped in, and its version."""

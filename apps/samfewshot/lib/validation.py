@@ -3,25 +3,25 @@
 A shared annotation server meets truncated uploads, odd volumes and mistyped requests. Every check here raises
 ``InvalidInput`` (HTTP 422) or ``NotFound`` (404) with a message that names the problem; nothing is written
 before the checks pass. The datastore (``lib.datastore``) checks uploads, the infer base (``lib.infers.resident``)
-checks the volume it is asked to segment, and ``install_request_checks`` guards MONAI Label's endpoints where the
-request is parsed before the app sees it (JSON form fields, train and scoring names, infer image ids).
+checks the volume it is asked to segment, and ``lib.routes`` applies the checks of names, JSON and options here to
+the arguments of every route the server answers.
 
 Volumes: NIfTI, NRRD or DICOM (a file or a series folder), read by MONAI's ``LoadImage`` after a header-only look
 that refuses more than ``MAX_VOXELS`` voxels before any voxel is read. An image must be 3D (at least 2 voxels along
 each axis; trailing singleton axes are dropped), hold finite intensities and not be constant. A label must lie on its
 image's voxel grid (same shape, affine within ``GRID_TOLERANCE`` of a voxel) and hold non-negative integer ids the
-model knows.
+model knows. ``lib.routes`` applies these checks to the arguments of every route the server answers.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import json
 import logging
 import math
 import os
+import pathlib
 import re
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
@@ -43,7 +43,18 @@ GRID_TOLERANCE = 0.01
 STORED_SUFFIXES = (".nii.gz", ".nii", ".nrrd")
 NIFTI_SUFFIXES = (".nii.gz", ".nii", ".hdr", ".img")
 DICOM_SUFFIXES = (".dcm", ".dicom")
-# Image ids and label tags become file and folder names inside the datastore.
+# Image ids and label tags become file and folder names inside the datastore: a file name holds at most 255 bytes,
+# and the id shares it with its extension. DICOM UIDs, the longest ids clients send, have at most 64 characters.
+MAX_NAME_BYTES = 128
+# An uploaded file's name: its suffixes pick the reader and name the server's temporary copy.
+MAX_FILENAME_BYTES = 255
+MAX_SUFFIX_CHARS = 16
+# JSON a client sends: form fields (params, info) and request bodies (train, scoring, active learning options).
+# Python's parser recurses; nesting is bounded well below the interpreter's limit, and sizes keep the datastore
+# index and the task queue (which passes a request to its subprocess on the command line) small.
+MAX_JSON_DEPTH = 32
+MAX_FIELD_BYTES = 1 << 20
+MAX_OPTIONS_BYTES = 16 << 10
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -73,10 +84,34 @@ def check_name(value: Any, what: str) -> str:
     """An image id or label tag: a plain file name, never a path (no separators, no leading dot, no control
     characters), so nothing can be written outside the datastore."""
     if not isinstance(value, str) or not value.strip():
-        raise InvalidInput(f"{what} must be a non-empty name, got {value!r}")
+        raise InvalidInput(f"{what} must be a non-empty name, got {_short(value)}")
+    if len(value.encode()) > MAX_NAME_BYTES:
+        raise InvalidInput(f"{what} {_short(value)} is {len(value.encode())} bytes long; at most {MAX_NAME_BYTES}")
     if "/" in value or "\\" in value or value.startswith(".") or _CONTROL.search(value):
         raise InvalidInput(f"{what} {value!r} is not a plain name: no '/', '\\', leading '.' or control characters")
     return value
+
+
+def check_filename(filename: Any, what: str) -> str:
+    """The name an uploaded file arrives with (its suffixes pick the reader); '' when the client sent none."""
+    if filename is None or filename == "":
+        return ""
+    if not isinstance(filename, str):
+        raise InvalidInput(f"{what} file name must be a string, got {_short(filename)}")
+    if _CONTROL.search(filename):
+        raise InvalidInput(f"{what} file name {filename!r} holds control characters")
+    if len(filename.encode()) > MAX_FILENAME_BYTES:
+        raise InvalidInput(f"{what} file name {_short(filename)} is longer than {MAX_FILENAME_BYTES} bytes")
+    suffix = "".join(pathlib.PurePosixPath(filename.replace("\\", "/")).suffixes)
+    if len(suffix) > MAX_SUFFIX_CHARS:
+        raise InvalidInput(f"{what} file name {filename!r} has the extension {_short(suffix)}; at most {MAX_SUFFIX_CHARS} characters")
+    return filename
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """A client's value quoted for a message, cut to ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def check_choice(value: Any, valid: Collection[str], what: str) -> str:
@@ -87,17 +122,54 @@ def check_choice(value: Any, valid: Collection[str], what: str) -> str:
     return value
 
 
-def parse_json_object(text: Any, field: str) -> dict[str, Any]:
-    """A form field that must hold a JSON object (MONAI Label's ``params`` / ``info``)."""
+def parse_json_object(text: Any, field: str, max_bytes: int = MAX_FIELD_BYTES) -> dict[str, Any]:
+    """A form field that must hold a JSON object (MONAI Label's ``params`` / ``info``), of bounded size and depth."""
     if text is None or text == "":
         return {}
+    if not isinstance(text, str):
+        raise InvalidInput(f"'{field}' must be JSON text, got {type(text).__name__}")
+    if len(text.encode()) > max_bytes:
+        raise InvalidInput(f"'{field}' is {len(text.encode())} bytes of JSON; at most {max_bytes}")
     try:
         value = json.loads(text)
     except (TypeError, json.JSONDecodeError) as e:
         raise InvalidInput(f"'{field}' is not valid JSON ({e}); send a JSON object such as {{}}") from e
+    except RecursionError as e:
+        raise InvalidInput(f"'{field}' is JSON nested deeper than {MAX_JSON_DEPTH} levels") from e
     if not isinstance(value, dict):
         raise InvalidInput(f"'{field}' must be a JSON object, got {type(value).__name__}: {text[:80]!r}")
+    check_json_depth(value, field)
     return value
+
+
+def check_json_depth(value: Any, field: str) -> None:
+    """Nesting of parsed JSON at most ``MAX_JSON_DEPTH`` (iterative: a deep value must not exhaust the stack)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise InvalidInput(f"'{field}' is JSON nested deeper than {MAX_JSON_DEPTH} levels")
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+
+
+def check_options(options: Any, what: str, max_bytes: int = MAX_OPTIONS_BYTES) -> dict[str, Any]:
+    """A JSON body of task options (train, scoring, active learning): an object (or nothing), small and shallow."""
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise InvalidInput(f"{what} must be a JSON object, got {type(options).__name__}")
+    check_json_depth(options, what)
+    size = len(json.dumps(options).encode())
+    if size > max_bytes:
+        raise InvalidInput(f"{what} are {size} bytes of JSON; at most {max_bytes}")
+    return options
+
+
+def check_same(options: Mapping[str, Any], key: str, expected: Any, where: str) -> None:
+    """A body or params key that repeats what the URL names (model, strategy, method, image) may only repeat it."""
+    if key in options and options[key] != expected:
+        raise InvalidInput(f"{key} {_short(options[key])} in the {where} differs from the {key} {expected!r} the URL names")
 
 
 def check_label_info(label_info: Any) -> dict[int, str]:
@@ -117,24 +189,12 @@ def check_label_info(label_info: Any) -> dict[int, str]:
     return ids
 
 
-# Training options a client may set and what they must be; other keys pass to the trainer unchecked.
-TRAIN_OPTIONS: dict[str, tuple[str, Callable[[Any], bool]]] = {
-    "max_epochs": ("a positive integer", lambda v: (_integer(v) or 0) >= 1),
-    "train_batch_size": ("a positive integer", lambda v: (_integer(v) or 0) >= 1),
-    "val_batch_size": ("a positive integer", lambda v: (_integer(v) or 0) >= 1),
-    "early_stop_patience": ("an integer", lambda v: _integer(v) is not None),
-    "lr": ("a positive number", lambda v: (_number(v) or 0) > 0),
-    "val_split": ("a number in [0, 1)", lambda v: _number(v) is not None and 0 <= _number(v) < 1),
-    "multi_gpu": ("true or false", lambda v: isinstance(v, bool) or str(v).lower() in ("true", "false", "1", "0")),
-}
-
-
 def _number(value: Any) -> float | None:
     if isinstance(value, bool):
         return None
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
     return number if math.isfinite(number) else None
 
@@ -144,10 +204,128 @@ def _integer(value: Any) -> int | None:
     return int(number) if number is not None and number.is_integer() else None
 
 
-def check_train_options(options: Mapping[str, Any]) -> None:
-    wrong = [f"{k} must be {what}, got {options[k]!r}" for k, (what, ok) in TRAIN_OPTIONS.items() if k in options and not ok(options[k])]
+def _boolean(value: Any) -> bool:
+    return isinstance(value, bool) or value in (0, 1) or (isinstance(value, str) and value.lower() in BOOLEAN_WORDS)
+
+
+def _points(value: Any, length: int | None = None) -> bool:
+    """A list of [i, j, k] finite numbers (``length`` None), or one list of ``length`` finite numbers."""
+    if length is not None:
+        return isinstance(value, list) and len(value) == length and all(_number(v) is not None for v in value)
+    return isinstance(value, list) and len(value) <= MAX_PROMPT_POINTS and all(_points(p, 3) for p in value)
+
+
+def _name(value: Any) -> bool:
+    return isinstance(value, str) and 0 < len(value.encode()) <= MAX_NAME_BYTES and not _CONTROL.search(value)
+
+
+def _device(value: Any) -> bool:
+    """'cpu', 'cuda', 'cuda:N', or a list of them (MONAI Label's trainer config lists the choices)."""
+    if isinstance(value, list):
+        return 0 < len(value) <= 16 and all(_device(v) for v in value)
+    return isinstance(value, str) and re.fullmatch(r"cpu|cuda(:\d{1,2})?", value) is not None
+
+
+def _one_of(*choices: Any) -> tuple[str, Callable[[Any], bool]]:
+    return f"one of {', '.join(map(str, choices))}", lambda v: v in choices
+
+
+BOOLEAN_WORDS = ("true", "false", "1", "0", "yes", "no", "y", "n", "t", "f", "on", "off")
+MAX_PROMPT_POINTS = 1000
+RESULT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".seg.nrrd")
+RESULT_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "float32")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+Options = dict[str, tuple[str, Callable[[Any], bool]]]
+
+# Options of every task request: where it runs and how much it logs.
+COMMON_OPTIONS: Options = {
+    "device": ("'cpu', 'cuda' or 'cuda:N'", _device),
+    "logging": (f"one of {', '.join(LOG_LEVELS)}", lambda v: isinstance(v, str) and v.upper() in LOG_LEVELS),
+    "client_id": (f"a name of at most {MAX_NAME_BYTES} bytes", _name),
+}
+# Training options a client may set (3D Slicer echoes the trainer's config) and what they must be.
+TRAIN_OPTIONS: Options = {
+    **COMMON_OPTIONS,
+    "max_epochs": ("a positive integer", lambda v: (_integer(v) or 0) >= 1),
+    "train_batch_size": ("a positive integer", lambda v: (_integer(v) or 0) >= 1),
+    "val_batch_size": ("a positive integer", lambda v: (_integer(v) or 0) >= 1),
+    "early_stop_patience": ("an integer", lambda v: _integer(v) is not None),
+    "lr": ("a positive number", lambda v: (_number(v) or 0) > 0),
+    "val_split": ("a number in [0, 1)", lambda v: _number(v) is not None and 0 <= _number(v) < 1),
+    "multi_gpu": ("true or false", _boolean),
+    "pretrained": ("true or false", _boolean),
+    "gpus": ("'all' or GPU indices such as '0,1'", lambda v: isinstance(v, str) and re.fullmatch(r"all|\d{1,2}(,\d{1,2}){0,15}", v) is not None),
+    "name": ("a plain name (no '/', '\\' or leading '.')", lambda v: _name(v) and "/" not in v and "\\" not in v and not v.startswith(".")),
+    "dataset": _one_of("SmartCacheDataset", "CacheDataset", "PersistentDataset", "Dataset"),
+    "dataloader": _one_of("ThreadDataLoader", "DataLoader"),
+    "tracking": _one_of("None", "mlflow", "", None),
+    "tracking_uri": ("empty: the server keeps a run's tracking inside its model folder", lambda v: v in ("", None)),
+    "tracking_experiment_name": (f"a name of at most {MAX_NAME_BYTES} bytes", lambda v: v == "" or _name(v)),
+    "tracking_run_name": (f"a name of at most {MAX_NAME_BYTES} bytes", lambda v: v == "" or _name(v)),
+}
+# Keys MONAI Label's trainer reads as server-side settings: a datalist file to train on, the process group's
+# rendezvous (a file:// URL is a path), the run's folder, code to import.
+SERVER_TRAIN_KEYS = ("train_ds", "val_ds", "distributed_url", "distributed_backend", "bundle_path", "run_id", "local_rank")
+
+# Keys of an infer request's ``params`` that MONAI Label reads as server-side settings (where the image is read
+# from, where the result is written, whether it is stored); params merge over the request, so a client could
+# otherwise name a server file (``image_path``), write a prediction over a final label (``save_label``,
+# ``label_tag``) or suppress the result.
+SERVER_INFER_KEYS = ("image_path", "model_filename", "session", "file", "save_label", "label_tag", "skip_writer",
+                     "result_write_to_file", "timeout", "description", "result_json_key")
+# Keys clients send and what they must be (3D Slicer, OHIF, MONAI Label's own SAM convention for prompts); other
+# keys pass: clients echo a model's config and OHIF names segments as keys of point lists.
+INFER_PARAMS: Options = {
+    **COMMON_OPTIONS,
+    "result_extension": _one_of(*RESULT_EXTENSIONS),
+    "result_dtype": _one_of(*RESULT_DTYPES),
+    "result_compress": ("true or false", _boolean),
+    "uncertainty": ("true or false", _boolean),
+    "foreground": (f"a list of at most {MAX_PROMPT_POINTS} [i, j, k] voxel indices", _points),
+    "background": (f"a list of at most {MAX_PROMPT_POINTS} [i, j, k] voxel indices", _points),
+    "roi": ("[i0, j0, i1, j1, k0, k1] voxel indices or []", lambda v: v == [] or _points(v, 6)),
+    "batch_size": ("an integer in 1..256", lambda v: 1 <= (_integer(v) or 0) <= 256),
+    "slice": ("a non-negative integer", lambda v: _integer(v) is not None and _integer(v) >= 0),
+    "label": (f"a segment name of at most {MAX_NAME_BYTES} bytes", _name),
+}
+
+
+def check_keys(options: Mapping[str, Any], table: Options, server_keys: Collection[str], what: str) -> None:
+    """``options`` may not hold ``server_keys``; those in ``table`` must pass its check; others pass."""
+    server = sorted(k for k in options if k in server_keys)
+    if server:
+        raise InvalidInput(f"{what} may not set {', '.join(server)}: the server decides where it reads and writes")
+    wrong = [f"{k} must be {what_}, got {_short(options[k])}" for k, (what_, ok) in table.items() if k in options and not ok(options[k])]
     if wrong:
         raise InvalidInput("; ".join(wrong))
+
+
+def check_train_options(options: Mapping[str, Any]) -> None:
+    check_keys(options, TRAIN_OPTIONS, SERVER_TRAIN_KEYS, "train options")
+
+
+def check_infer_params(params: Mapping[str, Any], image: str, model: str, server_keys: Collection[str] = SERVER_INFER_KEYS) -> None:
+    """An infer request's ``params`` (already a bounded JSON object): the image and model the URL names stay the
+    ones segmented, server-side keys are refused, and the keys clients send have sensible values."""
+    check_same(params, "image", image, "infer params")
+    check_same(params, "model", model, "infer params")
+    check_keys(params, INFER_PARAMS, server_keys, "infer params")
+    if "label_info" in params:
+        check_label_info(params["label_info"])
+
+
+_CHECKSUM = {"SHA256": 64, "SHA512": 128, "MD5": 32}
+
+
+def check_checksum(value: Any) -> None:
+    """``HEAD /datastore/image``'s ``check_sum``: '[ALGO:]hexdigest' with ALGO one of MONAI Label's (SHA256 default)."""
+    if value in (None, ""):
+        return
+    algo, _, digest = value.rpartition(":") if ":" in value else ("SHA256", ":", value)
+    if algo not in _CHECKSUM:
+        raise InvalidInput(f"check_sum algorithm {_short(algo)} is not supported; use {', '.join(_CHECKSUM)} as 'ALGO:hexdigest'")
+    if not re.fullmatch(rf"[0-9a-fA-F]{{{_CHECKSUM[algo]}}}", digest):
+        raise InvalidInput(f"check_sum digest {_short(digest)} is not a {algo} hex digest ({_CHECKSUM[algo]} hex digits)")
 
 
 # ---- volumes -------------------------------------------------------------------------------------------------
@@ -176,19 +354,28 @@ def volume_format(path: str) -> str:
     )
 
 
-def header_shape(path: str, name: str | None = None) -> tuple[int, ...]:
-    """The array shape a volume's header declares, read without its voxels (the size check comes before them)."""
+def header_shape(path: str, name: str | None = None, what: str = "volume") -> tuple[int, ...]:
+    """The array shape a volume's header declares, read without its voxels (the size check comes before them). A
+    NIfTI header's own affine is checked here too: readers differ in what they make of a broken one (MONAI falls
+    back to the voxel sizes, nibabel and ITK keep it)."""
     fmt = volume_format(path)
     name = name or os.path.basename(path)
     try:
         if fmt == "nifti":
             image = nib.load(path)
             shape = tuple(int(n) for n in image.shape)
+            check_affine(np.asarray(image.affine, dtype=np.float64), name, what)
             if path.endswith(".nii"):
                 _check_payload(path, image, shape, name)
             return shape
         if fmt == "nrrd":
             header = nrrd.read_header(path)
+            detached = header.get("data file", header.get("datafile"))
+            if detached is not None or path.lower().endswith(".nhdr"):
+                raise InvalidInput(
+                    f"{name!r} is an NRRD header whose voxels lie in another file ({_short(detached)}); the server reads "
+                    "only NRRD files with their data attached (.nrrd), never a file a header points to"
+                )
             return tuple(int(n) for n in header["sizes"])
         files = sorted(os.path.join(path, f) for f in os.listdir(path)) if os.path.isdir(path) else [path]
         if not files:
@@ -240,7 +427,7 @@ def read_volume(path: str, what: str, name: str | None = None) -> tuple[np.ndarr
     from monai.transforms import LoadImage
 
     name = name or os.path.basename(path.rstrip("/"))
-    declared = header_shape(path, name)
+    declared = header_shape(path, name, what)
     voxels = math.prod(declared)
     if voxels > MAX_VOXELS:
         raise InvalidInput(f"{what} {name!r} declares {'x'.join(map(str, declared))} = {voxels} voxels; limit {MAX_VOXELS}")
@@ -254,8 +441,21 @@ def read_volume(path: str, what: str, name: str | None = None) -> tuple[np.ndarr
         ) from e
     shape = spatial_shape(tuple(volume.shape), name, what)
     affine = np.asarray(volume.affine, dtype=np.float64)
+    check_affine(affine, name, what)
     data = volume.numpy().reshape(shape)
     return data, Grid(shape, affine), dict(volume.meta)
+
+
+def check_affine(affine: np.ndarray, name: str, what: str) -> None:
+    """A voxel-to-world affine the models and viewers can use: finite, and invertible (no zero voxel size)."""
+    if affine.shape != (4, 4) or not np.isfinite(affine).all():
+        raise InvalidInput(f"{what} {name!r} has an affine that is not finite: {affine.round(4).tolist()}")
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    if spacing.min() <= 0 or abs(np.linalg.det(affine[:3, :3] / spacing)) < 1e-6:
+        raise InvalidInput(
+            f"{what} {name!r} has an affine that is not invertible (voxel size {spacing.round(6).tolist()}); "
+            "fix its header's spacing and direction"
+        )
 
 
 def check_image_data(data: np.ndarray, name: str) -> None:
@@ -349,122 +549,3 @@ def check_label(
         raise InvalidInput(
             f"label {name!r} holds ids {unknown} that are not in {source} (ids {sorted(allowed)}; 0 is background)"
         )
-
-
-# ---- MONAI Label's endpoints -----------------------------------------------------------------------------------
-def _checked(function: Callable[..., Any], check: Callable[[inspect.BoundArguments], None]) -> Callable[..., Any]:
-    """``function`` preceded by ``check`` of its bound arguments; InvalidInput answers with its status code.
-
-    MONAI Label removes an upload's temporary copy in a background task, which Starlette runs only after a
-    successful response: for a refused request the tasks run here, so bad uploads do not pile up in the temp dir.
-    """
-    if getattr(function, "__samfewshot_checked__", False):
-        return function
-    signature = inspect.signature(function)
-
-    @functools.wraps(function)
-    def run(*args: Any, **kwargs: Any) -> Any:
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        try:
-            with http_errors():
-                check(bound)
-            return function(*args, **kwargs)
-        except Exception:
-            background = bound.arguments.get("background_tasks")
-            for task in getattr(background, "tasks", []):
-                task.func(*task.args, **task.kwargs)
-            raise
-
-    run.__samfewshot_checked__ = True
-    return run
-
-
-def _json_fields(*fields: str) -> Callable[[inspect.BoundArguments], None]:
-    def check(bound: inspect.BoundArguments) -> None:
-        for field in fields:
-            value = bound.arguments.get(field)
-            parse_json_object(value if isinstance(value, str) else None, field)
-
-    return check
-
-
-def _infer_request(bound: inspect.BoundArguments) -> None:
-    """Infer: JSON params; an image named by id (no file posted) must be one of the datastore's."""
-    from monailabel.interfaces.utils.app import app_instance
-
-    _json_fields("params")(bound)
-    args = bound.arguments
-    if not args.get("file") and not args.get("session_id"):
-        image = check_name(args.get("image"), "image id")
-        if image not in app_instance().datastore().list_images():
-            raise NotFound(f"image {image!r} is not in the datastore")
-
-
-def _task_request(run: Callable[..., Any]) -> Callable[..., Any]:
-    """MONAI Label's AsyncTask.run: a train request names a served trainer and sensible options, a scoring request
-    a served method; checked here because both run in a subprocess that would only fail later."""
-    if getattr(run, "__samfewshot_checked__", False):
-        return staticmethod(run)
-
-    def checked(method: str, request=None, params=None, force_sync=False, enqueue=False):
-        from monailabel.interfaces.utils.app import app_instance
-
-        app = app_instance()
-        options = {**(request or {}), **(params or {})}
-        with http_errors():
-            if method == "train" and "model" in (request or {}):
-                check_choice(request["model"], app.info()["trainers"], "model")
-                check_train_options(options)
-            elif method == "scoring" and "method" in (request or {}):
-                check_choice(request["method"], app.info()["scoring"], "scoring method")
-        return run(method, request=request, params=params, force_sync=force_sync, enqueue=enqueue)
-
-    checked.__samfewshot_checked__ = True
-    return staticmethod(checked)
-
-
-def publish_uploaded_adapter(background_tasks, model: str, file) -> dict[str, Any]:
-    """``PUT /model/{model}``: MONAI Label copies any upload over the served file, in place. Here the upload must be an
-    adapter of this model's configuration, and it is published like a training run's (atomic, numbered, kept in
-    the history), so a bad or half-sent file never replaces the served adapter."""
-    import tempfile
-
-    from monailabel.interfaces.utils.app import app_instance
-    from monailabel.utils.others.generic import file_checksum
-
-    from lib.networks.lora import AdapterError, check_adapter_config, publish_adapter, read_adapter
-
-    app = app_instance()
-    with http_errors():
-        check_choice(model, list(app.models), "model")
-    served = app.models[model].model
-    with tempfile.NamedTemporaryFile(suffix=".pt") as upload:
-        for chunk in iter(lambda: file.file.read(1 << 20), b""):
-            upload.write(chunk)
-        upload.flush()
-        with http_errors():
-            try:
-                payload = read_adapter(upload.name)
-                check_adapter_config(payload, served.adapter_config(), file.filename or "upload")
-            except AdapterError as e:
-                raise InvalidInput(f"not an adapter of {model}: {e}") from e
-    info = {**payload.get("info", {}), "uploaded": file.filename, "uploaded_version": payload["version"]}
-    version = publish_adapter(served.adapter_path, payload["state_dict"], payload["config"], info)
-    logger.info(f"{model}: uploaded adapter published as version {version}")
-    return {"checksum": file_checksum(served.adapter_path), "modified_time": int(os.stat(served.adapter_path).st_mtime), "version": version}
-
-
-def install_request_checks() -> None:
-    """Check what MONAI Label's endpoints parse themselves before the app is called (idempotent)."""
-    from monailabel.endpoints import datastore, infer, model
-    from monailabel.utils.async_tasks.task import AsyncTask
-
-    model.update_model = publish_uploaded_adapter
-
-    infer.run_inference = _checked(infer.run_inference, _infer_request)
-    datastore.add_image = _checked(datastore.add_image, _json_fields("params"))
-    datastore.save_label = _checked(datastore.save_label, _json_fields("params"))
-    datastore.update_image_info = _checked(datastore.update_image_info, _json_fields("info"))
-    datastore.update_label_info = _checked(datastore.update_label_info, _json_fields("info"))
-    AsyncTask.run = _task_request(AsyncTask.__dict__["run"].__func__)

@@ -44,17 +44,38 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy an adapter's tensors into ``model``; the tensor names and shapes must match exactly."""
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    unknown = sorted(set(state) - set(params))
-    missing = sorted(set(params) - set(state))
+def adapter_spec(model: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Name -> (shape, dtype) of every tensor an adapter of ``model`` holds (its trainable parameters)."""
+    return {n: (tuple(p.shape), p.dtype) for n, p in model.named_parameters() if p.requires_grad}
+
+
+def check_adapter_tensors(state: Any, spec: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
+    """An adapter's state dict must hold exactly the tensors of ``spec`` (``adapter_spec``): same names, shapes and
+    dtypes, finite values."""
+    if not isinstance(state, dict):
+        raise AdapterError(f"its state_dict is a {type(state).__name__}, not a dict of tensors")
+    unknown = sorted(set(state) - set(spec))
+    missing = sorted(set(spec) - set(state))
     if unknown or missing:
         raise AdapterError(f"adapter does not fit the model: unknown tensors {unknown[:3]}, missing {missing[:3]}")
+    for name, value in state.items():
+        shape, dtype = spec[name]
+        if not isinstance(value, torch.Tensor):
+            raise AdapterError(f"adapter entry '{name}' is a {type(value).__name__}, not a tensor")
+        if tuple(value.shape) != shape:
+            raise AdapterError(f"adapter tensor '{name}' has shape {tuple(value.shape)}, model {shape}")
+        if value.dtype != dtype:
+            raise AdapterError(f"adapter tensor '{name}' has dtype {value.dtype}, model {dtype}")
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise AdapterError(f"adapter tensor '{name}' holds NaN or infinite values")
+
+
+def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy an adapter's tensors into ``model`` after ``check_adapter_tensors``."""
+    check_adapter_tensors(state, adapter_spec(model))
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     with torch.no_grad():
         for name, value in state.items():
-            if params[name].shape != value.shape:
-                raise AdapterError(f"adapter tensor '{name}' has shape {tuple(value.shape)}, model {tuple(params[name].shape)}")
             params[name].copy_(value)
 
 
@@ -114,7 +135,9 @@ def publish_adapter(
     path: str, state: dict[str, torch.Tensor], config: dict[str, Any], info: dict[str, Any] | None = None
 ) -> int:
     """Publish ``state`` as the next version of the adapter at ``path``; returns the new version number."""
-    version = published_version(path) + 1
+    # After the next version of both the served file and the history: a withdrawn adapter (DELETE /model/{model})
+    # leaves no served file, and its numbers must not be given out again over the kept copies.
+    version = max([published_version(path), *list_versions(path)]) + 1
     payload = {
         "format": ADAPTER_FORMAT,
         "format_version": ADAPTER_FORMAT_VERSION,
