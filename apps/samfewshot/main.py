@@ -1,4 +1,4 @@
-"""samfewshot: few-shot SAM adaptations as a MONAI Label app (see DESIGN.md for the --conf keys)."""
+"""samfewshot: few-shot SAM adaptations as a MONAI Label app (the --conf keys are listed in the README)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ import sys
 import threading
 
 import monailabel
-from lib import dicom_seg, endpoints
+from lib import dicom_seg, routes
 from lib.activelearning import Diversity, First, Handouts, Hybrid, RandomChoice, Uncertainty
 from lib.auth import install_token_check
 from lib.configs import MODEL_CONFIGS
 from lib.datastore import CheckedDatastore
 from lib.scoring import EmbeddingScoring, UncertaintyScoring
-from lib.validation import check_choice, http_errors, install_request_checks
+from lib.validation import check_choice, http_errors
 from monailabel.config import settings
 from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.interfaces.app import MONAILabelApp
@@ -54,9 +54,12 @@ class SamFewShotApp(MONAILabelApp):
         self.auto_train = strtobool(conf.get("auto_train", "false"))
         self.auto_scoring = strtobool(conf.get("auto_scoring", "true"))
         self.handouts = Handouts(timeout_s=float(conf.get("handout_timeout", 900)))
-        # Requests MONAI Label parses before the app sees them, and its bearer-token check (lib/auth.py).
-        install_request_checks()
-        install_token_check()
+        install_token_check()  # MONAI Label's bearer-token check (lib/auth.py)
+        self.endpoint_groups = routes.parse_endpoint_groups(conf.get("endpoints"))
+        # Sessions (3D Slicer's upload of a volume that is not in the datastore) live in the model folder, not in
+        # the home directory, unless the administrator points MONAI_LABEL_SESSION_PATH elsewhere.
+        settings.MONAI_LABEL_SESSIONS = "sessions" in self.endpoint_groups
+        settings.MONAI_LABEL_SESSION_PATH = os.environ.get("MONAI_LABEL_SESSION_PATH") or os.path.join(self.model_dir, "sessions")
         self._final_label_ts: dict[str, int] = {}
         self._train_lock = threading.Lock()
         # One inference at a time (a queue) unless MONAI_LABEL_INFER_CONCURRENCY says otherwise: parallel volumes
@@ -64,7 +67,7 @@ class SamFewShotApp(MONAILabelApp):
         if "MONAI_LABEL_INFER_CONCURRENCY" not in os.environ:
             settings.MONAI_LABEL_INFER_CONCURRENCY = 1
         if "monailabel.app" in sys.modules:  # inside a server (not a training subprocess or a script)
-            endpoints.serve_blocking_endpoints_in_threads(sys.modules["monailabel.app"].app)
+            routes.install(sys.modules["monailabel.app"].app, self.endpoint_groups)
         super().__init__(
             app_dir=app_dir,
             studies=studies,

@@ -12,6 +12,7 @@ from collections.abc import Collection
 from typing import Any
 
 from monailabel.datastore.local import LocalDatastore
+from monailabel.interfaces.datastore import Datastore
 
 from lib.validation import (
     STORED_SUFFIXES,
@@ -82,3 +83,13 @@ class CheckedDatastore(LocalDatastore):
             if not self._datastore.label(label_id, label_tag):
                 raise NotFound(f"no label {label_id!r} with tag {label_tag!r} in the datastore")
         return super().update_label_info(label_id, label_tag, info)
+
+
+def image_exists(datastore: Datastore, image_id: str) -> bool:
+    return image_id in datastore.list_images()
+
+
+def label_exists(datastore: Datastore, label_id: str, tag: str) -> bool:
+    """Whether the datastore holds label ``label_id`` under ``tag`` (MONAI Label's local index; a DICOMweb datastore
+    keeps its labels in the same index, as a cache)."""
+    return bool(datastore._datastore.label(label_id, tag))

@@ -1,0 +1,84 @@
+"""lib/routes.py in-process: every route MONAI Label's application has is declared, optional groups are served only
+when enabled and then checked like the rest, and installing the policy again changes nothing."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from fastapi.routing import APIRoute
+from lib import routes
+
+GROUPS = {"models": "hf_sam,masg_sam", "backbone": "tiny", "auto_scoring": "false", "endpoints": "logs,batch_infer"}
+# Declared for a server with MONAI_LABEL_AUTH_ENABLE=true: the login proxy is included only then.
+AUTH_ROUTES = {("GET", "/auth/"), ("POST", "/auth/token"), ("GET", "/auth/token/valid")}
+
+
+def upstream_routes(app) -> set[tuple[str, str]]:
+    found = set()
+    for router in routes.routers_of(app.router):
+        for route in router.routes:
+            if isinstance(route, APIRoute):
+                found |= {(method, route.path) for method in route.methods}
+            elif hasattr(route, "methods") and route.methods:
+                found |= {(method, route.path) for method in route.methods - {"HEAD"}}
+            elif hasattr(route, "app") and hasattr(route, "path"):
+                found.add(("MOUNT", route.path))
+    return found
+
+
+def test_every_route_of_monailabel_is_declared(client):
+    from monailabel.app import app
+
+    served = upstream_routes(app)
+    assert not served - set(routes.ROUTES), f"routes MONAI Label serves that lib/routes.py does not declare: {served - set(routes.ROUTES)}"
+    assert set(routes.ROUTES) - served <= AUTH_ROUTES, f"declared routes MONAI Label does not have: {set(routes.ROUTES) - served - AUTH_ROUTES}"
+
+
+def test_installing_again_keeps_monailabel_endpoints_underneath(client):
+    from monailabel.app import app
+    from monailabel.endpoints import info
+
+    before = client.get("/info/").json()
+    report = routes.install(app, frozenset({"sessions"}))
+    assert "GET /info/" in report["open"] and "POST /reload" in report["closed"] and "GET /logs/" in report["disabled"]
+    endpoint = next(r.endpoint for router in routes.routers_of(app.router) for r in router.routes if getattr(r, "path", "") == "/info/")
+    assert endpoint.__samfewshot_original__ is info.api_app_info
+    assert client.get("/info/").json() == before
+
+
+def test_sessions_live_in_the_model_folder(client, app_dir):
+    from monailabel.interfaces.utils.app import app_instance
+
+    assert app_instance().sessions().store_path == str(app_dir / "model" / "sessions")
+
+
+def test_unknown_endpoint_groups_stop_the_server():
+    with pytest.raises(ValueError, match=r"unknown endpoint group\(s\) \['wsi'\] in --conf endpoints; valid: none, sessions, logs, batch_infer"):
+        routes.parse_endpoint_groups("logs,wsi")
+    assert routes.parse_endpoint_groups("none") == frozenset()
+    assert routes.parse_endpoint_groups(None) == {"sessions"}
+
+
+@pytest.mark.parametrize("client_conf", [GROUPS])
+def test_enabled_groups_are_checked_like_the_rest(client):
+    assert client.get("/logs/?lines=99999999999999999999").status_code == 422
+    response = client.get("/logs/?lines=100001")
+    assert response.status_code == 422 and "lines must be in 0..100000" in response.text
+    assert client.get("/logs/?lines=5&text=true").status_code in (200, 404)  # 404: no log file in-process
+    if not shutil.which("nvidia-smi"):
+        response = client.get("/logs/gpu")
+        assert response.status_code == 404 and "nvidia-smi is not installed" in response.text
+    for body, status, message in [
+        ({"label_tag": "final"}, 422, "may not store its predictions as final labels"),
+        ({"label_tag": "../x"}, 422, "label tag '../x' is not a plain name"),
+        ({"image": "/etc/hostname"}, 422, "not one 'image'"),
+        ({"model": "../x"}, 422, "differs from the model 'hf_sam'"),
+        ({"images": "everything"}, 422, "differs from the images 'all'"),
+        ({"image_path": "/etc/hostname"}, 422, "may not set image_path"),
+    ]:
+        response = client.post("/batch/infer/hf_sam", json=body)
+        assert response.status_code == status and message in response.text, (body, response.text)
+    assert client.post("/batch/infer/nosuch", json={}).status_code == 404
+    response = client.get("/session/nosuch")  # sessions are not among the groups named
+    assert response.status_code == 404 and "name 'sessions' in --conf endpoints" in response.text
