@@ -131,11 +131,17 @@ class SamFewShotApp(MONAILabelApp):
         datastore = datastore or self.datastore()
         if uncertainty and uncertainty.get("file"):
             path = uncertainty.pop("file")
-            if image_id in datastore.list_images():
-                info = {"model": request.get("model"), "adapter_version": result["params"].get("adapter_version")}
-                uncertainty["label"] = datastore.save_label(image_id, path, "uncertainty", info)
-                uncertainty["tag"] = "uncertainty"
-            os.remove(path)  # the datastore keeps its own copy; an image from outside it gets the summary only
+            try:
+                if image_id in datastore.list_images():
+                    info = {"model": request.get("model"), "adapter_version": result["params"].get("adapter_version")}
+                    uncertainty["label"] = datastore.save_label(image_id, path, "uncertainty", info)
+                    uncertainty["tag"] = "uncertainty"
+            except BaseException:
+                if result.get("file") and os.path.exists(result["file"]):
+                    os.remove(result["file"])  # the request fails: nobody will send or remove the label
+                raise
+            finally:
+                os.remove(path)  # the datastore keeps its own copy; an image from outside it gets the summary only
         return result
 
     def next_sample(self, request):

@@ -15,6 +15,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import parse_qs
 
 import jwt
 import pytest
@@ -40,14 +41,30 @@ def public_der_b64(key: rsa.RSAPrivateKey) -> str:
 def realm():
     """(realm URI, private key): a Keycloak-like realm endpoint on loopback."""
     key = rsa_key()
-    body = json.dumps({"realm": "samfewshot", "public_key": public_der_b64(key)}).encode()
+    realm_info = {"realm": "samfewshot", "public_key": public_der_b64(key)}
 
     class Realm(BaseHTTPRequestHandler):
         def do_GET(self):
-            self.send_response(200 if self.path == "/realms/samfewshot" else 404)
+            base = f"http://127.0.0.1:{self.server.server_address[1]}/realms/samfewshot"
+            answers = {
+                "/realms/samfewshot": realm_info,
+                "/realms/samfewshot/.well-known/openid-configuration": {"token_endpoint": f"{base}/protocol/openid-connect/token"},
+            }
+            self.answer(200 if self.path in answers else 404, answers.get(self.path, {}))
+
+        def do_POST(self):
+            """Keycloak's password grant: user 'ann', password 'secret'."""
+            form = parse_qs(self.rfile.read(int(self.headers["Content-Length"])).decode())
+            if self.path.endswith("/protocol/openid-connect/token") and form.get("password") == ["secret"]:
+                self.answer(200, {"access_token": "issued", "token_type": "bearer"})
+            else:
+                self.answer(401, {"error": "invalid_grant", "error_description": "Invalid user credentials"})
+
+        def answer(self, status: int, body: dict) -> None:
+            self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.end_headers()
-            self.wfile.write(body)
+            self.wfile.write(json.dumps(body).encode())
 
         def log_message(self, *args):
             pass
@@ -110,6 +127,14 @@ def test_a_valid_token_names_the_user_and_roles(server, realm):
     assert response.status_code == 200, response.text
     assert response.json()["username"] == "ann" and response.json()["roles"] == [USER]
     assert server.get("/info/", headers=bearer(token(realm, [USER]))).status_code == 200
+
+
+def test_the_login_proxy_answers_401_for_a_refused_password(server):
+    """POST /auth/token forwards to the realm's password grant; MONAI Label answered 500 when the realm said no."""
+    response = server.post("/auth/token", data={"username": "ann", "password": "wrong"})
+    assert response.status_code == 401 and "refused this user name and password" in response.text, response.text
+    response = server.post("/auth/token", data={"username": "ann", "password": "secret"})
+    assert response.status_code == 200 and response.json()["access_token"] == "issued", response.text
 
 
 def test_an_annotator_saves_a_label_and_uploads_an_image(server, realm, sample_data):

@@ -242,6 +242,9 @@ def test_what_slicer_and_ohif_send_passes():
                           "result_extension": ".nrrd", "result_dtype": "uint8", "result_compress": False, "restore_label_idx": False,
                           "label": "white matter", "foreground": [[10, 20, 30.5]], "background": [], "roi": [], "slice": 3,
                           "client_id": "user-xyz", "white matter": [[1, 2, 3]]}, "brain_002", "hf_sam")
+    # monailabel.client.MONAILabelClient adds its client id to every request, None unless one was given
+    v.check_infer_params({"client_id": None}, "brain_002", "hf_sam")
+    v.check_train_options({"client_id": None, "max_epochs": 1})
 
 
 @pytest.mark.parametrize("value,message", [("CRC32:ab", "algorithm 'CRC32' is not supported"), ("SHA256:xyz", "not a SHA256 hex digest"), ("MD5:" + "a" * 64, "32 hex digits")])

@@ -54,7 +54,8 @@ def _remove(path: str) -> None:
 def _save_upload(upload, folder: str | None = None, default_name: str = "volume.nii.gz") -> str:
     """Write an uploaded file into ``folder`` under its own (checked) name, or to a new temporary file with its
     suffixes; returns the path."""
-    name = os.path.basename((upload.filename or "").replace("\\", "/")) or default_name
+    name = os.path.basename((upload.filename or "").replace("\\", "/"))
+    name = default_name if name in ("", ".", "..") else name
     if folder:
         path = os.path.join(folder, name)
     else:

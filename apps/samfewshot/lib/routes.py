@@ -120,6 +120,8 @@ def check_infer(args: Args) -> None:
     served_model(args)
     if args.get("label"):
         raise InvalidInput("no model of this server takes a label file as input; send the image (or its id) only")
+    if args.get("file") and args.get("session_id"):
+        raise InvalidInput("send the image as a file or name a session, not both")
     if args.get("file"):
         check_filename(args["file"].filename, "image")
     elif args.get("session_id"):

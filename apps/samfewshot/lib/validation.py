@@ -241,7 +241,7 @@ Options = dict[str, tuple[str, Callable[[Any], bool]]]
 COMMON_OPTIONS: Options = {
     "device": ("'cpu', 'cuda' or 'cuda:N'", _device),
     "logging": (f"one of {', '.join(LOG_LEVELS)}", lambda v: isinstance(v, str) and v.upper() in LOG_LEVELS),
-    "client_id": (f"a name of at most {MAX_NAME_BYTES} bytes", _name),
+    "client_id": (f"a name of at most {MAX_NAME_BYTES} bytes", lambda v: v is None or _name(v)),  # MONAILabelClient sends None
 }
 # Training options a client may set (3D Slicer echoes the trainer's config) and what they must be.
 TRAIN_OPTIONS: Options = {
