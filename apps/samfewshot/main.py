@@ -13,13 +13,14 @@ from lib.activelearning import Diversity, First, Handouts, Hybrid, RandomChoice,
 from lib.auth import install_token_check
 from lib.configs import MODEL_CONFIGS
 from lib.datastore import CheckedDatastore
+from lib.interactions import INTERACTIONS_KEY, InteractionLog
 from lib.scoring import EmbeddingScoring, UncertaintyScoring
 from lib.validation import check_choice, http_errors
 from monailabel.config import settings
 from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
-from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
@@ -61,6 +62,7 @@ class SamFewShotApp(MONAILabelApp):
         settings.MONAI_LABEL_SESSIONS = "sessions" in self.endpoint_groups
         settings.MONAI_LABEL_SESSION_PATH = os.environ.get("MONAI_LABEL_SESSION_PATH") or os.path.join(self.model_dir, "sessions")
         self._final_label_ts: dict[str, int] = {}
+        self.interactions = InteractionLog()
         self._train_lock = threading.Lock()
         # One inference at a time (a queue) unless MONAI_LABEL_INFER_CONCURRENCY says otherwise: parallel volumes
         # would each take the full device memory and share the same cores. The event loop stays free meanwhile.
@@ -99,7 +101,12 @@ class SamFewShotApp(MONAILabelApp):
         )
 
     def init_infers(self) -> dict[str, InferTask]:
-        return {name: config.infer() for name, config in self.models.items()}
+        """Each model's tasks: its segmentation task under its name, and for the SAM models an interactive one."""
+        infers: dict[str, InferTask] = {}
+        for name, config in self.models.items():
+            tasks = config.infer()
+            infers.update(tasks if isinstance(tasks, dict) else {name: tasks})
+        return infers
 
     def init_trainers(self) -> dict[str, TrainTask]:
         return {name: config.trainer() for name, config in self.models.items()}
@@ -122,13 +129,16 @@ class SamFewShotApp(MONAILabelApp):
         return {"uncertainty": UncertaintyScoring(models, device), "embedding": EmbeddingScoring(models, device)}
 
     def infer(self, request, datastore=None):
-        """MONAI Label's infer; a requested per-voxel uncertainty map is stored as the image's 'uncertainty' label."""
+        """MONAI Label's infer; a requested per-voxel uncertainty map is stored as the image's 'uncertainty' label,
+        and the prompts of an interactive request on a datastore volume are remembered for its next final label."""
         with http_errors():
             check_choice(request.get("model"), self._infers, "model")
         result = super().infer(request, datastore)
         uncertainty = (result.get("params") or {}).get("uncertainty")
         image_id = request.get("image")
         datastore = datastore or self.datastore()
+        if self._infers[request["model"]].type == InferType.DEEPGROW and image_id in datastore.list_images():
+            self.interactions.record(image_id, request)
         if uncertainty and uncertainty.get("file"):
             path = uncertainty.pop("file")
             try:
@@ -179,21 +189,26 @@ class SamFewShotApp(MONAILabelApp):
         return stamps
 
     def on_save_label(self, image_id, label_id):
-        """With ``--conf auto_train true``, a newly saved final label starts fine-tuning every model.
+        """A newly saved final label takes the prompts annotators placed on its volume (``lib.interactions``), and
+        with ``--conf auto_train true`` starts fine-tuning every model.
 
         Training runs one at a time (MONAI Label's single-worker queue); a model with a run already waiting
         gets no second one, since that waiting run will read the datastore, new label included, when it starts.
         """
         result = super().on_save_label(image_id, label_id) or {}
-        if isinstance(self.datastore(), DICOMWebDatastore):
+        datastore = self.datastore()
+        if isinstance(datastore, DICOMWebDatastore):
             dicom_seg.clear_dicomweb_lists()
-        if not self.auto_train:
-            return result
         with self._train_lock:
             stamps = self._final_label_stamps()
             if stamps.get(image_id) == self._final_label_ts.get(image_id):
                 return result  # not a final label (e.g. an 'original' prediction was stored)
             self._final_label_ts = stamps
+            interactions = self.interactions.take(image_id)
+            if interactions:
+                datastore.update_label_info(label_id, DefaultLabelTag.FINAL, {INTERACTIONS_KEY: interactions})
+            if not self.auto_train:
+                return result
             waiting = {t["request"].get("model") for t in tasks("train") if t["status"] == "SUBMITTED"}
             started = []
             for model in self._trainers:

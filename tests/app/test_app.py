@@ -15,12 +15,14 @@ MODELS = ["hf_sam", "masg_sam"]
 def test_info_lists_every_model_with_its_labels(client):
     info = client.get("/info/").json()
     assert info["name"] == "samfewshot"
-    assert sorted(info["models"]) == sorted(info["trainers"]) == MODELS
+    assert sorted(info["trainers"]) == MODELS
+    assert sorted(info["models"]) == sorted(MODELS + [f"{m}_interactive" for m in MODELS])
     for name in MODELS:
-        model = info["models"][name]
-        assert model["type"] == "segmentation" and model["dimension"] == 3
-        assert model["labels"] == {"white matter": 1, "grey matter": 2}
-        assert model["adapter_version"] == 0
+        for task, kind in ((name, "segmentation"), (f"{name}_interactive", "deepgrow")):
+            model = info["models"][task]
+            assert model["type"] == kind and model["dimension"] == 3
+            assert model["labels"] == {"white matter": 1, "grey matter": 2}
+            assert model["adapter_version"] == 0
     assert {"random", "first"} <= set(info["strategies"])
 
 
@@ -74,13 +76,9 @@ def _as_array(label: bytes, tmp_path, name: str) -> np.ndarray:
 
 
 @pytest.mark.parametrize("model", MODELS)
-def test_prompts_change_only_the_prompted_slices(client, tmp_path, model):
-    plain, _ = _infer(client, "brain_003", {}, model)
-    prompts = {"foreground": [[60, 70, 62]], "background": [[20, 20, 62]], "roi": [30, 40, 90, 100, 61, 63]}
-    prompted, result = _infer(client, "brain_003", prompts, model)
-    assert result["prompted_slices"] == [61, 62, 63]  # the sample volumes are stored in RAS: same slice indices
-    changed = np.nonzero((_as_array(plain, tmp_path, "a.nii.gz") != _as_array(prompted, tmp_path, "b.nii.gz")).any(axis=(0, 1)))[0]
-    assert len(changed) and set(changed) <= {61, 62, 63}
+def test_prompts_are_sent_to_the_interactive_task(client, model):
+    r = client.post(f"/infer/{model}?image=brain_003", data={"params": json.dumps({"foreground": [[60, 70, 62]]})})
+    assert r.status_code == 422 and f"send foreground to {model}_interactive" in r.text
 
 
 def test_malformed_prompt_is_a_client_error(client):

@@ -1,5 +1,6 @@
 """Client prompts (voxel indices of the stored image) -> SAM prompts on the slices the model sees, through the
-real inference transforms of a non-RAS, anisotropic volume; and prompts reaching both networks."""
+real inference transforms of a non-RAS, anisotropic volume; and prompts reaching both networks' prompted decoding
+while the prompt-free one stays as it was."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from monai.transforms import Compose
 from lib.networks.hf_sam import HFSam
 from lib.networks.masg_sam import MASGSam
 from lib.networks.sam_backbone import get_encoder_spec
-from lib.networks.sam_segmenter import Prompts, build_segmenter
+from lib.networks.sam_segmenter import Prompts, SamSegmenter, build_segmenter
 from lib.networks.text import ClassTextEmbedder, class_prompts
 from lib.transforms import inference_transforms
 from lib.transforms.prompts import batch_prompts, slice_prompts
@@ -102,22 +103,29 @@ def test_several_points_and_background(volume):
     assert all(0 <= v <= S - 1 for x, y, _ in got for v in (x, y))
 
 
+def slicer_roi(i0, j0, i1, j1, k0, k1) -> list:
+    """An roi as 3D Slicer's MONAI Label module sends it (getROIPointsXYZ): minimum and maximum per axis."""
+    return [i0, i1, j0, j1, k0, k1]
+
+
 def test_roi_gives_a_box_on_every_slice_of_its_range(volume):
-    roi = [10, 5, 30, 20, 3, 6]
+    roi = slicer_roi(10, 5, 30, 20, 3, 6)
     prompted = slice_prompts(volume, {"roi": roi})
     assert sorted(prompted) == [3, 4, 5, 6]  # and nowhere else
-    c_a, r_a, _ = _expected((roi[0], roi[1], roi[4]))
-    c_b, r_b, _ = _expected((roi[2], roi[3], roi[5]))
+    c_a, r_a, _ = _expected((10, 5, 3))
+    c_b, r_b, _ = _expected((30, 20, 6))
     expected = (min(c_a, c_b), min(r_a, r_b), max(c_a, c_b), max(r_a, r_b))
     for k in range(3, 7):
         box = prompted[k]["box"]
         assert prompted[k]["points"] == []
         assert box[0] < box[2] and box[1] < box[3]
         assert np.allclose(box, expected, atol=1.0), (box, expected)
+    # Slicer's order of corners does not matter
+    assert slice_prompts(volume, {"roi": [30, 10, 20, 5, 6, 3]}) == prompted
 
 
 def test_roi_and_points_together(volume):
-    prompted = slice_prompts(volume, {"roi": [10, 5, 30, 20, 4, 4], "foreground": [[20, 10, 4]], "background": [[20, 10, 8]]})
+    prompted = slice_prompts(volume, {"roi": slicer_roi(10, 5, 30, 20, 4, 4), "foreground": [[20, 10, 4]], "background": [[20, 10, 8]]})
     assert sorted(prompted) == [4, 8]
     assert prompted[4]["box"] is not None and len(prompted[4]["points"]) == 1
     assert prompted[8]["box"] is None and prompted[8]["points"][0][2] == 0
@@ -144,38 +152,32 @@ def test_single_point_with_two_coordinates_names_the_key(volume):
         slice_prompts(volume, {"foreground": [[1, 2]]})
 
 
-def test_points_outside_the_volume_are_ignored(volume):
-    request = {"foreground": [[5, 5, -3], [5, 5, SHAPE[2] + 4], [20, 10, 5]], "background": [[5, 5, 100]]}
-    prompted = slice_prompts(volume, request)
-    assert sorted(prompted) == [5]
-    assert len(prompted[5]["points"]) == 1
-    # an roi entirely outside the slices gives nothing; one overlapping the end is clipped
-    assert slice_prompts(volume, {"roi": [1, 1, 5, 5, 20, 30]}) == {}
-    assert sorted(slice_prompts(volume, {"roi": [1, 1, 5, 5, 9, 30]})) == [9, 10, 11]
+@pytest.mark.parametrize(
+    "request_,message",
+    [({"foreground": [[5, 5, -3]]}, "outside the volume"), ({"background": [[5, 5, SHAPE[2] + 4]]}, "outside the volume"),
+     ({"foreground": [[-20, 5, 5]]}, "outside the volume"), ({"foreground": [[5, SHAPE[1] + 10, 5]]}, "outside the volume"),
+     ({"foreground": [[5, 5, float("nan")]]}, "voxel indices"), ({"roi": slicer_roi(1, 1, 5, 5, 20, 30)}, "'roi'.*outside the volume")],
+)
+def test_prompts_outside_the_volume_are_refused(volume, request_, message):
+    """A point or roi off the volume was placed on something else (another volume, a wrong axis order)."""
+    with pytest.raises(ValueError, match=message):
+        slice_prompts(volume, request_)
 
 
-def test_points_outside_the_plane_are_ignored(volume):
-    prompted = slice_prompts(volume, {"foreground": [[-20, 5, 5], [5, SHAPE[1] + 10, 5]]})
-    assert prompted == {}
+def test_an_roi_overlapping_the_end_is_clipped(volume):
+    assert sorted(slice_prompts(volume, {"roi": slicer_roi(1, 1, 5, 5, 9, 30)})) == [9, 10, 11]
 
 
 # -------------------------------------------------------------------------------------------- batch_prompts
 
 
-def test_batch_prompts_shapes():
-    p = batch_prompts({"points": [(10.0, 20.0, 1), (30.5, 40.0, 0), (1.0, 2.0, 1)], "box": (1.0, 2.0, 30.0, 40.0)}, "cpu")
+def test_batch_prompts_pads_points_and_box_corners():
+    p = batch_prompts([{"points": [(10.0, 20.0, 1), (30.5, 40.0, 0)], "box": (1.0, 2.0, 30.0, 40.0)}, {"points": [], "box": None}], "cpu")
     assert isinstance(p, Prompts)
-    assert p.points.shape == (1, 3, 2) and p.points.dtype == torch.float32
-    assert p.point_labels.shape == (1, 3)
-    assert p.point_labels.tolist() == [[1, 0, 1]]
-    assert p.points[0, 1].tolist() == [30.5, 40.0]  # (x, y) kept in order
-    assert p.boxes.shape == (1, 4) and p.boxes.dtype == torch.float32
-    assert p.boxes.tolist() == [[1.0, 2.0, 30.0, 40.0]]
-
-    only_box = batch_prompts({"points": [], "box": (1, 2, 3, 4)}, "cpu")
-    assert only_box.points is None and only_box.point_labels is None and only_box.boxes.shape == (1, 4)
-    only_points = batch_prompts({"points": [(1.0, 2.0, 1)], "box": None}, "cpu")
-    assert only_points.boxes is None and only_points.points.shape == (1, 1, 2)
+    assert p.points.shape == (2, 4, 2) and p.points.dtype == torch.float32
+    assert p.point_labels.tolist() == [[1, 0, 2, 3], [-1, -1, -1, -1]]  # SAM's box corners, then padding
+    assert p.points[0].tolist() == [[10.0, 20.0], [30.5, 40.0], [1.0, 2.0], [30.0, 40.0]]  # (x, y) kept in order
+    assert p.masks is None
 
 
 # ------------------------------------------------------------------------------------- prompts reach models
@@ -189,29 +191,49 @@ def network(request):
     return build_segmenter(MASGSam, "tiny", 3, class_text=text).eval()
 
 
-def test_prompts_change_the_prediction(network, volume):
+def test_prompts_change_the_prompted_decoding_only(network, volume):
     k = POINT[2]
     image = volume.as_tensor()[None, ..., k]  # (1, 1, S, S), as the infer task slices it
     prompted = slice_prompts(volume, {"foreground": [list(POINT)], "background": [[5, 5, k]]})
+    box = slice_prompts(volume, {"roi": slicer_roi(15, 2, 35, 18, k, k)})[k]
     with torch.no_grad():
         plain = network(image)
-        with_points = network(image, batch_prompts(prompted[k], "cpu"))
-        box = slice_prompts(volume, {"roi": [15, 2, 35, 18, k, k]})[k]
-        with_box = network(image, batch_prompts(box, "cpu"))
-    assert with_points.shape == plain.shape == with_box.shape == (1, 3, S, S)
-    assert not torch.allclose(with_points, plain, atol=1e-4)
-    assert not torch.allclose(with_box, plain, atol=1e-4)
-    assert not torch.allclose(with_box, with_points, atol=1e-4)
-    # where the point is matters
-    moved = {"points": [(p[0] + 60.0, p[1], p[2]) for p in prompted[k]["points"]], "box": None}
+        with_points = network(image, batch_prompts([prompted[k]], "cpu"))
+        with_box = network(image, batch_prompts([box], "cpu"))
+        moved = network(image, batch_prompts([{"points": [(p[0] + 60.0, p[1], p[2]) for p in prompted[k]["points"]], "box": None}], "cpu"))
+    assert plain.shape == (1, 3, S, S) and with_points.shape == with_box.shape == (1, 6, S, S)
+    for prompted_run in (with_points, with_box, moved):
+        torch.testing.assert_close(prompted_run[:, :3], plain)  # the automatic segmentation is what it was
+    assert not torch.allclose(with_points[:, 3:], plain, atol=1e-4)
+    assert not torch.allclose(with_box[:, 3:], with_points[:, 3:], atol=1e-4)
+    assert not torch.allclose(moved[:, 3:], with_points[:, 3:], atol=1e-4)  # where the point is matters
+
+
+def test_mask_prompt_counts_only_where_valid(network, volume):
+    image = volume.as_tensor()[None, ..., POINT[2]].expand(2, -1, -1, -1)
+    grid = network.prompt_encoder.mask_input_size
+    masks = torch.randn(2, 1, *grid) * 8
+    points = {"points": [(20.0, 30.0, 1)], "box": None}
     with torch.no_grad():
-        assert not torch.allclose(network(image, batch_prompts(moved, "cpu")), with_points, atol=1e-4)
+        embedding, features = network.prepare(image)
+        none = network.decode_prompted(embedding, features, batch_prompts([points] * 2, "cpu"))
+        half = network.decode_prompted(embedding, features, batch_prompts([points] * 2, "cpu", masks, torch.tensor([True, False])))
+    assert not torch.allclose(half[0], none[0], atol=1e-4)
+    torch.testing.assert_close(half[1], none[1])
 
 
-def test_roi_outside_the_plane_is_ignored_and_a_partial_one_clipped(volume):
-    assert slice_prompts(volume, {"roi": [-100, -100, -50, -50, 3, 4]}) == {}
+def test_object_logit_is_the_class_against_the_rest():
+    logits = torch.randn(2, 3, 4, 4)
+    z = SamSegmenter.object_logit(logits, torch.tensor([1, 2]))
+    assert z.shape == (2, 1, 4, 4)
+    softmax = torch.softmax(logits, dim=1)
+    torch.testing.assert_close(torch.sigmoid(z[0, 0]), softmax[0, 1])
+    torch.testing.assert_close(torch.sigmoid(z[1, 0]), softmax[1, 2])
+
+
+def test_an_roi_partly_outside_the_plane_is_clipped(volume):
     size = volume.shape[1]
-    boxes = {p["box"] for p in slice_prompts(volume, {"roi": [-10, -10, 5, 5, 3, 4]}).values()}
+    boxes = {p["box"] for p in slice_prompts(volume, {"roi": slicer_roi(-10, -10, 5, 5, 3, 4)}).values()}
     assert len(boxes) == 1
     (box,) = boxes
     assert all(0 <= v <= size - 1 for v in box)

@@ -104,3 +104,19 @@ def segmentation_scores(
         )
         scores[name] = {"dice": float(dice), "hd95": float(hd95)}
     return scores
+
+
+def dice(pred: np.ndarray, target: np.ndarray) -> float:
+    """Dice of two boolean masks; 1 when both are empty."""
+    total = int(pred.sum()) + int(target.sum())
+    return 1.0 if total == 0 else 2.0 * float(np.logical_and(pred, target).sum()) / total
+
+
+def clicks_to_reach(dices: Sequence[float], threshold: float) -> int:
+    """NoC@threshold of one object: the number of clicks after which Dice first reaches ``threshold``; the
+    session's length (the maximum) when it never does, as interactive segmentation benchmarks count it. ``dices``:
+    Dice after click 1, 2, ..."""
+    for n, value in enumerate(dices, start=1):
+        if value >= threshold:
+            return n
+    return len(dices)

@@ -32,7 +32,7 @@ from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
 
 from lib import archives
-from lib.networks.lora import AdapterError, check_adapter_config, check_adapter_tensors, publish_adapter, read_adapter
+from lib.networks.lora import AdapterError, check_adapter_config, publish_adapter, read_adapter
 from lib.networks.sam_backbone import CheckpointError
 from lib.validation import InvalidInput, NotFound, check_image as check_volume, parse_json_object
 
@@ -117,7 +117,7 @@ def upload_adapter(background_tasks, model: str, file, user=None) -> dict[str, A
         try:
             payload = read_adapter(upload.name)
             check_adapter_config(payload, served.adapter_config(), name)
-            check_adapter_tensors(payload["state_dict"], served.adapter_spec())
+            served.check_adapter_tensors(payload["state_dict"])
         except AdapterError as e:
             raise InvalidInput(f"not an adapter of {model}: {str(e).replace(upload.name, name)}") from e
         except CheckpointError as e:

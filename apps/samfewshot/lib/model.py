@@ -7,6 +7,7 @@ another process) its tensors are swapped into the resident network, without rebu
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -20,7 +21,7 @@ import torch
 from monai.apps import download_url
 from torch import nn
 
-from lib.networks.lora import adapter_spec, check_adapter_config, load_adapter_state, read_adapter
+from lib.networks.lora import adapter_spec, check_adapter_config, check_adapter_tensors, load_adapter_state, read_adapter
 from lib.networks.sam_backbone import OFFICIAL_CHECKPOINTS, CheckpointError, OfficialCheckpoint, get_encoder_spec
 from lib.process_local import ProcessLocal
 
@@ -121,14 +122,14 @@ class SegmentationModel(ProcessLocal):
         load_adapter_state(network, payload["state_dict"])
         return payload
 
-    def adapter_spec(self) -> dict[str, tuple]:
-        """Name -> (shape, dtype) of every tensor an adapter of this model holds (``lora.adapter_spec``), read from a
-        resident network, or from one built for the purpose when none is (once per process)."""
+    def check_adapter_tensors(self, state: Any) -> None:
+        """``lora.check_adapter_tensors`` against this model's network's trainable tensors, read from a resident
+        network, or from one built for the purpose when none is (once per process)."""
         if self._adapter_spec is None:
             with self._lock:
                 built = next(iter(self._resident.values()), None)
             self._adapter_spec = adapter_spec(built[0] if built else self.build_network())
-        return self._adapter_spec
+        check_adapter_tensors(state, self._adapter_spec)
 
     def resident(self, device: str) -> tuple[nn.Module, int]:
         """The network kept on ``device`` with the currently published adapter swapped in, and its version."""
@@ -217,3 +218,15 @@ def autocast(precision: str, device: str):
     """The autocast context of ``precision`` on ``device`` (a no-op for fp32)."""
     device_type = "cuda" if str(device).startswith("cuda") else "cpu"
     return torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """Run the block with ``count`` CPU threads for torch's operators in this thread (OpenMP's setting is per
+    thread, so other requests keep theirs), restoring the previous count afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

@@ -262,6 +262,7 @@ TRAIN_OPTIONS: Options = {
     "tracking_uri": ("empty: the server keeps a run's tracking inside its model folder", lambda v: v in ("", None)),
     "tracking_experiment_name": (f"a name of at most {MAX_NAME_BYTES} bytes", lambda v: v == "" or _name(v)),
     "tracking_run_name": (f"a name of at most {MAX_NAME_BYTES} bytes", lambda v: v == "" or _name(v)),
+    "interactive_share": ("a number in [0, 1]", lambda v: _number(v) is not None and 0 <= _number(v) <= 1),
 }
 # Keys MONAI Label's trainer reads as server-side settings: a datalist file to train on, the process group's
 # rendezvous (a file:// URL is a path), the run's folder, code to import.
@@ -283,7 +284,7 @@ INFER_PARAMS: Options = {
     "uncertainty": ("true or false", _boolean),
     "foreground": (f"a list of at most {MAX_PROMPT_POINTS} [i, j, k] voxel indices", _points),
     "background": (f"a list of at most {MAX_PROMPT_POINTS} [i, j, k] voxel indices", _points),
-    "roi": ("[i0, j0, i1, j1, k0, k1] voxel indices or []", lambda v: v == [] or _points(v, 6)),
+    "roi": ("[i0, i1, j0, j1, k0, k1] voxel indices or []", lambda v: v == [] or _points(v, 6)),
     "batch_size": ("an integer in 1..256", lambda v: 1 <= (_integer(v) or 0) <= 256),
     "slice": ("a non-negative integer", lambda v: _integer(v) is not None and _integer(v) >= 0),
     "label": (f"a segment name of at most {MAX_NAME_BYTES} bytes", _name),

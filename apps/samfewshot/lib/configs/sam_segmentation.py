@@ -9,7 +9,9 @@ from typing import Any
 from monailabel.interfaces.config import TaskConfig
 from monailabel.utils.others.generic import strtobool
 
-from lib.infers.slice_segmentation import SliceSegmentation
+from lib.infers.embedding_cache import EmbeddingCache
+from lib.infers.interactive import SliceInteraction
+from lib.infers.slice_segmentation import SamSliceInfer, SliceSegmentation
 from lib.model import SegmentationModel, inference_precision, parse_labels, resolve_sam_checkpoint, torch_device
 from lib.networks.sam_backbone import get_encoder_spec
 from lib.networks.sam_segmenter import SamSegmenter, build_segmenter
@@ -57,22 +59,26 @@ class SamSegmentationConfig(TaskConfig):
             self.network_cls, self.model.backbone, self.model.num_classes, self.model.lora_rank, checkpoint, **self.network_options()
         )
 
-    def infer(self) -> SliceSegmentation:
-        precision = inference_precision(self.conf.get("precision", "auto"), self.device)
+    def infer(self) -> dict[str, SamSliceInfer]:
+        """The segmentation task and its interactive sibling (``<name>_interactive``), on one resident network and
+        one image-embedding cache."""
         # On the 2-core CPU, 8 slices per forward ran vit_b 1.8x slower per slice than 2 (cache-bound attention);
         # a GPU needs the larger batches to fill (docs/benchmarks.md).
-        batch_size = 8 if self.device.startswith("cuda") else 2
-        return SliceSegmentation(
-            self.model,
-            device=self.device,
-            batch_size=batch_size,
-            preload=strtobool(self.conf.get("preload", "false")),
-            precision=precision,
-            embedding_cache_mb=int(self.conf.get("embedding_cache_mb", 1024)),
-        )
+        options = {
+            "device": self.device,
+            "batch_size": 8 if self.device.startswith("cuda") else 2,
+            "preload": strtobool(self.conf.get("preload", "false")),
+            "precision": inference_precision(self.conf.get("precision", "auto"), self.device),
+        }
+        embeddings = EmbeddingCache(int(self.conf.get("embedding_cache_mb", 1024)) << 20)
+        return {
+            self.name: SliceSegmentation(self.model, embeddings, **options),
+            f"{self.name}_interactive": SliceInteraction(self.model, embeddings, **options),
+        }
 
     def trainer(self) -> LoraTrainer:
         config = {"device": self.device}
         if self.conf.get("max_epochs"):
             config["max_epochs"] = int(self.conf["max_epochs"])
-        return LoraTrainer(self.model, config=config)
+        # Half of the training slices are spent on simulated clicks, boxes and propagation (lib.trainers.interaction).
+        return LoraTrainer(self.model, interactive_share=0.5, config=config)

@@ -25,11 +25,9 @@ logger = logging.getLogger(__name__)
 class ResidentModelInfer(BasicInferTask):
     """A 3D segmentation task on ``model``'s resident network; subclasses add description and config."""
 
-    def __init__(self, model: SegmentationModel, *, preload: bool = False, **kwargs):
+    def __init__(self, model: SegmentationModel, *, preload: bool = False, type: str = InferType.SEGMENTATION, **kwargs):
         self.model = model
-        super().__init__(
-            path=model.adapter_path, network=None, type=InferType.SEGMENTATION, labels=model.labels, dimension=3, **kwargs
-        )
+        super().__init__(path=model.adapter_path, network=None, type=type, labels=model.labels, dimension=3, **kwargs)
         if preload:
             try:
                 self.model.resident(self._config["device"])

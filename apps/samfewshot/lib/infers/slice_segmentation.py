@@ -1,4 +1,5 @@
-"""Volume segmentation with a 2D SAM model, slice by slice; shared by HF-SAM and MASG-SAM."""
+"""Volume segmentation with a 2D SAM model, slice by slice; shared by HF-SAM and MASG-SAM (their interactive
+sibling is ``lib.infers.interactive``)."""
 
 from __future__ import annotations
 
@@ -18,38 +19,35 @@ from lib.infers.resident import ResidentModelInfer
 from lib.model import SegmentationModel, autocast
 from lib.scoring.uncertainty import normalised_entropy, tta_probabilities
 from lib.transforms import argmax_labels, content_slices, inference_transforms
-from lib.transforms.prompts import batch_prompts, slice_prompts
 
 
 # Logit margin of background over every class on slices without content: softmax gives background with certainty.
 BACKGROUND_LOGIT_GAP = 1e4
 
 
-class SliceSegmentation(ResidentModelInfer):
-    """Load any MONAI-readable volume -> normalise -> axial slices at the model size, in batches -> softmax ->
-    back to the input's geometry and orientation -> arg-max label. The result JSON carries ``label_names``."""
+class SamSliceInfer(ResidentModelInfer):
+    """What the SAM models' tasks share: the resident network behind an image-embedding cache (one per model, passed
+    to each of its tasks, so a click on a volume just segmented runs only the decoder), the inference transforms,
+    slice batches and precision."""
 
     def __init__(
         self,
         model: SegmentationModel,
+        embeddings: EmbeddingCache,
+        *,
         device: str = "cpu",
         batch_size: int = 8,
-        description: str = "",
-        preload: bool = False,
         precision: str = "fp32",
-        embedding_cache_mb: int = 0,
+        preload: bool = False,
+        **kwargs,
     ):
         self.batch_size = batch_size
         self.precision = precision
-        self.embeddings = EmbeddingCache(embedding_cache_mb << 20)
+        self.embeddings = embeddings
         # The same transform instances must run forwards and be inverted (MONAI matches them by identity).
         self._pre = inference_transforms(model.img_size, model.modality)
-        super().__init__(
-            model,
-            preload=preload,
-            description=description or f"{model.name} ({model.backbone}) segmentation of axial slices",
-            config={"device": device, "batch_size": batch_size, "modality": model.modality, "precision": precision},
-        )
+        config = {"device": device, "batch_size": batch_size, "modality": model.modality, "precision": precision}
+        super().__init__(model, preload=preload, config=config, **kwargs)
 
     def _get_network(self, device, data):
         """The resident network, reading image embeddings of slices seen before with the same adapter from the
@@ -62,13 +60,22 @@ class SliceSegmentation(ResidentModelInfer):
     def pre_transforms(self, data=None) -> list:
         return self._pre
 
+    def inverse_transforms(self, data=None):
+        return None  # Invertd in post_transforms restores the geometry
+
+
+class SliceSegmentation(SamSliceInfer):
+    """Load any MONAI-readable volume -> normalise -> axial slices at the model size, in batches -> softmax ->
+    back to the input's geometry and orientation -> arg-max label. The result JSON carries ``label_names``."""
+
+    def __init__(self, model: SegmentationModel, embeddings: EmbeddingCache, description: str = "", **kwargs):
+        description = description or f"{model.name} ({model.backbone}) segmentation of axial slices"
+        super().__init__(model, embeddings, description=description, **kwargs)
+
     def inferer(self, data=None) -> Inferer:
         size = self.model.img_size
         batch = int((data or {}).get("batch_size", self.batch_size))
         return SliceInferer(roi_size=(size, size), sw_batch_size=batch, spatial_dim=2, progress=False)
-
-    def inverse_transforms(self, data=None):
-        return None  # Invertd in post_transforms restores the geometry before the arg-max
 
     def post_transforms(self, data=None) -> list:
         maps = ["pred", "uncertainty"]  # the uncertainty map exists only when the request asked for it
@@ -82,35 +89,24 @@ class SliceSegmentation(ResidentModelInfer):
         ]
 
     def run_inferer(self, data: dict[str, Any], convert_to_batch=True, device="cuda"):
-        """Prompt-free slices through the SliceInferer, then the slices a client prompted (``foreground``,
-        ``background`` points or an ``roi``) again with the prompts through SAM's prompt encoder.
+        """Every slice through the SliceInferer (prompt-free: clicks and boxes go to the model's interactive task).
 
         With ``precision`` bf16 the network runs under autocast (the bound against fp32 is in docs/benchmarks.md and
         tests/unit/test_precision.py); logits are handed on as fp32.
         """
+        prompts = [k for k in ("foreground", "background", "roi") if data.get(k)]
+        if prompts:
+            raise HTTPException(
+                status_code=422,
+                detail=f"{self.model.name} segments without prompts; send {', '.join(prompts)} to {self.model.name}_interactive",
+            )
         with autocast(self.precision, device):
-            data = self._run(data, convert_to_batch, device)
+            data = self._segment_content(data, convert_to_batch, device)
+            if strtobool(data.get("uncertainty", False)):
+                data["uncertainty"] = self._uncertainty_map(data, device)
         data["pred"] = data["pred"].float()
         if data.get("uncertainty") is not None:
             data["uncertainty"] = data["uncertainty"].float()
-        return data
-
-    def _run(self, data: dict[str, Any], convert_to_batch, device) -> dict[str, Any]:
-        data = self._segment_content(data, convert_to_batch, device)
-        try:
-            prompted = slice_prompts(data["image"], data)
-        except ValueError as e:
-            raise HTTPException(status_code=422, detail=str(e)) from e
-        if prompted:
-            network = self._get_network(device, data)
-            image = data["image"].as_tensor().to(device)
-            with torch.no_grad():
-                for k, prompts in prompted.items():
-                    logits = network(image[None, ..., k], batch_prompts(prompts, device))
-                    data["pred"][..., k] = logits[0].to(data["pred"].device, data["pred"].dtype)
-            data["prompted_slices"] = sorted(prompted)
-        if strtobool(data.get("uncertainty", False)):
-            data["uncertainty"] = self._uncertainty_map(data, device)
         return data
 
     def _segment_content(self, data: dict[str, Any], convert_to_batch, device) -> dict[str, Any]:
@@ -141,8 +137,6 @@ class SliceSegmentation(ResidentModelInfer):
 
     def writer(self, data: dict[str, Any], extension=None, dtype=None):
         result_file, result_json = super().writer(data, extension, dtype)
-        if data.get("prompted_slices"):
-            result_json["prompted_slices"] = data["prompted_slices"]
         result_json["skipped_slices"] = data.get("skipped_slices", 0)
         if data.get("uncertainty") is not None:
             # Stored by the app as a datastore label with tag "uncertainty"; 255 = maximal entropy (log K).

@@ -180,7 +180,7 @@ class MASGSam(SamSegmenter):
     def training_loss(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         loss = super().training_loss(logits, label)
         if self._boundary_logits is not None:
-            target = boundary_target(label, self._boundary_logits.shape[-2:])
+            target = boundary_target(label[:, :1], self._boundary_logits.shape[-2:])
             loss = loss + self.boundary_weight * self.boundary_loss(self._boundary_logits, target)
             self._boundary_logits = None
         return loss

@@ -1,9 +1,17 @@
 """Multi-class SAM: the part HF-SAM and MASG-SAM share.
 
 A slice in [0, 1] (no ImageNet mean/std, as SAMed/H-SAM) is repeated to three channels and encoded by SAM's
-ViT; the mask decoder runs with SAM's default sparse/dense prompt embeddings (or with point/box prompts when a
-client sends them) and one mask token per class (background included), so a softmax over the mask logits is the
-class posterior. Models differ only in the hooks: ``fuse_before`` (image embedding before the two-way
+ViT. The mask decoder has one mask token per class (background included), so a softmax over its mask logits is the
+class posterior, and it runs in two ways on the same image embedding:
+
+* prompt-free (``decode``): SAM's default sparse/dense prompt embeddings; the automatic segmentation;
+* prompted (``decode_prompted``): points, a box and a previous mask (SAM's mask prompt, for the next click or the
+  next slice of a propagation) through SAM's prompt encoder. An annotator prompts for one class c: the answer is
+  that class against all others, ``object_logit`` = l_c - logsumexp(l_k, k != c), whose sigmoid is the softmax
+  probability of c. The class tokens, already trained on the labels, thereby start the interaction from the
+  automatic segmentation, and prompt-aware training teaches them to follow clicks.
+
+Models differ only in the hooks, which both ways run: ``fuse_before`` (image embedding before the two-way
 transformer), ``class_tokens`` (the mask tokens), ``fuse_after`` (image tokens after the transformer),
 ``refine_upscaled`` (upscaled features before the hypernetwork product) and ``training_loss``.
 """
@@ -33,14 +41,24 @@ from .sam_backbone import (
 )
 
 
+# SAM's point labels: background, foreground, a box's top-left and bottom-right corner; -1 is padding.
+BACKGROUND, FOREGROUND, BOX_TOP_LEFT, BOX_BOTTOM_RIGHT, PADDING = 0, 1, 2, 3, -1
+
+
 @dataclass
 class Prompts:
-    """SAM prompts in model-input pixels (x, y): points (B, N, 2) with labels (B, N) (1 foreground, 0 background,
-    -1 padding) and/or boxes (B, 4) as x0, y0, x1, y1."""
+    """SAM prompts for a batch, in model-input pixels (x = column, y = row).
+
+    ``points`` (B, N, 2) with ``point_labels`` (B, N): ``FOREGROUND``, ``BACKGROUND``, a box as its two corners
+    (``BOX_TOP_LEFT``, ``BOX_BOTTOM_RIGHT``, the way SAM embeds boxes, so items of a batch may have a box or not)
+    and ``PADDING``. ``masks`` (B, 1, 4h, 4w): logits of a previous mask at the decoder's resolution (SAM's mask
+    prompt), used where ``mask_valid`` (B,) is true.
+    """
 
     points: torch.Tensor | None = None
     point_labels: torch.Tensor | None = None
-    boxes: torch.Tensor | None = None
+    masks: torch.Tensor | None = None
+    mask_valid: torch.Tensor | None = None
 
 
 @dataclass
@@ -92,6 +110,7 @@ class SamSegmenter(nn.Module):
             for _ in self.tap_indexes
         )
         self.segmentation_loss = DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=0.1, lambda_dice=0.9)
+        self.object_loss = DiceCELoss(sigmoid=True, lambda_ce=0.1, lambda_dice=0.9)
         # Monte-Carlo dropout on the decoder's image tokens, set only while estimating uncertainty.
         self.mc_dropout = 0.0
 
@@ -116,8 +135,26 @@ class SamSegmenter(nn.Module):
         return upscaled
 
     def training_loss(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        """Loss of the last training forward; logits (B, K, H, W), label (B, 1, H, W) class ids."""
-        return self.segmentation_loss(logits, label)
+        """Loss of the last training forward. ``logits`` (B, K, H, W) prompt-free class logits, or (B, 2K, H, W)
+        with the prompted decoding's after them; ``label`` (B, 1, H, W) class ids, or (B, 2, H, W) with the prompted
+        object after them: its class id c inside, 0 outside, -1 everywhere for a slice that got no prompt (no object
+        loss). The object loss reads the prompted decoding as c against the rest (``object_logit``)."""
+        k = self.num_classes
+        loss = self.segmentation_loss(logits[:, :k], label[:, :1])
+        if logits.shape[1] > k and label.shape[1] > 1:
+            prompted = label[:, 1].flatten(1).amax(1)
+            rows = torch.nonzero(prompted > 0).flatten()
+            if len(rows):
+                target = label[rows, 1:] > 0
+                loss = loss + self.object_loss(self.object_logit(logits[rows, k:], prompted[rows]), target.float())
+        return loss
+
+    @staticmethod
+    def object_logit(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """Class logits (B, K, ...) -> log-odds (B, 1, ...) of class ``classes`` (B,) against all others."""
+        chosen = logits.gather(1, classes.long().view(-1, *[1] * (logits.dim() - 1)).expand(-1, 1, *logits.shape[2:]))
+        others = logits.scatter(1, classes.long().view(-1, *[1] * (logits.dim() - 1)).expand(-1, 1, *logits.shape[2:]), float("-inf"))
+        return chosen - torch.logsumexp(others, dim=1, keepdim=True)
 
     def encode(self, image: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Everything that depends on the image alone: (B, 3, S, S) model input -> image embedding (B, C, h, w)
@@ -125,33 +162,73 @@ class SamSegmenter(nn.Module):
         embedding, taps = encode_with_taps(self.image_encoder, image, self.tap_indexes)
         return embedding, self.project_taps(taps)
 
+    def prepare(
+        self, image: torch.Tensor, encode: Callable[[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]] | None = None
+    ) -> tuple[torch.Tensor, SliceFeatures]:
+        """(B, 1 or 3, H, W) in [0, 1] -> the fused image embedding (B, C, h, w) both decodings start from, and the
+        features the hooks read. ``encode`` replaces ``self.encode`` (e.g. a lookup of embeddings computed before)."""
+        if image.shape[1] == 1:
+            image = image.expand(-1, 3, -1, -1)
+        model_size = (self.spec.img_size, self.spec.img_size)
+        if tuple(image.shape[-2:]) != model_size:
+            image = F.interpolate(image, size=model_size, mode="bilinear", align_corners=False)
+        embedding, taps = (encode or self.encode)(image)
+        features = SliceFeatures(image=image, taps=taps)
+        return self.fuse_before(embedding, features), features
+
     def forward(
         self,
         image: torch.Tensor,
         prompts: Prompts | None = None,
         encode: Callable[[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]] | None = None,
     ) -> torch.Tensor:
-        """``encode`` replaces ``self.encode`` (e.g. by a lookup of embeddings computed before)."""
+        """(B, 1 or 3, H, W) -> class logits (B, K, H, W); with ``prompts`` the prompted decoding's follow (B, 2K,
+        H, W), both from one encoding (training runs both on every slice)."""
         size = image.shape[-2:]
-        if image.shape[1] == 1:
-            image = image.expand(-1, 3, -1, -1)
-        model_size = (self.spec.img_size, self.spec.img_size)
-        if tuple(size) != model_size:
-            image = F.interpolate(image, size=model_size, mode="bilinear", align_corners=False)
-        embedding, taps = (encode or self.encode)(image)
-        features = SliceFeatures(image=image, taps=taps)
-        masks = self.decode(self.fuse_before(embedding, features), features, prompts)
+        embedding, features = self.prepare(image, encode)
+        masks = self.decode(embedding, features)
+        if prompts is not None:
+            masks = torch.cat([masks, self.decode_prompted(embedding, features, prompts)], dim=1)
         return F.interpolate(masks, size=size, mode="bilinear", align_corners=False)
 
-    def decode(self, embedding: torch.Tensor, features: SliceFeatures, prompts: Prompts | None = None) -> torch.Tensor:
-        """SAM's ``MaskDecoder.predict_masks`` with the hooks; (B, C, h, w) -> (B, K, 4h, 4w)."""
+    def decode(self, embedding: torch.Tensor, features: SliceFeatures) -> torch.Tensor:
+        """Class logits (B, K, 4h, 4w) of a fused embedding, prompt-free (SAM's default prompt embeddings)."""
+        b = embedding.shape[0]
+        sparse = torch.empty((b, 0, self.spec.prompt_dim), device=embedding.device, dtype=embedding.dtype)
+        dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(b, -1, *embedding.shape[-2:])
+        return self._decode(embedding, features, sparse, dense)
+
+    def decode_prompted(self, embedding: torch.Tensor, features: SliceFeatures, prompts: Prompts) -> torch.Tensor:
+        """Class logits (B, K, 4h, 4w) of a fused embedding with ``prompts``."""
+        sparse, dense = self.embed_prompts(prompts, embedding.shape[0], embedding.shape[-2:])
+        return self._decode(embedding, features, sparse, dense)
+
+    def embed_prompts(self, prompts: Prompts, batch: int, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """SAM's ``PromptEncoder.forward`` for ``Prompts``: box corners are points with their own labels, and each
+        item's mask prompt is used only where ``mask_valid``. -> sparse (B, N + 1, C), dense (B, C, h, w)."""
+        encoder = self.prompt_encoder
+        device = encoder.no_mask_embed.weight.device
+        sparse = torch.empty((batch, 0, self.spec.prompt_dim), device=device)
+        if prompts.points is not None:
+            # SAM pads point prompts with one "not a point" (its _embed_points with pad=True).
+            points = torch.cat([prompts.points.float(), torch.zeros(batch, 1, 2, device=device)], dim=1) + 0.5
+            labels = torch.cat([prompts.point_labels, torch.full((batch, 1), PADDING, device=device)], dim=1)[..., None]
+            position = encoder.pe_layer.forward_with_coords(points, encoder.input_image_size)
+            sparse = torch.where(labels == PADDING, encoder.not_a_point_embed.weight, position)
+            for kind, embedding in enumerate(encoder.point_embeddings):
+                sparse = sparse + (labels == kind) * embedding.weight
+        dense = encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(batch, -1, *size)
+        if prompts.masks is not None:
+            valid = torch.ones(batch, dtype=torch.bool, device=device) if prompts.mask_valid is None else prompts.mask_valid
+            dense = torch.where(valid[:, None, None, None], encoder.mask_downscaling(prompts.masks.float()), dense)
+        return sparse, dense
+
+    def _decode(self, embedding: torch.Tensor, features: SliceFeatures, sparse: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        """SAM's ``MaskDecoder.predict_masks`` with the hooks and one mask token per class; -> (B, K, 4h, 4w)."""
         decoder = self.mask_decoder
         b, c, h, w = embedding.shape
-        prompts = prompts or Prompts()
-        points = (prompts.points, prompts.point_labels) if prompts.points is not None else None
-        sparse, dense = self.prompt_encoder(points=points, boxes=prompts.boxes, masks=None)
         tokens = torch.cat([decoder.iou_token.weight, self.class_tokens()], dim=0)
-        tokens = torch.cat([tokens[None].expand(b, -1, -1), sparse.expand(b, -1, -1)], dim=1)
+        tokens = torch.cat([tokens[None].expand(b, -1, -1), sparse.to(tokens.dtype)], dim=1)
         src = embedding + dense
         pos = self.prompt_encoder.get_dense_pe().expand(b, -1, -1, -1)
         hs, src = decoder.transformer(src, pos, tokens)

@@ -28,15 +28,17 @@ from ignite.engine import Events
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.handlers import LrScheduleHandler, MeanDice, from_engine
 from monai.inferers import SimpleInferer, SliceInferer
-from monai.transforms import Activationsd, AsDiscreted, EnsureTyped
+from monai.transforms import Activationsd, AsDiscreted, EnsureTyped, Lambdad
 from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 from monailabel.utils.others.generic import strtobool
 
+from lib.interactions import INTERACTIONS_KEY
 from lib.model import SegmentationModel
 from lib.networks.lora import AdapterError, adapter_state_dict, publish_adapter
+from lib.trainers.interaction import SimulatedInteraction, prepare_prompted_batch
 from lib.transforms import training_slice_transforms, volume_transforms
 
 logger = logging.getLogger(__name__)
@@ -78,8 +80,11 @@ class LoraTrainer(BasicTrainTask):
         slices_per_volume: int = 8,
         foreground_ratio: float = 0.75,
         min_train_volumes: int = 2,
+        interactive_share: float = 0.0,
         config: dict[str, Any] | None = None,
     ):
+        """``interactive_share``: the share of training slices that get simulated interactions
+        (``lib.trainers.interaction``; 0 trains prompt-free; a train request's ``interactive_share`` overrides it)."""
         self.model = model
         self.weight_decay = weight_decay
         self.warmup_fraction = warmup_fraction
@@ -96,6 +101,7 @@ class LoraTrainer(BasicTrainTask):
             "dataloader": "DataLoader",
             "multi_gpu": False,
             "tracking": "None",
+            "interactive_share": interactive_share,
         }
         defaults.update(config or {})
         model_dir = os.path.dirname(os.path.abspath(model.adapter_path))
@@ -167,6 +173,8 @@ class LoraTrainer(BasicTrainTask):
             info = datastore.get_label_info(label_id, final) or {}
             if info.get("label_info"):
                 item["label_info"] = info["label_info"]
+            if float(request.get("interactive_share", self._config["interactive_share"])) and info.get(INTERACTIONS_KEY):
+                item["interactions"] = info[INTERACTIONS_KEY]  # replayed by training (lib.interactions)
             datalist.append(item)
         return datalist
 
@@ -211,7 +219,11 @@ class LoraTrainer(BasicTrainTask):
         ]
 
     def train_post_transforms(self, context: Context):
+        classes = self.model.num_classes
         return [
+            # Metrics read the class head: with simulated prompts the last channels are the prompted object's.
+            Lambdad(keys="pred", func=lambda p: p[:classes]),
+            Lambdad(keys="label", func=lambda label: label[:1]),
             Activationsd(keys="pred", softmax=True),
             AsDiscreted(keys=("pred", "label"), argmax=(True, False), to_onehot=self.model.num_classes),
         ]
@@ -246,6 +258,10 @@ class LoraTrainer(BasicTrainTask):
     def train_inferer(self, context: Context):
         return SimpleInferer()
 
+    def train_iteration_update(self, context: Context):
+        share = float(context.request.get("interactive_share", self._config["interactive_share"]))
+        return SimulatedInteraction(share=share) if share > 0 else None
+
     def val_inferer(self, context: Context):
         size = self.model.img_size
         return SliceInferer(roi_size=(size, size), sw_batch_size=8, spatial_dim=2, progress=False)
@@ -256,7 +272,7 @@ class LoraTrainer(BasicTrainTask):
     def val_key_metric(self, context: Context):
         return {self.VAL_METRIC_MEAN_DICE: MeanDice(output_transform=from_engine(["pred", "label"]), include_background=False)}
 
-    # ---- engines without full-model checkpoints ---------------------------------------------------------
+    # ---- engines without full-model checkpoints (MONAI Label's, less its CheckpointSaver; the hooks pass) ----
     def _create_evaluator(self, context: Context):
         if not context.val_datalist:
             return None
@@ -267,7 +283,10 @@ class LoraTrainer(BasicTrainTask):
             inferer=self.val_inferer(context),
             postprocessing=self._validate_transforms(self.val_post_transforms(context), "Validation", "post"),
             key_val_metric=self.val_key_metric(context),
+            additional_metrics=self.val_additional_metrics(context),
             val_handlers=self.val_handlers(context),
+            iteration_update=self.val_iteration_update(context),
+            event_names=self.event_names(context),
         )
 
     def _create_trainer(self, context: Context):
@@ -282,7 +301,11 @@ class LoraTrainer(BasicTrainTask):
             amp=self._amp,
             postprocessing=self._validate_transforms(self.train_post_transforms(context), "Training", "post"),
             key_train_metric=self.train_key_metric(context),
+            additional_metrics=self.train_additional_metrics(context),
             train_handlers=self.train_handlers(context),
+            iteration_update=self.train_iteration_update(context),
+            event_names=self.event_names(context),
+            prepare_batch=prepare_prompted_batch,
         )
 
     def finalize(self, context: Context):

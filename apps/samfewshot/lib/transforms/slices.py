@@ -17,6 +17,7 @@ from monai.transforms import (
     LoadImaged,
     MapTransform,
     Orientationd,
+    Randomizable,
     RandAffined,
     RandCropByPosNegLabeld,
     RandFlipd,
@@ -71,16 +72,23 @@ def training_slice_transforms(
     img_size: int, modality: str, model_labels: Mapping[str, int], slices_per_volume: int, foreground_ratio: float
 ) -> list:
     """Volumes -> ``slices_per_volume`` random axial slices (1, S, S), ``foreground_ratio`` of them centred on
-    labelled voxels so that slices showing the structures dominate; light 2D augmentation."""
-    keys = ["image", "label"]
+    labelled voxels so that slices showing the structures dominate, one of them an annotator's interaction slice
+    when the volume has any (``InteractionPromptsd``, ``InteractionMapd``); light 2D augmentation, the interaction map
+    moving with the label."""
+    keys = ["image", "label", "click_map"]
     return volume_transforms(img_size, modality, model_labels) + [
-        RandCropByPosNegLabeld(
-            keys=keys,
-            label_key="label",
-            spatial_size=(-1, -1, 1),
-            pos=foreground_ratio,
-            neg=1.0 - foreground_ratio,
-            num_samples=slices_per_volume,
+        InteractionPromptsd(model_labels),
+        InteractionMapd(),
+        WithInteractionSliced(
+            RandCropByPosNegLabeld(
+                keys=keys,
+                label_key="label",
+                spatial_size=(-1, -1, 1),
+                pos=foreground_ratio,
+                neg=1.0 - foreground_ratio,
+                num_samples=slices_per_volume,
+            ),
+            keys,
         ),
         SqueezeDimd(keys=keys, dim=-1),
         RandFlipd(keys=keys, prob=0.5, spatial_axis=0),
@@ -89,11 +97,98 @@ def training_slice_transforms(
             prob=0.5,
             rotate_range=np.deg2rad(10),
             scale_range=0.1,
-            mode=["bilinear", "nearest"],
+            mode=["bilinear", "nearest", "nearest"],
             padding_mode="zeros",
         ),
-        EnsureTyped(keys=keys, dtype=[np.float32, np.int64]),
+        EnsureTyped(keys=keys, dtype=[np.float32, np.int64, np.uint8]),
     ]
+
+
+# Marks of an annotator's interaction drawn into a training volume (``InteractionMapd``).
+POSITIVE_MARK, NEGATIVE_MARK, BOX_MARK = 1, 2, 3
+MARK_RADIUS = 1  # a point is drawn as a (2r + 1)^2 square, so rotation and scaling in augmentation keep it
+
+
+class InteractionPromptsd(MapTransform):
+    """An annotator's interactions with this volume (``interactions``: the prompts of their requests in voxel
+    indices of the volume as stored, kept with the saved label) -> the same on the model's volume: a list of
+    (class, {slice: SlicePrompt}), the class 0 when the client named none. Deterministic, so it runs before a
+    dataset's cache, where the volume still carries its geometry; interactions that do not fit this volume (a
+    refused request's) are left out."""
+
+    def __init__(self, model_labels: Mapping[str, int]):
+        super().__init__(keys=["image"])
+        self.model_labels = dict(model_labels)
+
+    def __call__(self, data):
+        from lib.transforms.prompts import slice_prompts
+
+        d = dict(data)
+        converted = []
+        for interaction in d.pop("interactions", None) or []:
+            try:
+                prompted = slice_prompts(d["image"], interaction)
+            except (ValueError, KeyError, TypeError):
+                continue
+            if prompted:
+                converted.append((self.model_labels.get(interaction.get("label"), 0), prompted))
+        d["interaction_prompts"] = converted
+        return d
+
+
+class InteractionMapd(Randomizable, MapTransform):
+    """One of a volume's interactions (``interaction_prompts``, from ``InteractionPromptsd``), at random, drawn on one
+    of its slices into ``click_map`` (1, S, S, D): ``POSITIVE_MARK``/``NEGATIVE_MARK`` points over a filled
+    ``BOX_MARK`` box, so they move with the label through augmentation. ``click_class`` is the class they were for
+    (0: the client named none), ``click_slice`` the slice (-1: none)."""
+
+    def __init__(self):
+        super().__init__(keys=["image"])
+
+    def __call__(self, data):
+        d = dict(data)
+        interactions = d.pop("interaction_prompts", None) or []
+        marks = torch.zeros((1, *d["image"].shape[1:]), dtype=torch.uint8)
+        d["click_class"], d["click_slice"] = 0, -1
+        if interactions:
+            target_class, prompted = interactions[self.R.randint(len(interactions))]
+            k = sorted(prompted)[self.R.randint(len(prompted))]
+            plane = marks[0, :, :, k]
+            if prompted[k]["box"]:
+                x0, y0, x1, y1 = (int(round(v)) for v in prompted[k]["box"])
+                plane[y0 : y1 + 1, x0 : x1 + 1] = BOX_MARK
+            for x, y, label in prompted[k]["points"]:
+                row, col = int(round(y)), int(round(x))
+                plane[max(row - MARK_RADIUS, 0) : row + MARK_RADIUS + 1, max(col - MARK_RADIUS, 0) : col + MARK_RADIUS + 1] = (
+                    POSITIVE_MARK if label == 1 else NEGATIVE_MARK
+                )
+            d["click_class"], d["click_slice"] = target_class, k
+        d["click_map"] = marks
+        return d
+
+
+class WithInteractionSliced(Randomizable):
+    """``cropper``'s random slices of a volume, the first replaced by its interaction slice when it has one
+    (``click_slice`` >= 0), so training replays an annotator's interaction in every epoch."""
+
+    def __init__(self, cropper: RandCropByPosNegLabeld, keys: list[str]):
+        self.cropper = cropper
+        self.keys = keys
+
+    def set_random_state(self, seed=None, state=None):
+        self.cropper.set_random_state(seed, state)
+        return super().set_random_state(seed, state)
+
+    def randomize(self, data=None) -> None:
+        pass
+
+    def __call__(self, data):
+        d = dict(data)
+        k = d.pop("click_slice", -1)
+        crops = self.cropper(d)
+        if k >= 0:
+            crops[0] = {**crops[0], **{key: d[key][..., k : k + 1] for key in self.keys}}
+        return crops
 
 
 def content_slices(volume: torch.Tensor, threshold: float = 0.05) -> torch.Tensor:

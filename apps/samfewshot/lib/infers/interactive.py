@@ -1,0 +1,270 @@
+"""Clicks and boxes on a SAM model: the MONAI Label task 3D Slicer and OHIF show under their point tools.
+
+MONAI Label type ``deepgrow``, dimension 3. 3D Slicer sends the segment's name as ``label`` with all its
+``foreground``/``background`` points and optionally an ``roi``, and replaces that segment with the binary mask it
+gets back; OHIF sends the points without a label and puts the mask on the segment selected there. ``deepgrow``
+fits SAM: positive and negative clicks (and a box) point at one structure, which SAM's prompt decoder segments. The
+task shares the model's resident network, adapter and image-embedding cache with its segmentation task.
+
+One interaction gives a 3D result (``propagate``): the prompted slices are segmented with their points and box
+through SAM's prompt encoder, starting from the automatic segmentation with the clicks drawn in as mask prompt; from
+there the structure is followed slice by slice in both directions with SAM's own mask prompt (the previous slice's
+logits) and a box around the previous mask, until it vanishes. An ``roi`` also bounds the result: its slices and
+its box.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from fastapi import HTTPException
+from monai.data import MetaTensor
+from monai.transforms import CastToTyped, Compose, Invertd, Lambdad, SqueezeDimd
+from monailabel.interfaces.tasks.infer_v2 import InferType
+
+from lib.infers.embedding_cache import CachedEncoding, EmbeddingCache
+from lib.infers.slice_segmentation import SamSliceInfer
+from lib.model import SegmentationModel, autocast, torch_threads
+from lib.networks.sam_segmenter import SamSegmenter, SliceFeatures
+from lib.evaluation import dice
+from lib.transforms.clicks import box_of, error_click, paint_clicks
+from lib.transforms.prompts import SlicePrompt, batch_prompts, slice_prompts
+
+logger = logging.getLogger(__name__)
+
+# A propagated mask that covers less than this share of the decoder's grid has vanished: the structure ended.
+VANISHED_FRACTION = 1e-3
+# The box around the previous slice's mask grows by this share of its size on each side (structures widen).
+BOX_MARGIN = 0.1
+
+
+def propagate(
+    network: SamSegmenter,
+    volume: torch.Tensor,
+    prompted: dict[int, SlicePrompt],
+    target_class: int | None = None,
+    encode: Callable | None = None,
+    batch_size: int = 2,
+    bounds: tuple[int, int] | None = None,
+) -> tuple[torch.Tensor, list[int], int]:
+    """(1, S, S, D) volume, the prompts of some of its slices -> (S, S, D) probabilities of the prompted structure,
+    the slices it was found on, and its class.
+
+    The structure is class ``target_class``, or when None the foreground class the automatic segmentation gives
+    the first foreground point of the lowest prompted slice (or the inside of its box). That slice is decoded first,
+    then two walks leave it, upwards and downwards, side by side in one decoder batch: a prompted slice is decoded
+    with its own prompts and, as mask prompt, the automatic segmentation of the class with the clicks drawn in
+    (``start_mask``); any other slice with the previous slice's logits as mask prompt and a box around that mask. A
+    walk ends beyond the prompted slices once the mask vanishes (inside their range it resumes at the next prompted
+    slice). ``bounds`` (first, last) limits the slices; ``encode`` replaces the network's encoder (the cache).
+    Slices are encoded ``batch_size`` at a time in each walk's direction.
+    """
+    depth = volume.shape[-1]
+    size = volume.shape[1]
+    first, last = bounds or (0, depth - 1)
+    low, high = min(prompted), max(prompted)
+    prepared: dict[int, tuple[torch.Tensor, SliceFeatures]] = {}
+
+    def features(k: int, step: int) -> tuple[torch.Tensor, SliceFeatures]:
+        if k not in prepared:
+            ks = [j for j in range(k, k + step * batch_size, step) if first <= j <= last and j not in prepared]
+            embedding, f = network.prepare(volume[..., ks].permute(3, 0, 1, 2), encode)
+            for i, j in enumerate(ks):
+                prepared[j] = (embedding[i : i + 1], SliceFeatures(f.image[i : i + 1], [t[i : i + 1] for t in f.taps]))
+        return prepared[k]
+
+    def kept(out: torch.Tensor) -> torch.Tensor | None:
+        """The logits handed to the next slice, or None once the structure has vanished."""
+        return out if (out > 0).sum() >= max(1, VANISHED_FRACTION * out.shape[-1] * out.shape[-2]) else None
+
+    def item(k: int, step: int, previous: torch.Tensor | None) -> tuple:
+        """(slice, prompt, mask prompt) of slice ``k``: its own prompts, or following the previous slice."""
+        nonlocal target_class
+        if k not in prompted:
+            return k, _follow(previous, size), previous
+        embedding, f = features(k, step)
+        automatic = network.decode(embedding, f)
+        if target_class is None:
+            target_class = clicked_class(automatic, prompted[k], size)
+        return k, prompted[k], start_mask(network, automatic, target_class, prompted[k]["points"], size)
+
+    def decode(items: list[tuple], steps: list[int]) -> list[torch.Tensor]:
+        encoded = [features(k, step) for (k, _, _), step in zip(items, steps)]
+        embedding = torch.cat([e for e, _ in encoded])
+        f = SliceFeatures(torch.cat([x.image for _, x in encoded]), [torch.cat(t) for t in zip(*(x.taps for _, x in encoded))])
+        prompts = batch_prompts([p for _, p, _ in items], embedding.device, masks=torch.cat([m for *_, m in items]))
+        chosen = torch.full((len(items),), target_class, device=embedding.device)
+        return list(network.object_logit(network.decode_prompted(embedding, f, prompts), chosen)[:, None])
+
+    logits = {low: decode([item(low, 1, None)], [1])[0]}
+    walks = {1: low + 1, -1: low - 1}  # direction -> the slice it decodes next
+    previous = {step: kept(logits[low]) for step in walks}
+    while walks:
+        items, steps = [], []
+        for step in list(walks):
+            k = walks[step]
+            while step > 0 and k <= high and k not in prompted and previous[step] is None:
+                k += 1  # a gap between prompted slices where the structure vanished: on to the next prompted one
+            beyond = k > high if step > 0 else True
+            if not first <= k <= last or (beyond and previous[step] is None and k not in prompted):
+                del walks[step]
+                continue
+            items.append(item(k, step, previous[step]))
+            steps.append(step)
+        for (k, _, _), step, out in zip(items, steps, decode(items, steps) if items else []):
+            logits[k] = out
+            previous[step] = kept(out)
+            walks[step] = k + step
+    probabilities = torch.zeros(size, volume.shape[2], depth, device=volume.device)
+    for k, out in logits.items():
+        probabilities[..., k] = torch.sigmoid(F.interpolate(out.float(), size=volume.shape[1:3], mode="bilinear", align_corners=False))[0, 0]
+    found = sorted(k for k, out in logits.items() if (out > 0).any())
+    return probabilities, found, target_class
+
+
+def start_mask(network: SamSegmenter, automatic: torch.Tensor, target_class: int, points: list, size: int) -> torch.Tensor:
+    """The mask prompt of a prompted slice: class ``target_class`` of its automatic segmentation (class logits
+    (1, K, g, g)) against the rest, with the clicks drawn in (``paint_clicks``); (1, 1, g, g)."""
+    logit = network.object_logit(automatic, torch.tensor([target_class], device=automatic.device))
+    return paint_clicks(logit[0], points, size)[None]
+
+
+def clicked_class(logits: torch.Tensor, prompt: SlicePrompt, size: int) -> int:
+    """The foreground class (1..K-1) a prompt points at, from class logits (1, K, g, g): the most probable at the
+    first foreground point, else over the box; a prompt of background points alone names none."""
+    probabilities = torch.softmax(logits.float()[0], dim=0)[1:]
+    scale = logits.shape[-1] / size
+    positives = [(x, y) for x, y, label in prompt["points"] if label == 1]
+    if positives:
+        x, y = (min(int(v * scale), logits.shape[-1] - 1) for v in positives[0])
+        return 1 + int(probabilities[:, y, x].argmax())
+    if prompt["box"] is not None:
+        x0, y0, x1, y1 = (int(v * scale) for v in prompt["box"])
+        return 1 + int(probabilities[:, y0 : y1 + 1, x0 : x1 + 1].flatten(1).mean(1).argmax())
+    raise ValueError("background points alone do not say which structure to segment: add a foreground point, a box or a label")
+
+
+def click_session(
+    network: SamSegmenter, image: torch.Tensor, target: np.ndarray, target_class: int, clicks: int, encode: Callable | None = None
+) -> list[float]:
+    """A simulated annotator on one slice (1, S, S) segmenting class ``target_class``, whose true mask is
+    ``target`` (S, S): the first click at the centre of the structure, each next one at the centre of the largest
+    error, all clicks so far and the previous logits (SAM's mask prompt) in every decoding, as interactive
+    segmentation is evaluated; Dice after each click."""
+    embedding, features = network.prepare(image[None], encode)
+    chosen = torch.tensor([target_class], device=embedding.device)
+    size = image.shape[-1]
+    points: list = []
+    logits = network.object_logit(network.decode(embedding, features), chosen)  # the automatic segmentation
+    dices = []
+    for n in range(clicks):
+        click = error_click(_upsampled(logits, target.shape) > 0 if n else np.zeros_like(target), target)
+        if click is None:
+            dices.append(dices[-1] if dices else 1.0)
+            continue
+        points.append(click)
+        mask = paint_clicks(logits[0], points, size)[None]
+        prompts = batch_prompts([{"points": points, "box": None}], embedding.device, masks=mask)
+        logits = network.object_logit(network.decode_prompted(embedding, features, prompts), chosen)
+        dices.append(dice(_upsampled(logits, target.shape) > 0, target))
+    return dices
+
+
+def _upsampled(logits: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    return F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)[0, 0].cpu().numpy()
+
+
+def _follow(previous: torch.Tensor, size: int) -> SlicePrompt:
+    """The box prompt of the slice after one whose logits (1, 1, g, g) are ``previous``: around its mask, grown
+    by ``BOX_MARGIN``, in model-input pixels of ``size``."""
+    x0, y0, x1, y1 = box_of((previous[0, 0] > 0).cpu().numpy())
+    scale = size / previous.shape[-1]
+    grow_x, grow_y = BOX_MARGIN * (x1 - x0 + 1), BOX_MARGIN * (y1 - y0 + 1)
+    box = [(x0 - grow_x) * scale, (y0 - grow_y) * scale, (x1 + 1 + grow_x) * scale - 1, (y1 + 1 + grow_y) * scale - 1]
+    return {"points": [], "box": tuple(float(np.clip(v, 0, size - 1)) for v in box)}
+
+
+def float_encoding(encode: Callable, precision: str, device, threads: int) -> Callable:
+    """``encode`` under ``precision``'s autocast on ``threads`` CPU threads, its outputs in fp32: the decoder, which
+    propagation runs once per slice, then runs in fp32, where its small products are faster on a CPU than in bf16
+    (docs/benchmarks.md)."""
+
+    def run(image: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        with torch_threads(threads), autocast(precision, device):
+            embedding, taps = encode(image)
+        return embedding.float(), [t.float() for t in taps]
+
+    return run
+
+
+class SliceInteraction(SamSliceInfer):
+    """``<model>_interactive``: clicks and an optional box on a volume -> the clicked structure's binary mask on the
+    volume's own grid (1 inside). Request: ``foreground``/``background`` [[i, j, k], ...] and ``roi`` [i0, i1, j0,
+    j1, k0, k1] in voxel indices of the volume as stored; ``label``, the segment's name (3D Slicer), must be one of
+    the model's labels when given. The result names the segment (``label_names``) and the slices it covers."""
+
+    def __init__(self, model: SegmentationModel, embeddings: EmbeddingCache, description: str = "", **kwargs):
+        description = description or (
+            f"{model.name} ({model.backbone}): clicks and boxes segment one structure, propagated through the volume"
+        )
+        super().__init__(model, embeddings, type=InferType.DEEPGROW, description=description, **kwargs)
+
+    def post_transforms(self, data=None) -> list:
+        return [
+            Invertd(keys="pred", transform=Compose(self._pre), orig_keys="image", nearest_interp=False),
+            Lambdad(keys="pred", func=lambda p: p > 0.5),
+            SqueezeDimd(keys="pred", dim=0),
+            CastToTyped(keys="pred", dtype=np.uint8),
+        ]
+
+    def run_inferer(self, data: dict[str, Any], convert_to_batch=True, device="cuda"):
+        label = data.get("label")
+        if label is not None and label not in self.model.labels:
+            raise HTTPException(status_code=422, detail=f"unknown label {label!r} for {self.model.name}; valid: {', '.join(self.model.labels)}")
+        image = data["image"]
+        try:
+            prompted = slice_prompts(image, data)
+        except ValueError as e:
+            raise HTTPException(status_code=422, detail=str(e)) from e
+        if not prompted:
+            raise HTTPException(status_code=422, detail="send foreground or background points ([[i, j, k], ...]) or an roi to segment")
+        cached = self._get_network(device, data)
+        network, encode = (cached.network, cached.encode) if isinstance(cached, CachedEncoding) else (cached, cached.encode)
+        boxed = sorted(k for k, p in prompted.items() if p["box"] is not None)
+        bounds = (min(boxed[0], min(prompted)), max(boxed[-1], max(prompted))) if data.get("roi") else None
+        volume = image.as_tensor().to(device)
+        target_class = self.model.labels.get(label) if label is not None else None
+        # On a CPU the decoder's small operators ran twice as fast on one thread as on two (thread hand-offs
+        # dominate them); the encoder, for slices not cached, keeps every thread (docs/benchmarks.md).
+        threads = torch.get_num_threads()
+        try:
+            with torch.no_grad(), torch_threads(1 if str(device).startswith("cpu") else threads):
+                encode = float_encoding(encode, self.precision, device, threads)
+                probabilities, found, target_class = propagate(network, volume, prompted, target_class, encode, self.batch_size, bounds)
+        except ValueError as e:
+            raise HTTPException(status_code=422, detail=str(e)) from e
+        if bounds:
+            x0, y0, x1, y1 = prompted[boxed[0]]["box"]
+            inside = torch.zeros_like(probabilities[..., 0], dtype=torch.bool)
+            inside[int(y0) : int(np.ceil(y1)) + 1, int(x0) : int(np.ceil(x1)) + 1] = True
+            probabilities = probabilities * inside[..., None]
+        data["pred"] = MetaTensor(probabilities[None].cpu(), meta=image.meta, applied_operations=image.applied_operations)
+        data["prompted_slices"], data["found_slices"], data["target_class"] = sorted(prompted), found, target_class
+        return data
+
+    def __call__(self, request, callbacks=None):
+        result_file, result_json = super().__call__(request, callbacks)
+        names = {i: n for n, i in self.model.labels.items()}
+        result_json["label_names"] = {names[result_json["target_class"]]: 1}  # MONAI Label sets the model's labels
+        return result_file, result_json
+
+    def writer(self, data: dict[str, Any], extension=None, dtype=None):
+        result_file, result_json = super().writer(data, extension, dtype)
+        for key in ("prompted_slices", "found_slices", "target_class"):
+            result_json[key] = data[key]
+        return result_file, result_json

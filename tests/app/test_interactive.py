@@ -1,0 +1,123 @@
+"""The interactive tasks in-process: the requests 3D Slicer's and OHIF's point tools really send (written here as
+data, from MONAI Label 0.8.5's plugins), bad prompts refused, and an annotator's prompts kept with the final label,
+replayed by training and removed with the label."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import nibabel as nib
+import nrrd
+import numpy as np
+import pytest
+
+LABELS = {"white matter": 1, "grey matter": 2}
+# 3D Slicer, onClickDeepgrow for a 3D deepgrow model: the segment's name and all its points, the model's infer config
+# (first value of each option, getParamsFromConfig), then MONAILabelLogic.infer's result format and the client id.
+SLICER_CONFIG = {"device": "cpu", "batch_size": 2, "modality": "auto", "precision": "fp32"}
+SLICER_FORMAT = {"result_extension": ".nrrd", "result_dtype": "uint8", "client_id": "user-xyz"}
+# OHIF v3, PointPrompts.onRunInference for a deepgrow model: points only (the class is unknown to it), then
+# MonaiLabelClient.infer's result format; output=image.
+OHIF_FORMAT = {"result_extension": ".nrrd", "result_dtype": "uint8", "result_compress": False, "restore_label_idx": False}
+
+
+def infer(client, model: str, image: str, params: dict, output: str = "all"):
+    return client.post(f"/infer/{model}?image={image}&output={output}", data={"params": json.dumps(params)})
+
+
+def nrrd_of(content: bytes, tmp_path) -> np.ndarray:
+    path = tmp_path / "result.nrrd"
+    path.write_bytes(content)
+    return nrrd.read(str(path))[0]
+
+
+def multipart(response) -> tuple[dict, bytes]:
+    boundary = response.headers["content-type"].split("boundary=")[1].encode()
+    parts = [p.split(b"\r\n\r\n", 1) for p in response.content.split(b"--" + boundary) if b"\r\n\r\n" in p]
+    result = next(json.loads(body.rsplit(b"\r\n", 1)[0]) for head, body in parts if b"application/json" in head)
+    label = next(body.rsplit(b"\r\n", 1)[0] for head, body in parts if b"application/json" not in head)
+    return result, label
+
+
+@pytest.mark.parametrize("model", ["hf_sam", "masg_sam"])
+def test_slicer_deepgrow_request_gives_the_segments_binary_mask(client, studies, tmp_path, model):
+    params = {"label": "white matter", "foreground": [[60, 70, 62], [62, 75, 64]], "background": [[20, 20, 62]], **SLICER_CONFIG, **SLICER_FORMAT}
+    response = infer(client, f"{model}_interactive", "brain_003", params)
+    assert response.status_code == 200, response.text
+    result, label = multipart(response)
+    mask = nrrd_of(label, tmp_path)
+    assert mask.shape == nib.load(studies / "brain_003.nii.gz").shape and mask.dtype == np.uint8
+    assert set(np.unique(mask)) <= {0, 1}
+    assert result["label_names"] == {"white matter": 1} and result["target_class"] == 1
+    assert result["prompted_slices"] == [62, 64]  # the sample volumes are stored in RAS: the same slice indices
+
+    # Slicer's ROI ([i0, i1, j0, j1, k0, k1]) bounds the result
+    roi = [40, 80, 50, 90, 60, 66]
+    response = infer(client, f"{model}_interactive", "brain_003", {"label": "grey matter", "foreground": [], "background": [], "roi": roi, **SLICER_FORMAT})
+    assert response.status_code == 200, response.text
+    result, label = multipart(response)
+    mask = nrrd_of(label, tmp_path)
+    outside = np.ones_like(mask, dtype=bool)
+    outside[40:81, 50:91, 60:67] = False
+    assert not mask[outside].any()
+    assert result["prompted_slices"] == list(range(60, 67)) and result["label_names"] == {"grey matter": 1}
+
+
+def test_ohif_deepgrow_request_without_a_label(client, tmp_path):
+    response = infer(client, "hf_sam_interactive", "brain_003", {"foreground": [[60, 70, 62]], "background": [], **OHIF_FORMAT}, output="image")
+    assert response.status_code == 200, response.text
+    mask = nrrd_of(response.content, tmp_path)
+    assert set(np.unique(mask)) <= {0, 1}
+
+
+@pytest.mark.parametrize(
+    "params,message",
+    [
+        ({"label": "white matter", "foreground": [[60, 70, 500]]}, "lie outside the volume"),
+        ({"label": "tumour", "foreground": [[60, 70, 62]]}, "unknown label 'tumour' for hf_sam; valid: white matter, grey matter"),
+        ({"label": "white matter", "foreground": [["a", 70, 62]]}, "foreground must be a list of at most 1000"),
+        ({"label": "white matter", "roi": [1, 2, 3, 4]}, "roi must be [i0, i1, j0, j1, k0, k1]"),
+        ({"label": "white matter", "foreground": [], "background": []}, "send foreground or background points"),
+        ({"background": [[60, 70, 62]]}, "background points alone do not say which structure"),
+    ],
+)
+def test_bad_prompts_are_refused(client, studies, params, message):
+    before = (studies / "datastore_v2.json").read_bytes() if (studies / "datastore_v2.json").exists() else None
+    response = infer(client, "hf_sam_interactive", "brain_003", params)
+    assert response.status_code == 422 and message in response.text, response.text
+    after = (studies / "datastore_v2.json").read_bytes() if (studies / "datastore_v2.json").exists() else None
+    assert before == after
+
+
+def test_prompts_are_kept_with_the_final_label_replayed_and_removed_with_it(client, sample_data, monkeypatch):
+    from lib.trainers import interaction
+    from lib.trainers.lora_trainer import LoraTrainer
+    from monailabel.interfaces.utils.app import app_instance
+
+    slicer = {"label": "grey matter", "foreground": [[50, 60, 70]], "background": [[70, 80, 70]]}
+    assert infer(client, "hf_sam_interactive", "brain_002", {**slicer, **SLICER_FORMAT}).status_code == 200
+    assert infer(client, "hf_sam_interactive", "brain_002", {"foreground": [[55, 65, 71]], **OHIF_FORMAT}).status_code == 200
+    truth = (sample_data / "brain-mri-groundtruth" / "brain_002.nii.gz").read_bytes()
+    saved = client.put(
+        "/datastore/label?image=brain_002&tag=final",
+        files={"label": ("label.nii.gz", io.BytesIO(truth))},
+        data={"params": json.dumps({"label_info": [{"name": n, "idx": i} for n, i in LABELS.items()]})},
+    )
+    assert saved.status_code == 200, saved.text
+    info = client.get("/datastore/label/info?label=brain_002&tag=final").json()
+    assert info["interactions"] == [{**slicer}, {"label": None, "foreground": [[55, 65, 71]]}]
+    assert app_instance().interactions.take("brain_002") == []  # they now belong to the label
+    assert "interactions" not in client.get("/datastore/label/info?label=brain_000&tag=final").json()  # not shared
+
+    replayed = []
+    original = interaction.replay
+    monkeypatch.setattr(interaction, "replay", lambda *a, **k: replayed.append(original(*a, **k)) or replayed[-1])
+    # Every slice prompted, a replay wherever there is one: the crop of the interaction slice replays each epoch.
+    monkeypatch.setattr(LoraTrainer, "train_iteration_update", lambda self, context: interaction.SimulatedInteraction(share=1.0, replay_share=1.0))
+    response = client.post("/train/hf_sam?run_sync=true", json={"max_epochs": 2, "val_split": 0})
+    assert response.status_code == 200, response.text
+    assert any(r and r["prompt"]["points"] for r in replayed), "training never replayed the annotator's prompts"
+
+    assert client.delete("/datastore/label?id=brain_002&tag=final").status_code == 200
+    assert client.get("/datastore/label/info?label=brain_002&tag=final").status_code == 404
