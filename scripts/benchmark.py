@@ -182,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="JSON file for the results")
     args = parser.parse_args(argv)
 
+    import nibabel as nib
     import torch
     from main import SamFewShotApp
 
@@ -240,6 +241,15 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             app.infer(request)
             results["reinfer_cached_embeddings_s"] = time.perf_counter() - start
+            # One click at the volume's centre on the interactive task, the volume just segmented (embeddings cached).
+            centre = [n // 2 for n in nib.load(os.path.join(studies, "bench.nii.gz")).shape]
+            label = next(iter(app.models[args.model].model.labels))
+            click = {**request, "model": f"{args.model}_interactive", "foreground": [centre], "label": label}
+            start = time.perf_counter()
+            clicked = app.infer(click)
+            results["click_on_inferred_s"] = time.perf_counter() - start
+            results["click_decoded_slices"] = len(clicked["params"]["found_slices"])
+            os.remove(clicked["file"])
 
         results.update({f"peak_{kind}_infer_mb": mb for kind, mb in peak_memory_mb(args.device).items()})
         if not args.skip_update:

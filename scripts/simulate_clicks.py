@@ -5,7 +5,7 @@
 
 Two private copies of the app and of the sample brain-MRI datastore (its two labelled volumes) are trained for
 --epochs from the same start: one prompt-free (``interactive_share`` 0: the prompt path gets no training), one with
-the shared trainer's simulated interactions (``interactive_share`` 0.5). On the held-out volumes (ground truth from
+the shared trainer's simulated interactions (``--interactive-share``, 0.5 as the trainer). On the held-out volumes (ground truth from
 sample-datasets/brain-mri-groundtruth), in the model's own slices, per structure:
 
 * prompt-free Dice of the class head on --slices slices spread over the structure;
@@ -41,7 +41,6 @@ os.environ["MONAI_LABEL_DATASTORE_AUTO_RELOAD"] = "false"
 os.environ["MONAI_LABEL_TRACKING_ENABLED"] = "false"
 
 STRUCTURES = {1: "white matter", 2: "grey matter"}
-VARIANTS = {"before": 0.0, "after": 0.5}  # interactive_share of the training run
 
 
 def trained_app(work: str, model: str, share: float, args):
@@ -169,6 +168,7 @@ def main() -> None:
     parser.add_argument("--backbone", default="tiny")
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--interactive-share", type=float, default=0.5, help="of the prompt-aware run (the trainer's default)")
     parser.add_argument("--held-out", default="brain_005,brain_006,brain_007")
     parser.add_argument("--slices", type=int, default=8, help="slices per structure and volume")
     parser.add_argument("--clicks", type=int, default=20)
@@ -183,7 +183,7 @@ def main() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
     results = {"args": {k: v for k, v in vars(args).items() if k != "out_dir"}, "variants": {}}
-    for variant, share in VARIANTS.items():
+    for variant, share in (("before", 0.0), ("after", args.interactive_share)):
         work = tempfile.mkdtemp(prefix=f"samfewshot-clicks-{variant}-")
         try:
             app = trained_app(work, args.model, share, args)

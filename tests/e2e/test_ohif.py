@@ -61,44 +61,76 @@ def viewport_pixels(element) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(element.screenshot_as_png)).convert("RGB")).astype(np.int16)
 
 
-def test_ohif_runs_hf_sam_and_shows_the_segmentation(start_server, studies, browser, tmp_path):
+def open_study_in_ohif(server, studies, browser):
+    """The first study of the PACS in OHIF's MONAI Label mode (images through the server's DICOMweb proxy), its
+    panel connected to this server (its default is port 8000); -> the viewport and a waiter."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
-    from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
-    server = start_server(("models", "hf_sam"))
     study = DICOMwebClient(studies).search_for_studies()[0]["0020000D"]["Value"][0]
     wait = WebDriverWait(browser, LOAD_TIMEOUT_S)
-
-    # the study opens in OHIF's MONAI Label mode, images fetched through the server's DICOMweb proxy
     browser.get(f"{server.url}/ohif/monai-label?StudyInstanceUIDs={study}")
     wait.until(lambda d: "/125" in d.find_element(By.CSS_SELECTOR, '[data-cy="viewport-overlay-bottom-right"]').text)
     for button in browser.find_elements(By.CSS_SELECTOR, '[data-cy="confirm-and-hide-button"]'):
         button.click()
-
-    # the panel connects to this server (its default is port 8000) and lists the model
     address = browser.find_element(By.XPATH, "//input[@value='http://127.0.0.1:8000/']")
     address.send_keys(Keys.CONTROL, "a")
     address.send_keys(server.url + "/")
     address.find_element(By.XPATH, "following::button[1]").click()
     wait.until(lambda d: any(o.text.strip() == "hf_sam" for o in d.find_elements(By.CSS_SELECTOR, "select.selectBox option")))
-
     viewport = browser.find_elements(By.CSS_SELECTOR, '[data-cy="viewport-pane"]')[0]
     time.sleep(2)  # let the first render settle before taking the reference picture
+    return viewport, wait
+
+
+def changed_fraction(viewport, before: np.ndarray) -> float:
+    diff = np.abs(viewport_pixels(viewport) - before).sum(axis=2)
+    return float((diff > 60).mean())
+
+
+def test_ohif_runs_hf_sam_and_shows_the_segmentation(start_server, studies, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+
+    server = start_server(("models", "hf_sam"))
+    viewport, wait = open_study_in_ohif(server, studies, browser)
     before = viewport_pixels(viewport)
     (tmp_path / "before.png").write_bytes(viewport.screenshot_as_png)
 
     tab = browser.find_element(By.CSS_SELECTOR, "input.tab-switch[value='segmentation']")
     browser.execute_script("arguments[0].click()", tab)
-    run = wait.until(ec.element_to_be_clickable((By.XPATH, "//button[contains(@class,'actionButton') and text()='Run']")))
-    run.click()
+    run = "//input[@value='segmentation']/following-sibling::div[contains(@class,'tab-content')]//button[contains(@class,'actionButton') and text()='Run']"
+    wait.until(ec.element_to_be_clickable((By.XPATH, run))).click()
 
     # the label comes back from /infer/hf_sam and is drawn over the viewport
-    def changed_fraction(d) -> float:
-        diff = np.abs(viewport_pixels(viewport) - before).sum(axis=2)
-        return float((diff > 60).mean())
-
-    wait.until(lambda d: changed_fraction(d) > 0.02)
+    wait.until(lambda d: changed_fraction(viewport, before) > 0.02)
     (tmp_path / "after.png").write_bytes(viewport.screenshot_as_png)
     assert "Infer Request" in server.log() and "'model': 'hf_sam'" in server.log()
+
+
+def test_ohif_point_prompt_segments_the_clicked_structure(start_server, studies, browser, tmp_path):
+    """The Point Prompts tab lists hf_sam_interactive (type deepgrow); a foreground click on the image and Run draw
+    the clicked structure over the viewport."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    server = start_server(("models", "hf_sam"))
+    viewport, wait = open_study_in_ohif(server, studies, browser)
+    tab = browser.find_element(By.CSS_SELECTOR, "input.tab-switch[value='pointprompts']")
+    browser.execute_script("arguments[0].click()", tab)
+    content = tab.find_element(By.XPATH, "following-sibling::div[contains(@class,'tab-content')]")
+    Select(content.find_element(By.CSS_SELECTOR, "select.selectBox")).select_by_visible_text("hf_sam_interactive")
+    content.find_element(By.XPATH, ".//tr[contains(@class,'clickable-row')][td[text()='grey matter']]").click()
+    before = viewport_pixels(viewport)
+    (tmp_path / "before_click.png").write_bytes(viewport.screenshot_as_png)
+
+    time.sleep(1)  # the tab activates its probe tool
+    ActionChains(browser).move_to_element(viewport).click().perform()  # the probe tool places a point at the centre
+    time.sleep(1)  # the point is stored by the tool before Run reads it
+    content.find_element(By.XPATH, ".//button[contains(@class,'actionButton') and text()='Run']").click()
+    wait.until(lambda d: "hf_sam_interactive" in server.log() and changed_fraction(viewport, before) > 0.001)
+    (tmp_path / "after_click.png").write_bytes(viewport.screenshot_as_png)
+    request = next(line for line in server.log().splitlines() if "Infer Request" in line and "hf_sam_interactive" in line)
+    assert "'foreground': [[" in request and "'label'" not in request, request  # OHIF sends points, no label

@@ -17,7 +17,17 @@ from lib.interactions import InteractionLog
 from lib.networks.hf_sam import HFSam
 from lib.networks.sam_segmenter import Prompts, SamSegmenter, SliceFeatures, build_segmenter
 from lib.trainers.interaction import PROMPT_PREFIX, SimulatedInteraction, prepare_prompted_batch, replay
-from lib.transforms.clicks import centre, error_click, interior_click, jittered_box, mask_logits, paint_clicks, perturbed_mask
+from lib.transforms.clicks import (
+    centre,
+    click_cells,
+    click_region,
+    draw_clicks,
+    error_click,
+    interior_click,
+    jittered_box,
+    mask_logits,
+    perturbed_mask,
+)
 from lib.transforms.slices import (
     BOX_MARK,
     NEGATIVE_MARK,
@@ -61,11 +71,16 @@ def test_first_clicks_boxes_and_perturbed_masks_stay_on_the_object():
     assert logits.shape == (1, 16, 16) and logits[0, 7, 7] == 8.0 and logits[0, 0, 0] == -8.0
 
 
-def test_clicks_are_drawn_into_the_mask_prompt_where_they_were_placed():
+def test_a_click_speaks_for_the_similar_tissue_around_it_and_is_drawn_in():
+    image = np.zeros((64, 64), dtype=np.float32)
+    image[8:24, 8:40] = 0.5  # a bright band; the click at (20, 16) lies in it
+    region = click_region(image, (20.0, 16.0, 1), radius=64, tolerance=0.1)
+    assert region.sum() == 16 * 32 and region[8:24, 8:40].all()
+    assert click_region(image, (20.0, 16.0, 1), radius=6, tolerance=0.1).sum() < region.sum()  # bounded around it
+    cells = click_cells([(20.0, 16.0, 1), (60.0, 60.0, 0)], image, (16, 16), radius_fraction=1.0, tolerance=0.1)
     logits = torch.zeros(1, 16, 16)
-    painted = paint_clicks(logits, [(32.0, 8.0, 1), (0.0, 60.0, 0)], size=64)
-    assert painted[0, 2, 8] == 8.0 and painted[0, 15, 0] == -8.0  # (x, y) of a 64-pixel slice -> cells of 16
-    assert (painted != 0).sum() == 4 + 2  # the cells within one cell of each click; the second clipped by the edge
+    drawn = draw_clicks(logits, cells)
+    assert (drawn[0, 2:6, 2:10] == 8.0).all() and drawn[0, 15, 15] == -8.0
     assert logits.abs().sum() == 0  # the input is left alone
 
 

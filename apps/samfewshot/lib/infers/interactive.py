@@ -32,7 +32,7 @@ from lib.infers.slice_segmentation import SamSliceInfer
 from lib.model import SegmentationModel, autocast, torch_threads
 from lib.networks.sam_segmenter import SamSegmenter, SliceFeatures
 from lib.evaluation import dice
-from lib.transforms.clicks import box_of, error_click, paint_clicks
+from lib.transforms.clicks import box_of, click_cells, draw_clicks, error_click
 from lib.transforms.prompts import SlicePrompt, batch_prompts, slice_prompts
 
 logger = logging.getLogger(__name__)
@@ -59,7 +59,8 @@ def propagate(
     the first foreground point of the lowest prompted slice (or the inside of its box). That slice is decoded first,
     then two walks leave it, upwards and downwards, side by side in one decoder batch: a prompted slice is decoded
     with its own prompts and, as mask prompt, the automatic segmentation of the class with the clicks drawn in
-    (``start_mask``); any other slice with the previous slice's logits as mask prompt and a box around that mask. A
+    (``draw_clicks``, also drawn over its answer); any other slice with the previous slice's logits as mask prompt
+    and a box around that mask. A
     walk ends beyond the prompted slices once the mask vanishes (inside their range it resumes at the next prompted
     slice). ``bounds`` (first, last) limits the slices; ``encode`` replaces the network's encoder (the cache).
     Slices are encoded ``batch_size`` at a time in each walk's direction.
@@ -82,6 +83,8 @@ def propagate(
         """The logits handed to the next slice, or None once the structure has vanished."""
         return out if (out > 0).sum() >= max(1, VANISHED_FRACTION * out.shape[-1] * out.shape[-2]) else None
 
+    clicks: dict[int, list] = {}  # prompted slice -> its clicks' cells (``click_cells``)
+
     def item(k: int, step: int, previous: torch.Tensor | None) -> tuple:
         """(slice, prompt, mask prompt) of slice ``k``: its own prompts, or following the previous slice."""
         nonlocal target_class
@@ -91,7 +94,9 @@ def propagate(
         automatic = network.decode(embedding, f)
         if target_class is None:
             target_class = clicked_class(automatic, prompted[k], size)
-        return k, prompted[k], start_mask(network, automatic, target_class, prompted[k]["points"], size)
+        logit = network.object_logit(automatic, torch.tensor([target_class], device=automatic.device))
+        clicks[k] = click_cells(prompted[k]["points"], volume[0, :, :, k].float().cpu().numpy(), logit.shape[-2:])
+        return k, prompted[k], draw_clicks(logit[0], clicks[k])[None]
 
     def decode(items: list[tuple], steps: list[int]) -> list[torch.Tensor]:
         encoded = [features(k, step) for (k, _, _), step in zip(items, steps)]
@@ -99,7 +104,8 @@ def propagate(
         f = SliceFeatures(torch.cat([x.image for _, x in encoded]), [torch.cat(t) for t in zip(*(x.taps for _, x in encoded))])
         prompts = batch_prompts([p for _, p, _ in items], embedding.device, masks=torch.cat([m for *_, m in items]))
         chosen = torch.full((len(items),), target_class, device=embedding.device)
-        return list(network.object_logit(network.decode_prompted(embedding, f, prompts), chosen)[:, None])
+        outs = network.object_logit(network.decode_prompted(embedding, f, prompts), chosen)
+        return [draw_clicks(out, clicks.get(k, []))[None] for (k, _, _), out in zip(items, outs)]
 
     logits = {low: decode([item(low, 1, None)], [1])[0]}
     walks = {1: low + 1, -1: low - 1}  # direction -> the slice it decodes next
@@ -127,13 +133,6 @@ def propagate(
     return probabilities, found, target_class
 
 
-def start_mask(network: SamSegmenter, automatic: torch.Tensor, target_class: int, points: list, size: int) -> torch.Tensor:
-    """The mask prompt of a prompted slice: class ``target_class`` of its automatic segmentation (class logits
-    (1, K, g, g)) against the rest, with the clicks drawn in (``paint_clicks``); (1, 1, g, g)."""
-    logit = network.object_logit(automatic, torch.tensor([target_class], device=automatic.device))
-    return paint_clicks(logit[0], points, size)[None]
-
-
 def clicked_class(logits: torch.Tensor, prompt: SlicePrompt, size: int) -> int:
     """The foreground class (1..K-1) a prompt points at, from class logits (1, K, g, g): the most probable at the
     first foreground point, else over the box; a prompt of background points alone names none."""
@@ -158,7 +157,7 @@ def click_session(
     segmentation is evaluated; Dice after each click."""
     embedding, features = network.prepare(image[None], encode)
     chosen = torch.tensor([target_class], device=embedding.device)
-    size = image.shape[-1]
+    plane = image[0].float().cpu().numpy()
     points: list = []
     logits = network.object_logit(network.decode(embedding, features), chosen)  # the automatic segmentation
     dices = []
@@ -168,9 +167,9 @@ def click_session(
             dices.append(dices[-1] if dices else 1.0)
             continue
         points.append(click)
-        mask = paint_clicks(logits[0], points, size)[None]
-        prompts = batch_prompts([{"points": points, "box": None}], embedding.device, masks=mask)
-        logits = network.object_logit(network.decode_prompted(embedding, features, prompts), chosen)
+        cells = click_cells(points, plane, logits.shape[-2:])
+        prompts = batch_prompts([{"points": points, "box": None}], embedding.device, masks=draw_clicks(logits[0], cells)[None])
+        logits = draw_clicks(network.object_logit(network.decode_prompted(embedding, features, prompts), chosen)[0], cells)[None]
         dices.append(dice(_upsampled(logits, target.shape) > 0, target))
     return dices
 

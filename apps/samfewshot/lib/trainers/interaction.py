@@ -28,7 +28,7 @@ from monai.engines.utils import default_prepare_batch
 from scipy import ndimage
 
 from lib.networks.sam_segmenter import Prompts
-from lib.transforms.clicks import box_of, error_click, interior_click, jittered_box, mask_logits, paint_clicks, perturbed_mask
+from lib.transforms.clicks import box_of, error_click, interior_click, jittered_box, mask_logits, perturbed_mask, click_cells, draw_clicks
 from lib.transforms.prompts import SlicePrompt, batch_prompts
 from lib.transforms.slices import BOX_MARK, NEGATIVE_MARK, POSITIVE_MARK
 
@@ -121,15 +121,16 @@ class SimulatedInteraction:
         drawn in (a propagation-style start keeps its perturbed mask); then each click at the centre of the largest
         error of the prediction so far, drawn into that prediction for the next pass."""
         rows = [b for b, start in enumerate(starts) if start]
-        size = image.shape[-1]
         items = [starts[b] for b in rows]
+        planes = [image[b, 0].float().numpy() for b in rows]
+        grid = network.prompt_encoder.mask_input_size
         with torch.no_grad():
             embedding, features = network.prepare(image[rows].to(device))
             classes = torch.tensor([i["class"] for i in items], device=device)
             automatic = network.object_logit(network.decode(embedding, features), classes).float().cpu()
             for j, item in enumerate(items):
                 if item["mask"] is None:
-                    item["mask"] = paint_clicks(automatic[j], item["prompt"]["points"], size)
+                    item["mask"] = draw_clicks(automatic[j], click_cells(item["prompt"]["points"], planes[j], grid))
             for _ in range(corrections):
                 prompts = batch_prompts([i["prompt"] for i in items], device, torch.stack([i["mask"] for i in items]).to(device))
                 logits = network.object_logit(network.decode_prompted(embedding, features, prompts), classes).float().cpu()
@@ -138,7 +139,7 @@ class SimulatedInteraction:
                     click = error_click((full[j, 0] > 0).numpy(), item["target"])
                     if click:
                         item["prompt"] = {**item["prompt"], "points": item["prompt"]["points"] + [click]}
-                    item["mask"] = paint_clicks(logits[j], item["prompt"]["points"], size)
+                    item["mask"] = draw_clicks(logits[j], click_cells(item["prompt"]["points"], planes[j], grid))
 
 
 def replay(clicks: np.ndarray, labels: np.ndarray, click_class: int) -> dict | None:

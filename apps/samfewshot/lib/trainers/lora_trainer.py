@@ -260,7 +260,8 @@ class LoraTrainer(BasicTrainTask):
 
     def train_iteration_update(self, context: Context):
         share = float(context.request.get("interactive_share", self._config["interactive_share"]))
-        return SimulatedInteraction(share=share) if share > 0 else None
+        # Seeded from torch's seed, so a seeded run (scripts/simulate_clicks.py) simulates the same interactions.
+        return SimulatedInteraction(share=share, seed=torch.initial_seed() % 2**32) if share > 0 else None
 
     def val_inferer(self, context: Context):
         size = self.model.img_size

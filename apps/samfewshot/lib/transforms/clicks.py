@@ -13,8 +13,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
+from skimage.segmentation import flood
 
 Point = tuple[float, float, int]
+# A click speaks for the connected stretch of similar intensity around it (``click_region``): intensities within
+# CLICK_TOLERANCE of its own (slices are normalised to [0, 1]), at most CLICK_RADIUS_FRACTION of the slice away.
+CLICK_TOLERANCE = 0.08
+CLICK_RADIUS_FRACTION = 0.08
 
 
 def centre(region: np.ndarray) -> tuple[int, int]:
@@ -88,17 +93,36 @@ def mask_logits(mask: torch.Tensor, size: tuple[int, int], scale: float = 8.0) -
     return (2 * low - 1) * scale
 
 
-def paint_clicks(logits: torch.Tensor, points: list[Point], size: int, radius: int = 1, scale: float = 8.0) -> torch.Tensor:
-    """Mask-prompt logits (1, g, g) with each click drawn in: a disk of ``radius`` cells set to +``scale``
-    (foreground) or -``scale`` (background) around it; ``size`` is the model input's, in which clicks are given.
+def click_region(image: np.ndarray, point: Point, radius: float, tolerance: float) -> np.ndarray:
+    """The pixels a click speaks for on a slice (S, S) in [0, 1]: those connected to it through intensities within
+    ``tolerance`` of its own (scikit-image's flood fill), within ``radius`` of it."""
+    x, y, _ = point
+    row, col = int(round(y)), int(round(x))
+    rows, cols = np.ogrid[: image.shape[0], : image.shape[1]]
+    near = (rows - row) ** 2 + (cols - col) ** 2 <= radius**2
+    return flood(np.where(near, image, np.inf), (row, col), tolerance=tolerance) & near
 
-    SAM's prompt decoder learns to follow its mask prompt (propagation hands on the previous slice's mask through
-    it), so a click drawn into the mask acts at once where it was placed; the point tokens carry it further."""
-    painted = logits.clone()
-    height, width = logits.shape[-2:]
-    rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
-    for x, y, label in points:
-        cx, cy = (x + 0.5) * width / size - 0.5, (y + 0.5) * height / size - 0.5
-        disk = ((rows - cy) ** 2 + (cols - cx) ** 2 <= radius**2).to(painted.device)
-        painted[0][disk] = scale if label == 1 else -scale
-    return painted
+
+def click_cells(points: list[Point], image: np.ndarray, grid: tuple[int, int], radius_fraction: float = CLICK_RADIUS_FRACTION,
+                tolerance: float = CLICK_TOLERANCE) -> list[tuple[torch.Tensor, int]]:
+    """Each click's ``click_region`` on ``image`` (the slice, (S, S), in which the clicks are given), at most
+    ``radius_fraction`` of the slice around it, as cells (g, g) of the decoder's grid, with the click's label."""
+    cells = []
+    for point in points:
+        region = torch.from_numpy(click_region(image, point, radius_fraction * image.shape[0], tolerance)).float()
+        cells.append((F.interpolate(region[None, None], size=grid, mode="area")[0, 0] > 0.5, point[2]))
+    return cells
+
+
+def draw_clicks(logits: torch.Tensor, cells: list[tuple[torch.Tensor, int]], scale: float = 8.0) -> torch.Tensor:
+    """Logits (1, g, g) with the clicks' cells (``click_cells``, later clicks over earlier ones) set to +``scale``
+    (foreground) or -``scale`` (background).
+
+    Drawn into SAM's mask prompt, a click acts on the stretch of similar tissue it was placed in, since the prompt
+    decoder learns to follow its mask prompt (propagation hands on the previous slice's mask through it); drawn
+    over the answer, what a click says is kept: the annotator's click is a constraint, the network fills in the
+    rest."""
+    drawn = logits.clone()
+    for region, label in cells:
+        drawn[0][region.to(drawn.device)] = scale if label == 1 else -scale
+    return drawn
