@@ -87,6 +87,30 @@ def random_official_sam2_checkpoint(variant: str, directory: str) -> str:
     return path
 
 
+def propagation_step_seconds(model, device: str, repeats: int = 5) -> float:
+    """Seconds per slice of one propagation step as the interactive task runs it: SAM's prompted decoding of two
+    slices (the walks up and down) with a box and a mask prompt, fp32, one CPU thread, embeddings given (the
+    cache); the best of ``repeats``. A click costs about this times the slices the structure spans."""
+    import torch
+    from lib.model import torch_threads
+    from lib.transforms.prompts import batch_prompts
+
+    network, _ = model.resident(device)
+    size = model.img_size
+    with torch.no_grad():
+        embedding, features = network.prepare(torch.rand(2, 1, size, size, device=device))
+        grid = network.prompt_encoder.mask_input_size
+        box = {"points": [], "box": (size / 4, size / 4, 3 * size / 4, 3 * size / 4)}
+        prompts = batch_prompts([box, box], device, masks=torch.randn(2, 1, *grid, device=device))
+        times = []
+        with torch_threads(1 if device.startswith("cpu") else torch.get_num_threads()):
+            for _ in range(repeats + 1):
+                start = time.perf_counter()
+                network.object_logit(network.decode_prompted(embedding, features, prompts), torch.ones(2, device=device))
+                times.append(time.perf_counter() - start)
+    return min(times[1:]) / 2
+
+
 def matmul_flops_per_s(dtype, device: str, n: int = 2048, seconds: float = 2.0) -> float:
     """Sustained FLOP/s of an n x n matrix product in ``dtype``: the machine's practical limit for dense layers."""
     import torch
@@ -250,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
             results["click_on_inferred_s"] = time.perf_counter() - start
             results["click_decoded_slices"] = len(clicked["params"]["found_slices"])
             os.remove(clicked["file"])
+            results["click_decoder_s_per_slice"] = propagation_step_seconds(app.models[args.model].model, args.device)
 
         results.update({f"peak_{kind}_infer_mb": mb for kind, mb in peak_memory_mb(args.device).items()})
         if not args.skip_update:
