@@ -88,7 +88,7 @@ def simulate_run(strategy: str, seed: int, pool: list[str], args, progress) -> l
         os.makedirs(studies)
         for image_id in pool:  # only the pool: no held-out image and no pre-existing final label
             shutil.copy(os.path.join(SAMPLES, "brain-mri", f"{image_id}.nii.gz"), studies)
-        conf = {"models": args.model, "backbone": "tiny", "device": args.device, "handout_timeout": "0", "auto_scoring": "false"}
+        conf = {"models": args.model, "backbone": "tiny", "engine": "torch", "device": args.device, "handout_timeout": "0", "auto_scoring": "false"}
         app = SamFewShotApp(app_dir, studies, conf)
         datastore = app.datastore()
         for image_id in initial:

@@ -53,7 +53,7 @@ def trained_app(work: str, model: str, share: float, args):
     app_dir, studies = os.path.join(work, "app"), os.path.join(work, "studies")
     shutil.copytree(APP, app_dir, ignore=shutil.ignore_patterns("model", "logs", "__pycache__"))
     shutil.copytree(os.path.join(SAMPLES, "brain-mri"), studies, ignore=shutil.ignore_patterns("datastore_v2.json", ".lock"))
-    conf = {"models": model, "backbone": args.backbone, "device": args.device, "auto_scoring": "false"}
+    conf = {"models": model, "backbone": args.backbone, "engine": "torch", "device": args.device, "auto_scoring": "false"}
     app = SamFewShotApp(app_dir, studies, conf)
     if args.epochs:
         start = time.perf_counter()

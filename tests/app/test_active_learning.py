@@ -31,7 +31,7 @@ def make_app(app_dir, studies, monkeypatch):
         from main import SamFewShotApp
 
         app = SamFewShotApp(
-            str(app_dir), str(studies), {"models": "hf_sam", "backbone": "tiny", "auto_scoring": "false", "device": "cpu", **conf}
+            str(app_dir), str(studies), {"models": "hf_sam", "backbone": "tiny", "engine": "torch", "auto_scoring": "false", "device": "cpu", **conf}
         )
         uncertainty, embedding = app._scoring_methods["uncertainty"], app._scoring_methods["embedding"]
         uncertainty.max_slices, uncertainty.mc_samples, embedding.max_slices = 1, 1, 1

@@ -129,7 +129,7 @@ def test_bad_conf_is_a_clear_start_up_error(app_dir, studies, conf, message):
     from main import SamFewShotApp
 
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
-        SamFewShotApp(str(app_dir), str(studies), {"backbone": "tiny", **conf})
+        SamFewShotApp(str(app_dir), str(studies), {"backbone": "tiny", "engine": "torch", **conf})
 
 
 def test_slices_without_content_are_background_without_a_forward_pass(client, studies, tmp_path):

@@ -23,7 +23,7 @@ def test_two_process_gloo_run_publishes_one_adapter(model, app_dir, request):
 
     fixture, labelled, unlabelled = DATASTORES[model]
     studies = request.getfixturevalue(fixture)
-    app = SamFewShotApp(str(app_dir), str(studies), {"models": model, "backbone": "tiny", "auto_scoring": "false"})
+    app = SamFewShotApp(str(app_dir), str(studies), {"models": model, "backbone": "tiny", "engine": "torch", "auto_scoring": "false"})
     served = app.models[model].model
     base = {n: p.detach().clone() for n, p in served.resident("cpu")[0].named_parameters() if p.requires_grad}
 

@@ -14,7 +14,7 @@ def label_of(result) -> np.ndarray:
 def test_reinference_reuses_embeddings_until_the_adapter_changes(app_dir, studies):
     from main import SamFewShotApp
 
-    app = SamFewShotApp(str(app_dir), str(studies), {"models": "hf_sam", "backbone": "tiny", "auto_scoring": "false"})
+    app = SamFewShotApp(str(app_dir), str(studies), {"models": "hf_sam", "backbone": "tiny", "engine": "torch", "auto_scoring": "false"})
     cache = app._infers["hf_sam"].embeddings
     request = {"model": "hf_sam", "image": "brain_002", "device": "cpu"}
 

@@ -46,7 +46,7 @@ def test_short_run_learns_white_and_grey_matter(model, app_dir, studies, sample_
     from main import SamFewShotApp
 
     truth = sample_data / "brain-mri-groundtruth"
-    app = SamFewShotApp(str(app_dir), str(studies), {"models": model, "backbone": "tiny", "auto_scoring": "false"})
+    app = SamFewShotApp(str(app_dir), str(studies), {"models": model, "backbone": "tiny", "engine": "torch", "auto_scoring": "false"})
     assert sorted(app.datastore().get_labeled_images()) == ["brain_000", "brain_001"]
     loss_before = np.mean([held_out_loss(app, model, i, truth) for i in HELD_OUT])
 
@@ -79,7 +79,7 @@ def test_short_run_learns_neuron_instances(app_dir, em_studies, sample_data):
     from main import SamFewShotApp
 
     truth = sample_data / "em-neurons-groundtruth"
-    app = SamFewShotApp(str(app_dir), str(em_studies), {"models": "fgnet", "backbone": "tiny", "auto_scoring": "false"})
+    app = SamFewShotApp(str(app_dir), str(em_studies), {"models": "fgnet", "backbone": "tiny", "engine": "torch", "auto_scoring": "false"})
     assert sorted(app.datastore().get_labeled_images()) == ["em_000", "em_001"]
 
     def held_out_arand() -> list[float]:

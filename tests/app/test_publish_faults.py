@@ -15,7 +15,7 @@ from lib.networks.lora import AdapterError
 def test_run_that_cannot_publish_fails_with_the_reason_and_the_old_adapter_stays_served(app_dir, studies, monkeypatch):
     from main import SamFewShotApp
 
-    app = SamFewShotApp(str(app_dir), str(studies), {"models": "hf_sam", "backbone": "tiny", "auto_scoring": "false"})
+    app = SamFewShotApp(str(app_dir), str(studies), {"models": "hf_sam", "backbone": "tiny", "engine": "torch", "auto_scoring": "false"})
     request = {"model": "hf_sam", "max_epochs": 1, "device": "cpu"}
     app.train(request)
     adapter = app.models["hf_sam"].model.adapter_path

@@ -60,7 +60,7 @@ def write_seg_nrrd(path: Path, labels: np.ndarray, affine: np.ndarray) -> Path:
 
 @pytest.fixture
 def client_conf() -> dict:
-    return {"models": "hf_sam", "backbone": "tiny", "auto_scoring": "false"}
+    return {"models": "hf_sam", "backbone": "tiny", "engine": "torch", "auto_scoring": "false"}
 
 
 @pytest.mark.parametrize("fmt", ["seg.nrrd", "nii.gz", "seg.nrrd without label_info"])

@@ -8,6 +8,7 @@ another process) its tensors are swapped into the resident network, without rebu
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import logging
 import os
@@ -145,6 +146,20 @@ class SegmentationModel(ProcessLocal):
                 logger.info(f"{self.name}: serving adapter version {version} on {device}")
             self._resident[device] = (network, stamp, version)
             return network, version
+
+    def loaded_stamp(self, device: str) -> tuple | None:
+        """Identity of the adapter loaded into the resident network on ``device`` (None: base weights only)."""
+        with self._lock:
+            return self._resident.get(device, (None, None, 0))[1]
+
+    def copy_resident(self, device: str, stamp: tuple | None, part: Callable[[nn.Module], nn.Module]) -> nn.Module | None:
+        """A deep copy of ``part(network)`` of the resident network on ``device`` while it holds adapter ``stamp``
+        (None when it has moved on): copied under the lock, so a hot swap cannot interleave."""
+        with self._lock:
+            network, loaded, _ = self._resident.get(device, (None, None, 0))
+            if network is None or loaded != stamp:
+                return None
+            return copy.deepcopy(part(network))
 
     def served_version(self) -> int:
         """Version of the published adapter file (0: base weights only)."""

@@ -3,8 +3,8 @@
 ``--conf`` keys: ``sam2_variant`` (hiera_t default, hiera_s, hiera_b+, hiera_l; ``backbone tiny`` switches to a
 small random Hiera), ``sam2_checkpoint`` (path or URL; default the official SAM 2.1 file of the variant),
 ``sam2_checkpoint_sha256`` (pins the file's hash), ``sam2_lora_rank`` (0 = SAM2 frozen, the default),
-``fgnet_patch`` (X,Y,Z patch in voxels; X and Y multiples of 32), plus the shared ``device``, ``preload`` and
-``max_epochs``.
+``fgnet_patch`` (X,Y,Z patch in voxels; X and Y multiples of 32), plus the shared ``device``, ``preload``,
+``engine``, ``precision`` (of the engine) and ``max_epochs``.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 from monailabel.interfaces.config import TaskConfig
 from monailabel.utils.others.generic import strtobool
 
+from lib.engines.openvino_engine import engine_from_conf
 from lib.infers.affinity_instances import AffinityInstances
 from lib.model import SegmentationModel, resolve_checkpoint, torch_device
 from lib.networks.fgnet import IN_PLANE_STRIDE, FGNet, FGNetOptions, build_fgnet, options_config
@@ -68,7 +69,13 @@ class FGNetConfig(TaskConfig):
         return build_fgnet(self.model.backbone, self.model.lora_rank, checkpoint, self.conf.get("sam2_checkpoint_sha256"))
 
     def infer(self) -> AffinityInstances:
-        return AffinityInstances(self.model, self.patch_size, device=self.device, preload=strtobool(self.conf.get("preload", "false")))
+        return AffinityInstances(
+            self.model,
+            self.patch_size,
+            device=self.device,
+            preload=strtobool(self.conf.get("preload", "false")),
+            engine=engine_from_conf(self.name, self.model_dir, self.conf, self.device, "fp32"),
+        )
 
     def trainer(self) -> FGNetTrainer:
         config = {"device": self.device}

@@ -9,6 +9,7 @@ from typing import Any
 from monailabel.interfaces.config import TaskConfig
 from monailabel.utils.others.generic import strtobool
 
+from lib.engines.openvino_engine import engine_from_conf
 from lib.infers.embedding_cache import EmbeddingCache
 from lib.infers.interactive import SliceInteraction
 from lib.infers.slice_segmentation import SamSliceInfer, SliceSegmentation
@@ -23,7 +24,7 @@ DEFAULT_LABELS = {"white matter": 1, "grey matter": 2}
 
 class SamSegmentationConfig(TaskConfig):
     """Reads the shared ``--conf`` keys (backbone, sam_checkpoint, labels, lora_rank, modality, device, preload,
-    precision, embedding_cache_mb, max_epochs)."""
+    precision, engine, embedding_cache_mb, max_epochs)."""
 
     network_cls: type[SamSegmenter]
     scores_volumes = True  # uncertainty and embedding scores come from these models
@@ -64,11 +65,13 @@ class SamSegmentationConfig(TaskConfig):
         one image-embedding cache."""
         # On the 2-core CPU, 8 slices per forward ran vit_b 1.8x slower per slice than 2 (cache-bound attention);
         # a GPU needs the larger batches to fill (docs/benchmarks.md).
+        precision = inference_precision(self.conf.get("precision", "auto"), self.device)
         options = {
             "device": self.device,
             "batch_size": 8 if self.device.startswith("cuda") else 2,
             "preload": strtobool(self.conf.get("preload", "false")),
-            "precision": inference_precision(self.conf.get("precision", "auto"), self.device),
+            "precision": precision,
+            "engine": engine_from_conf(self.name, self.model_dir, self.conf, self.device, precision),
         }
         embeddings = EmbeddingCache(int(self.conf.get("embedding_cache_mb", 1024)) << 20)
         return {

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -15,7 +15,9 @@ from scipy import ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from skimage.segmentation import relabel_sequential, watershed
+from torch import nn
 
+from lib.engines.openvino_engine import EncoderEngine
 from lib.infers.resident import ResidentModelInfer
 from lib.model import SegmentationModel
 from lib.transforms import boundary_map, em_volume_transforms
@@ -111,6 +113,18 @@ class AffinityWatershedd:
         return d
 
 
+class EncodedBy(nn.Module):
+    """``network`` with its image encoder replaced by ``encoder``: forward(x) = network(x, encode=encoder)."""
+
+    def __init__(self, network: nn.Module, encoder: Callable):
+        super().__init__()
+        self.network = network
+        self.encoder = encoder
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x, encode=self.encoder)
+
+
 class AffinityInstances(ResidentModelInfer):
     """Any MONAI-readable EM volume (section axis last) -> percentile-normalised -> FGNet refined affinities over
     overlapping patches (Gaussian-weighted) -> seeded watershed -> instance label on the input's own grid.
@@ -130,6 +144,7 @@ class AffinityInstances(ResidentModelInfer):
         min_fragment_size: int = 50,
         description: str = "",
         preload: bool = False,
+        engine: EncoderEngine | None = None,
     ):
         self.patch_size = tuple(patch_size)
         self.batch_size = batch_size
@@ -138,6 +153,7 @@ class AffinityInstances(ResidentModelInfer):
         self.min_fragment_size = min_fragment_size
         super().__init__(
             model,
+            engine=engine,
             preload=preload,
             description=description or f"{model.name} ({model.backbone}) neuron instances from 3D affinities",
             config={
@@ -148,6 +164,17 @@ class AffinityInstances(ResidentModelInfer):
                 "sw_overlap": 0.25,
             },
         )
+
+    def encoding_graph(self, network: nn.Module) -> nn.Module:
+        return network.image_encoding(self.patch_size[:2])
+
+    def _get_network(self, device, data):
+        """The resident FGNet, its SAM2 section encoder run by the engine once that is ready for the served adapter."""
+        network = super()._get_network(device, data)
+        compiled = self.compiled_encoder(device) if data is not None else None
+        if data is not None:
+            data["engine"] = compiled.label if compiled else "torch"
+        return EncodedBy(network, compiled) if compiled else network
 
     def pre_transforms(self, data=None) -> list:
         return em_volume_transforms()

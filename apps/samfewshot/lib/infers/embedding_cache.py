@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 
 import torch
 from cachetools import LRUCache
@@ -74,13 +74,15 @@ class EmbeddingCache:
 
 
 class CachedEncoding(nn.Module):
-    """``network`` whose image encoder is looked up in ``cache`` slice by slice; forward as ``SamSegmenter``."""
+    """``network`` whose image encoder is looked up in ``cache`` slice by slice, slices not found there encoded by
+    ``encoder`` (the network's own, or an engine's compiled copy); forward as ``SamSegmenter``."""
 
-    def __init__(self, network: SamSegmenter, cache: EmbeddingCache, scope: Hashable):
+    def __init__(self, network: SamSegmenter, cache: EmbeddingCache, scope: Hashable, encoder: Callable[[torch.Tensor], Encoding] | None = None):
         super().__init__()
         self.network = network
         self.cache = cache
         self.scope = scope
+        self.encoder = encoder or network.encode
 
     def forward(self, image: torch.Tensor, prompts: Prompts | None = None) -> torch.Tensor:
         return self.network(image, prompts, encode=self.encode)
@@ -91,7 +93,7 @@ class CachedEncoding(nn.Module):
         found = self.cache.lookup(self.scope, keys)
         missing = [i for i, f in enumerate(found) if f is None]
         if missing:
-            embedding, taps = self.network.encode(image[missing])
+            embedding, taps = self.encoder(image[missing])
             for j, i in enumerate(missing):
                 # Copies, so an evicted slice does not keep its whole batch's tensors alive.
                 found[i] = (embedding[j].clone(), [t[j].clone() for t in taps])

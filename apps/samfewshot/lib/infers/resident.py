@@ -1,7 +1,8 @@
 """What every samfewshot infer task shares: the network is the model's resident one (adapter hot-swapped),
 a missing checkpoint or unreadable adapter answers 503 with the reason, a volume the models cannot segment
 (unreadable, not 3D, NaN, constant, too large: lib/validation.py) answers 422 with the reason, and results carry
-the adapter version."""
+the adapter version and the engine that ran the image encoder (``lib.engines``: OpenVINO on a CPU once it has
+compiled the served adapter, torch until then and everywhere else)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import numpy as np
 from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
+from torch import nn
 
+from lib.engines.openvino_engine import CompiledEncoder, EncoderEngine
 from lib.model import SegmentationModel
 from lib.networks.lora import AdapterError
 from lib.networks.sam_backbone import CheckpointError
@@ -25,12 +28,22 @@ logger = logging.getLogger(__name__)
 class ResidentModelInfer(BasicInferTask):
     """A 3D segmentation task on ``model``'s resident network; subclasses add description and config."""
 
-    def __init__(self, model: SegmentationModel, *, preload: bool = False, type: str = InferType.SEGMENTATION, **kwargs):
+    def __init__(
+        self,
+        model: SegmentationModel,
+        *,
+        engine: EncoderEngine | None = None,
+        preload: bool = False,
+        type: str = InferType.SEGMENTATION,
+        **kwargs,
+    ):
         self.model = model
+        self.engine = engine
         super().__init__(path=model.adapter_path, network=None, type=type, labels=model.labels, dimension=3, **kwargs)
         if preload:
             try:
                 self.model.resident(self._config["device"])
+                self.compiled_encoder(self._config["device"])
             except (CheckpointError, AdapterError) as e:
                 # The server still starts; every request to this model answers with the reason.
                 logger.error(f"{model.name}: cannot preload: {e}")
@@ -49,7 +62,25 @@ class ResidentModelInfer(BasicInferTask):
     def info(self) -> dict[str, Any]:
         info = super().info()
         info["adapter_version"] = self.model.served_version()
+        info["engine"] = self.engine.status() if self.engine else {"engine": "torch"}
         return info
+
+    def encoding_graph(self, network: nn.Module) -> nn.Module:
+        """The network's image-dependent part as a module of its own (``image_encoding()``), for ``self.engine``."""
+        return network.image_encoding()
+
+    def compiled_encoder(self, device) -> CompiledEncoder | None:
+        """The engine's encoder for the adapter the resident network on ``device`` serves, or None while torch
+        serves it (no engine, or the engine is still building for a newly published adapter: started here, once)."""
+        if self.engine is None:
+            return None
+        stamp = self.model.loaded_stamp(str(device))
+        compiled = self.engine.encoder(stamp)
+        if compiled is None and self.engine.claim(stamp):
+            graph = self.model.copy_resident(str(device), stamp, self.encoding_graph)
+            if graph is not None:
+                self.engine.prepare(stamp, graph)
+        return compiled
 
     def _get_network(self, device, data):
         try:
@@ -64,6 +95,7 @@ class ResidentModelInfer(BasicInferTask):
     def writer(self, data: dict[str, Any], extension=None, dtype=None):
         result_file, result_json = super().writer(data, extension, dtype)
         result_json["adapter_version"] = data.get("adapter_version", 0)
+        result_json["engine"] = data.get("engine", "torch")
         keep_spatial_units(data.get("image_path"), result_file)
         return result_file, result_json
 

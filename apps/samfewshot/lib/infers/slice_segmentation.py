@@ -50,12 +50,18 @@ class SamSliceInfer(ResidentModelInfer):
         super().__init__(model, preload=preload, config=config, **kwargs)
 
     def _get_network(self, device, data):
-        """The resident network, reading image embeddings of slices seen before with the same adapter from the
-        cache (``embedding_cache_mb``; 0 turns it off)."""
+        """The resident network, its image encoder run by the engine once it is ready for the served adapter, and
+        the image embeddings of slices seen before with the same adapter and engine read from the cache
+        (``embedding_cache_mb``; 0 turns it off)."""
         network = super()._get_network(device, data)
-        if not self.embeddings.max_bytes or data is None:
+        if data is None:
             return network
-        return CachedEncoding(network, self.embeddings, (str(device), data["adapter_version"], self.precision))
+        compiled = self.compiled_encoder(device)
+        data["engine"] = compiled.label if compiled else f"torch-{self.precision}"
+        if compiled is None and not self.embeddings.max_bytes:
+            return network
+        scope = (str(device), data["adapter_version"], data["engine"])
+        return CachedEncoding(network, self.embeddings, scope, compiled or network.encode)
 
     def pre_transforms(self, data=None) -> list:
         return self._pre

@@ -23,6 +23,7 @@ Both heads are supervised. The refined map is the output that watershed turns in
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -66,24 +67,45 @@ class SamSectionFeatures(nn.Module):
         self.register_buffer("mean", torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGE_STD).view(1, 3, 1, 1), persistent=False)
 
+    def fpn(self, sections: torch.Tensor) -> list[torch.Tensor]:
+        """(N, 1, X, Y) -> FPN maps at strides 4, 8, 16, each (N, d_model, X/s, Y/s), in one pass."""
+        return self.encoder((sections.expand(-1, 3, -1, -1) - self.mean) / self.std)["backbone_fpn"]
+
     def encode(self, sections: torch.Tensor) -> list[torch.Tensor]:
-        """(N, 1, X, Y) -> FPN maps at strides 4, 8, 16, each (N, d_model, X/s, Y/s)."""
-        images = (sections.expand(-1, 3, -1, -1) - self.mean) / self.std
+        """``fpn``, ``section_batch`` sections at a time."""
         trainable = any(p.requires_grad for p in self.encoder.parameters())
         with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
-            chunks = [self.encoder(c)["backbone_fpn"] for c in images.split(self.section_batch)]
+            chunks = [self.fpn(c) for c in sections.split(self.section_batch)]
         return [torch.cat(level) for level in zip(*chunks)]
 
-    def forward(self, volume: torch.Tensor) -> torch.Tensor:
+    def forward(self, volume: torch.Tensor, encode: Callable[[torch.Tensor], list[torch.Tensor]] | None = None) -> torch.Tensor:
+        """``encode`` replaces ``self.encode`` (e.g. an inference engine's compiled copy)."""
         b, _, x, y, z = volume.shape
         sections = volume.permute(0, 4, 1, 2, 3).reshape(b * z, 1, x, y)
-        levels = self.encode(sections)
+        levels = (encode or self.encode)(sections)
         size = levels[0].shape[-2:]
         fused = sum(
             F.interpolate(proj(level), size=size, mode="bilinear", align_corners=False) if level.shape[-2:] != size else proj(level)
             for proj, level in zip(self.projections, levels)
         )
         return fused.view(b, z, -1, *size).permute(0, 2, 3, 4, 1)
+
+
+class SectionEncoding(nn.Module):
+    """``SamSectionFeatures.fpn`` as one graph for an inference engine: (N, 1, X, Y) -> the three FPN maps as a
+    tuple (``unflatten`` gives ``encode``'s list)."""
+
+    def __init__(self, features: SamSectionFeatures, section_size: tuple[int, int]):
+        super().__init__()
+        self.features = features
+        self.input_shape = (1, *section_size)
+
+    def forward(self, sections: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(self.features.fpn(sections))
+
+    @staticmethod
+    def unflatten(outputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        return list(outputs)
 
 
 class FineGrainedEncoder(nn.Module):
@@ -186,11 +208,16 @@ class FGNet(nn.Module):
         self.coarse_head = AffinityHead(c2, c2)
         self.refined_head = AffinityHead(c0 + 3, c0)
 
-    def forward(self, volume: torch.Tensor) -> torch.Tensor:
+    def image_encoding(self, section_size: tuple[int, int]) -> SectionEncoding:
+        """The image-dependent part (SAM2 on each section) as a module of its own, for an inference engine."""
+        return SectionEncoding(self.sam, section_size)
+
+    def forward(self, volume: torch.Tensor, encode: Callable[[torch.Tensor], list[torch.Tensor]] | None = None) -> torch.Tensor:
+        """``encode`` replaces the SAM2 section encoder (``SamSectionFeatures.encode``)."""
         x, y, z = volume.shape[-3:]
         if x % IN_PLANE_STRIDE or y % IN_PLANE_STRIDE:
             raise ValueError(f"FGNet needs in-plane patch sides that are multiples of {IN_PLANE_STRIDE}, got {x}x{y}")
-        generic = self.sam(volume)  # (B, c2, X/4, Y/4, Z)
+        generic = self.sam(volume, encode)  # (B, c2, X/4, Y/4, Z)
         f0, f1, f2 = self.fge(volume)
         coarse = F.interpolate(self.coarse_head(generic), size=(x, y, z), mode="trilinear", align_corners=False)
         low = self.fga_low(f2, generic)

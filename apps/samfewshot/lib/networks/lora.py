@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
 from torch import nn
 
 ADAPTER_FORMAT = "samfewshot-adapter"
@@ -32,6 +33,17 @@ def apply_lora(model: nn.Module, rank: int, target_modules: str, alpha: float | 
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
     config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=target_modules, lora_dropout=0.0, bias="none")
     return inject_adapter_in_model(config, model)
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every peft LoRA layer of ``model`` into its base layer (W + scale B A, peft's ``merge``) and put the base
+    layer in its place, in place: the plain network an inference engine compiles."""
+    for name, layer in list(model.named_modules()):
+        if isinstance(layer, LoraLayer):
+            layer.merge()
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, layer.get_base_layer())
+    return model
 
 
 def mark_trainable(model: nn.Module, prefixes: tuple[str, ...]) -> None:

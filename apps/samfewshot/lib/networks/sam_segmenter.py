@@ -85,6 +85,24 @@ class ChannelSpatialAttention(nn.Module):
         return x * torch.sigmoid(self.spatial_conv(torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], dim=1)))
 
 
+class ImageEncoding(nn.Module):
+    """``SamSegmenter.encode`` as one graph for an inference engine: (B, 3, S, S) -> (embedding, *taps), a flat tuple
+    (``unflatten`` turns it back into ``encode``'s result)."""
+
+    def __init__(self, network: SamSegmenter):
+        super().__init__()
+        self.network = network
+        self.input_shape = (3, network.spec.img_size, network.spec.img_size)
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        embedding, taps = self.network.encode(image)
+        return (embedding, *taps)
+
+    @staticmethod
+    def unflatten(outputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        return outputs[0], list(outputs[1:])
+
+
 class SamSegmenter(nn.Module):
     """SAM as a semantic segmenter of ``num_classes`` classes (background included).
 
@@ -161,6 +179,10 @@ class SamSegmenter(nn.Module):
         and projected taps [(B, C, h, w)]. Prompts only enter after it, so a caller may reuse its result."""
         embedding, taps = encode_with_taps(self.image_encoder, image, self.tap_indexes)
         return embedding, self.project_taps(taps)
+
+    def image_encoding(self) -> ImageEncoding:
+        """The image-dependent part (``encode``) as a module of its own, for an inference engine."""
+        return ImageEncoding(self)
 
     def prepare(
         self, image: torch.Tensor, encode: Callable[[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]] | None = None
