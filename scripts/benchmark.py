@@ -4,19 +4,23 @@
     .venv/bin/python scripts/benchmark.py --backbone vit_b --slices 100 --skip-update
     .venv/bin/python scripts/benchmark.py --model fgnet --backbone tiny --slices 32
 
-Runs the app's own code paths (infer task, trainer) on a copy of the sample datastore (brain MRI; EM for fgnet),
+Runs the app's own code paths (infer task, trainer, engine) on a copy of the sample datastore (brain MRI; EM for fgnet),
 with random weights in the official layout when no SAM/SAM2 checkpoint is given (speed does not depend on them).
 The SAM models segment a volume of ``--slices`` axial slices of 512 x 512 voxels (``--in-plane``) made from the
 sample brain_003; fgnet the EM sample em_003 as it is.
 For the SAM models the same run also measures the reference path (segment_anything's unmodified encoder, prompt
 encoder and decoder, fp32, one slice at a time, at the model size) in turns with the app's network, counts the
 network's FLOPs per slice with torch's FlopCounterMode and measures the machine's fp32 and bf16 matmul
-throughput, so every speed is also a fraction of the hardware limit. Prints a table and writes JSON (--out).
+throughput, so every speed is also a fraction of the hardware limit. When the image encoder runs on OpenVINO
+(``--engine``, default auto as the server), the same run also segments the volume with torch at the app's precision
+and at fp32: the engine's conversion time, both warm volume times and the label agreement with fp32 torch.
+Prints a table and writes JSON (--out).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -138,10 +142,41 @@ def flops_per_slice(network, img_size: int, device: str) -> float:
     return float(counter.get_total_flops())
 
 
-def paired_seconds_per_slice(network, backbone: str, device: str, batch_size: int, precision: str, rounds: int = 3):
+@contextlib.contextmanager
+def torch_only(task, precision: str | None = None):
+    """``task`` served by torch (at ``precision``, default its own) for the block."""
+    engine, previous = task.engine, task.precision
+    task.engine, task.precision = None, precision or previous
+    try:
+        yield
+    finally:
+        task.engine, task.precision = engine, previous
+
+
+def warm_seconds(app, request: dict, repeats: int) -> tuple[float, dict]:
+    """Best of ``repeats`` inferences, each from an empty embedding cache (a volume seen for the first time)."""
+    embeddings = getattr(app._infers[request["model"]], "embeddings", None)
+    times = []
+    for _ in range(repeats):
+        if embeddings:
+            embeddings.clear()
+        start = time.perf_counter()
+        out = app.infer(request)
+        times.append(time.perf_counter() - start)
+    return min(times), out
+
+
+def label_of(result: dict):
+    import nibabel as nib
+    import numpy as np
+
+    return np.asarray(nib.load(result["label"]).dataobj)
+
+
+def paired_seconds_per_slice(network, backbone: str, device: str, batch_size: int, precision: str, rounds: int = 3, encode=None):
     """Seconds per slice of the reference path and of ``network`` (``batch_size`` slices per forward under
-    ``precision``), timed in turns in one process so that a host whose speed drifts slows both alike; medians of
-    ``rounds`` after one warm-up call of each.
+    ``precision``; its image encoder replaced by ``encode`` when given, an engine's), timed in turns in one process so
+    that a host whose speed drifts slows both alike; medians of ``rounds`` after one warm-up call of each.
 
     The reference is segment_anything's own ImageEncoderViT + PromptEncoder + MaskDecoder at the model size, fp32,
     one slice per call (as SAMed-style pipelines run a volume), without prompts.
@@ -170,7 +205,7 @@ def paired_seconds_per_slice(network, backbone: str, device: str, batch_size: in
 
     def ours():
         with autocast(precision, device):
-            network(slices)
+            network(slices, encode=encode)
         return batch_size
 
     times = {reference: [], ours: []}
@@ -199,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sam2-variant", default="hiera_t", help="fgnet's SAM2 encoder when the backbone is not tiny")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="inference precision")
+    parser.add_argument("--engine", default="auto", choices=["auto", "torch", "openvino"], help="image-encoder engine")
     parser.add_argument("--batch-size", type=int, default=None, help="slices per forward (default: the app's)")
     parser.add_argument("--repeats", type=int, default=3, help="warm inference repeats")
     parser.add_argument("--update-epochs", type=int, default=5)
@@ -226,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         )
 
         conf = {"models": args.model, "backbone": args.backbone, "device": args.device, "auto_scoring": "false", "precision": args.precision}
+        conf["engine"] = args.engine
         if args.backbone != "tiny" and em:
             conf["sam2_variant"] = args.sam2_variant
             conf["sam2_checkpoint"] = random_official_sam2_checkpoint(args.sam2_variant, work)
@@ -240,26 +277,35 @@ def main(argv: list[str] | None = None) -> int:
             "config": vars(args),
         }
 
-        # Every timed inference but the last starts from an empty embedding cache: a volume seen for the first time.
+        # Every timed inference but the re-inference starts from an empty embedding cache: a volume seen for the
+        # first time. The cold one is served by torch while the engine, if any, builds.
         task = app._infers[args.model]
         results["precision"] = getattr(task, "precision", "fp32")
         embeddings = getattr(task, "embeddings", None)
         start = time.perf_counter()
         app.infer(request)
         results["infer_cold_s"] = time.perf_counter() - start
-        warm = []
-        for _ in range(args.repeats):
-            if embeddings:
-                embeddings.clear()
-            start = time.perf_counter()
-            out = app.infer(request)
-            warm.append(time.perf_counter() - start)
+        engine = task.engine
+        results["engine"] = engine.label if engine else f"torch-{results['precision']}"
+        if engine:
+            engine.wait()
+            results["engine_conversion_s"] = engine.last_build_s
+            results["engine_failure"] = engine.failure or ""
+            with torch_only(task):
+                results["torch_infer_warm_s"], torch_out = warm_seconds(app, request, args.repeats)
+            if not em:
+                with torch_only(task, "fp32"):
+                    fp32 = label_of(app.infer(request))
+        warm, out = warm_seconds(app, request, args.repeats)
+        if engine and not em:
+            results["label_agreement_with_fp32_torch"] = float((label_of(out) == fp32).mean())
+            results["torch_label_agreement_with_fp32_torch"] = float((label_of(torch_out) == fp32).mean())
         skipped = out["params"].get("skipped_slices", 0)
-        results["infer_warm_s"] = min(warm)
+        results["infer_warm_s"] = warm
         total = args.slices + 2 * args.air_slices
-        results["infer_warm_slices_per_s"] = total / min(warm)
+        results["infer_warm_slices_per_s"] = total / warm
         results["skipped_slices"] = skipped
-        results["network_slices_per_s"] = (total - skipped) / min(warm)
+        results["network_slices_per_s"] = (total - skipped) / warm
         results["infer_latencies"] = out["params"]["latencies"]
         if embeddings:
             start = time.perf_counter()
@@ -304,13 +350,20 @@ def main(argv: list[str] | None = None) -> int:
             # The hardware limit is the faster of the two: some CPUs with bf16 instructions run bf16 slower.
             results["fraction_of_peak"] = achieved / max(results["fp32_matmul_gflops"], results["bf16_matmul_gflops"])
             reference, ours = paired_seconds_per_slice(
-                network, args.backbone, args.device, args.batch_size or task.batch_size, results["precision"]
+                network,
+                args.backbone,
+                args.device,
+                args.batch_size or task.batch_size,
+                results["precision"],
+                encode=engine.encoder(app.models[args.model].model.loaded_stamp(args.device)) if engine else None,
             )
             results["reference_s_per_slice"] = reference
             results["paired_network_s_per_slice"] = ours
             results["paired_network_speedup"] = reference / ours
             results["speedup_over_reference"] = results["infer_warm_slices_per_s"] * reference
             results["network_speedup_over_reference"] = results["network_slices_per_s"] * reference
+            if engine:
+                results["torch_speedup_over_reference"] = total / results["torch_infer_warm_s"] * reference
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

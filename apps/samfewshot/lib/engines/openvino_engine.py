@@ -128,6 +128,7 @@ class EncoderEngine:
         self.label = f"openvino-{precision}"
         self.failure: str | None = None
         self.conversions = 0  # graphs converted by this process (the others were read from the disk cache)
+        self.last_build_s: float | None = None  # seconds of the last finished build: conversion or read, and compilation
         self._lock = threading.Lock()
         self._ready: tuple[Hashable, CompiledEncoder] | None = None
         self._claimed: Any = _NOT_CLAIMED
@@ -181,8 +182,9 @@ class EncoderEngine:
                 return None
             self._ready, self.failure = (stamp, compiled), None
         self._remove_stale(keep=xml)
+        self.last_build_s = time.perf_counter() - start
         how = "converted" if converted else "read from the cache"
-        logger.info(f"{self.name}: image encoder on OpenVINO {self.precision} ({how} in {time.perf_counter() - start:.1f} s)")
+        logger.info(f"{self.name}: image encoder on OpenVINO {self.precision} ({how} in {self.last_build_s:.1f} s)")
         return compiled
 
     def _save(self, model: ov.Model, xml: str, input_shape: tuple[int, ...]) -> None:
