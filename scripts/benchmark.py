@@ -145,12 +145,16 @@ def flops_per_slice(network, img_size: int, device: str) -> float:
 @contextlib.contextmanager
 def torch_only(task, precision: str | None = None):
     """``task`` served by torch (at ``precision``, default its own) for the block."""
-    engine, previous = task.engine, task.precision
-    task.engine, task.precision = None, precision or previous
+    engine, previous = task.engine, getattr(task, "precision", None)
+    task.engine = None
+    if previous:
+        task.precision = precision or previous
     try:
         yield
     finally:
-        task.engine, task.precision = engine, previous
+        task.engine = engine
+        if previous:
+            task.precision = previous
 
 
 def warm_seconds(app, request: dict, repeats: int) -> tuple[float, dict]:

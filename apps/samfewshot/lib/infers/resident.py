@@ -72,7 +72,7 @@ class ResidentModelInfer(BasicInferTask):
     def compiled_encoder(self, device) -> CompiledEncoder | None:
         """The engine's encoder for the adapter the resident network on ``device`` serves, or None while torch
         serves it (no engine, or the engine is still building for a newly published adapter: started here, once)."""
-        if self.engine is None:
+        if self.engine is None or str(device) != "cpu":
             return None
         stamp = self.model.loaded_stamp(str(device))
         compiled = self.engine.encoder(stamp)
