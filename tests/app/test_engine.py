@@ -92,3 +92,20 @@ def test_clicks_and_em_instances_run_on_the_engine(app_dir, studies, em_studies)
     second = em.infer(request)
     assert first["params"]["engine"] == "torch" and second["params"]["engine"] == "openvino-fp32"
     assert abs(second["params"]["instances"] - first["params"]["instances"]) <= max(1, first["params"]["instances"] // 50)
+
+
+def test_a_failed_conversion_keeps_torch_serving(app_dir, studies, monkeypatch):
+    from lib.engines import openvino_engine
+    from main import SamFewShotApp
+
+    def broken(graph, input_shape):
+        raise RuntimeError("unsupported operation")
+
+    monkeypatch.setattr(openvino_engine, "convert", broken)
+    app = SamFewShotApp(str(app_dir), str(studies), CONF)
+    first, second = served(app)
+    assert first["params"]["engine"] == second["params"]["engine"] == "torch-fp32"
+    assert np.array_equal(label_of(first), label_of(second))
+    status = app.info()["models"]["hf_sam"]["engine"]
+    assert not status["ready"] and "unsupported operation" in status["failure"]
+    assert not list((app_dir / "model").glob("engines/*.xml"))
