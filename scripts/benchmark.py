@@ -96,6 +96,7 @@ def propagation_step_seconds(model, device: str, repeats: int = 5) -> float:
     slices (the walks up and down) with a box and a mask prompt, fp32, one CPU thread, embeddings given (the
     cache); the best of ``repeats``. A click costs about this times the slices the structure spans."""
     import torch
+
     from lib.model import torch_threads
     from lib.transforms.prompts import batch_prompts
 
@@ -188,17 +189,24 @@ def paired_seconds_per_slice(network, backbone: str, device: str, batch_size: in
     import statistics
 
     import torch
+    from segment_anything.modeling import MaskDecoder, TwoWayTransformer
+
     from lib.model import autocast
     from lib.networks.sam_backbone import build_image_encoder, build_prompt_encoder, get_encoder_spec
-    from segment_anything.modeling import MaskDecoder, TwoWayTransformer
 
     spec = get_encoder_spec(backbone)
     encoder = build_image_encoder(spec, fused_attention=False).to(device).eval()
     prompts = build_prompt_encoder(spec).to(device).eval()
-    decoder = MaskDecoder(
-        transformer_dim=spec.prompt_dim,
-        transformer=TwoWayTransformer(depth=2, embedding_dim=spec.prompt_dim, mlp_dim=spec.decoder_mlp_dim, num_heads=spec.decoder_heads),
-    ).to(device).eval()
+    decoder = (
+        MaskDecoder(
+            transformer_dim=spec.prompt_dim,
+            transformer=TwoWayTransformer(
+                depth=2, embedding_dim=spec.prompt_dim, mlp_dim=spec.decoder_mlp_dim, num_heads=spec.decoder_heads
+            ),
+        )
+        .to(device)
+        .eval()
+    )
     reference_image = torch.rand(1, 3, spec.img_size, spec.img_size, device=device)
     slices = torch.rand(batch_size, 1, spec.img_size, spec.img_size, device=device)
 
@@ -248,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import nibabel as nib
     import torch
+
     from main import SamFewShotApp
 
     work = tempfile.mkdtemp(prefix="samfewshot-bench-")
@@ -256,7 +265,9 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copytree(APP, app_dir, ignore=shutil.ignore_patterns("model", "logs", "__pycache__"))
         em = args.model == "fgnet"
         dataset, reference = ("em-neurons", "em_003") if em else ("brain-mri", "brain_003")
-        shutil.copytree(os.path.join(REPO, "sample-datasets", dataset), studies, ignore=shutil.ignore_patterns("datastore_v2.json", ".lock"))
+        shutil.copytree(
+            os.path.join(REPO, "sample-datasets", dataset), studies, ignore=shutil.ignore_patterns("datastore_v2.json", ".lock")
+        )
         synthetic_volume(
             os.path.join(studies, "bench.nii.gz"),
             os.path.join(studies, f"{reference}.nii.gz"),
@@ -265,7 +276,13 @@ def main(argv: list[str] | None = None) -> int:
             None if em else args.in_plane or None,
         )
 
-        conf = {"models": args.model, "backbone": args.backbone, "device": args.device, "auto_scoring": "false", "precision": args.precision}
+        conf = {
+            "models": args.model,
+            "backbone": args.backbone,
+            "device": args.device,
+            "auto_scoring": "false",
+            "precision": args.precision,
+        }
         conf["engine"] = args.engine
         if args.backbone != "tiny" and em:
             conf["sam2_variant"] = args.sam2_variant
@@ -277,7 +294,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.batch_size:
             request["batch_size"] = args.batch_size
         results: dict = {
-            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+            "machine": {
+                "platform": platform.platform(),
+                "cpus": os.cpu_count(),
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+            },
             "config": vars(args),
         }
 

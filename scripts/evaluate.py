@@ -84,9 +84,7 @@ def evaluate(task: str, predictions: Path, groundtruth: Path, labels: dict[str, 
         raise ValueError(f"no {'/'.join(SUFFIXES)} volumes in {groundtruth}")
     missing = sorted(set(truths) - set(preds))
     if missing:
-        raise ValueError(
-            f"no prediction in {predictions} for {len(missing)} ground-truth volume(s): {', '.join(missing)}"
-        )
+        raise ValueError(f"no prediction in {predictions} for {len(missing)} ground-truth volume(s): {', '.join(missing)}")
 
     per_volume = {}
     for name, truth_path in truths.items():
@@ -138,9 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task", choices=("segmentation", "instances"), required=True)
     parser.add_argument("--predictions", type=Path, required=True, help="folder of predicted label volumes")
     parser.add_argument("--groundtruth", type=Path, required=True, help="folder of ground-truth label volumes")
-    parser.add_argument(
-        "--labels", help='segmentation: JSON file or string {"name": id} (default: GROUNDTRUTH/labels.json)'
-    )
+    parser.add_argument("--labels", help='segmentation: JSON file or string {"name": id} (default: GROUNDTRUTH/labels.json)')
     parser.add_argument("--output", type=Path, help="write the scores to this JSON file")
     args = parser.parse_args(argv)
     for folder in (args.predictions, args.groundtruth):

@@ -32,8 +32,9 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -118,10 +119,7 @@ def load_template(spacing: float):
         "gm": datasets.load_mni152_gm_template(resolution=1),
         "wm": datasets.load_mni152_wm_template(resolution=1),
     }
-    data = {
-        k: MetaTensor(torch.from_numpy(v.get_fdata(dtype=np.float32))[None], affine=torch.as_tensor(v.affine))
-        for k, v in imgs.items()
-    }
+    data = {k: MetaTensor(torch.from_numpy(v.get_fdata(dtype=np.float32))[None], affine=torch.as_tensor(v.affine)) for k, v in imgs.items()}
     keys = list(data)
     # The nilearn affines are already RAS (positive diagonal), so no reorientation is needed.
     prepare = Compose(
@@ -257,9 +255,7 @@ def write_case(
         write_nifti(label, affine, output_dir / layout.datastore / "labels" / "final" / name, units)
 
 
-def check_args(
-    count: int, labelled: int, spacing: float | None = None, shape: Sequence[int] | None = None
-) -> str | None:
+def check_args(count: int, labelled: int, spacing: float | None = None, shape: Sequence[int] | None = None) -> str | None:
     if count < 1:
         return f"--count must be >= 1 (got {count})"
     if not 0 <= labelled <= count:
@@ -325,16 +321,12 @@ def generate(
         **params,
         "shape": [int(s) for s in template["image"].shape[1:]],
         "labels": LABELS,
-        "source": "MNI ICBM152 2009a nonlinear symmetric T1 + GM/WM probability maps "
-        f"(bundled with nilearn {nilearn.__version__})",
+        "source": f"MNI ICBM152 2009a nonlinear symmetric T1 + GM/WM probability maps (bundled with nilearn {nilearn.__version__})",
         "monai_version": monai.__version__,
         "volumes": volumes,
     }
     write_json(manifest, gt_dir / "manifest.json")  # last: marks the output complete
-    print(
-        f"[sample-data] wrote {count} volumes of shape {manifest['shape']} to {ds_dir} "
-        f"in {time.perf_counter() - start:.1f} s"
-    )
+    print(f"[sample-data] wrote {count} volumes of shape {manifest['shape']} to {ds_dir} in {time.perf_counter() - start:.1f} s")
     return manifest
 
 
@@ -425,9 +417,7 @@ def draw_organelles(image: np.ndarray, labels: np.ndarray, membrane: np.ndarray,
     from scipy.ndimage import distance_transform_edt
 
     spacing = np.asarray(EM_SPACING_NM)
-    clearance = (
-        distance_transform_edt(~membrane, sampling=EM_SPACING_NM) if membrane.any() else np.full(labels.shape, np.inf)
-    )
+    clearance = distance_transform_edt(~membrane, sampling=EM_SPACING_NM) if membrane.any() else np.full(labels.shape, np.inf)
     n_cells = int(labels.max())
 
     def region(centre: tuple[int, ...], half_nm: np.ndarray) -> tuple[tuple[slice, ...], list[np.ndarray]]:
@@ -530,9 +520,7 @@ def generate_em(
         sseed = subject_seed(seed, i)
         image, label = em_volume(shape, sseed)
         write_case(EM, output_dir, i, i < labelled, image, label, affine, units="micron")
-        volumes.append(
-            {"id": EM.case_id(i), "seed": sseed, "labelled_in_datastore": i < labelled, "cells": int(label.max())}
-        )
+        volumes.append({"id": EM.case_id(i), "seed": sseed, "labelled_in_datastore": i < labelled, "cells": int(label.max())})
 
     manifest = {
         **params,
@@ -540,10 +528,7 @@ def generate_em(
         "volumes": volumes,
     }
     write_json(manifest, gt_dir / "manifest.json")  # last: marks the output complete
-    print(
-        f"[sample-data] wrote {count} volumes of shape {manifest['shape']} to {ds_dir} "
-        f"in {time.perf_counter() - start:.1f} s"
-    )
+    print(f"[sample-data] wrote {count} volumes of shape {manifest['shape']} to {ds_dir} in {time.perf_counter() - start:.1f} s")
     return manifest
 
 
@@ -555,12 +540,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, help="number of volumes (default: 8 brain, 6 EM)")
     parser.add_argument("--labelled", type=int, default=2, help="volumes whose label is put in the datastore")
     parser.add_argument("--spacing", type=float, default=1.5, help="brain: isotropic voxel size in mm")
-    parser.add_argument(
-        "--em-shape", type=int, nargs=3, default=(160, 160, 32), metavar=("X", "Y", "Z"), help="EM: voxels per volume"
-    )
-    parser.add_argument(
-        "--skip-existing", action="store_true", help="do nothing if a complete run with these parameters exists"
-    )
+    parser.add_argument("--em-shape", type=int, nargs=3, default=(160, 160, 32), metavar=("X", "Y", "Z"), help="EM: voxels per volume")
+    parser.add_argument("--skip-existing", action="store_true", help="do nothing if a complete run with these parameters exists")
     args = parser.parse_args(argv)
     brain_count = 8 if args.count is None else args.count
     em_count = 6 if args.count is None else args.count

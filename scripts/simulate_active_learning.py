@@ -71,6 +71,7 @@ def held_out_dice(app, model: str, images: list[str], truth_dir: str, device: st
 def simulate_run(strategy: str, seed: int, pool: list[str], args, progress) -> list[dict]:
     """One strategy and seed on a private app and datastore copy; one row per round."""
     import torch
+
     from main import SamFewShotApp
 
     random.seed(seed)
@@ -88,7 +89,14 @@ def simulate_run(strategy: str, seed: int, pool: list[str], args, progress) -> l
         os.makedirs(studies)
         for image_id in pool:  # only the pool: no held-out image and no pre-existing final label
             shutil.copy(os.path.join(SAMPLES, "brain-mri", f"{image_id}.nii.gz"), studies)
-        conf = {"models": args.model, "backbone": "tiny", "engine": "torch", "device": args.device, "handout_timeout": "0", "auto_scoring": "false"}
+        conf = {
+            "models": args.model,
+            "backbone": "tiny",
+            "engine": "torch",
+            "device": args.device,
+            "handout_timeout": "0",
+            "auto_scoring": "false",
+        }
         app = SamFewShotApp(app_dir, studies, conf)
         datastore = app.datastore()
         for image_id in initial:
@@ -168,7 +176,9 @@ def summarise(rows: list[dict], strategies: list[str]) -> tuple[list[str], list[
                 f"{name} {diff.mean():+.3f} ({outcome} in {int((diff > 0).sum())}/{len(diff)} seeds"
                 f"{', within the seed spread ±' + format(spread, '.3f') if within else ''})"
             )
-        beat = all(stats[s][k].mean() - stats["random"][k].mean() > max(stats[s][k].std(), stats["random"][k].std()) for k in ("final", "auc"))
+        beat = all(
+            stats[s][k].mean() - stats["random"][k].mean() > max(stats[s][k].std(), stats["random"][k].std()) for k in ("final", "auc")
+        )
         verdicts.append(f"{s} vs random: {'; '.join(parts)} -> {'beats random' if beat else 'does not clearly beat random'}")
     return table, verdicts
 
@@ -234,9 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.disable(logging.INFO)
     try:
         # Rows are written as each run ends, so an interrupted simulation keeps the runs it finished.
-        with open(csv_path, "w", newline="") as f, tqdm(
-            total=len(strategies) * len(args.seeds) * (args.rounds + 1), desc="AL simulation", unit="round"
-        ) as progress:
+        with (
+            open(csv_path, "w", newline="") as f,
+            tqdm(total=len(strategies) * len(args.seeds) * (args.rounds + 1), desc="AL simulation", unit="round") as progress,
+        ):
             writer = csv.DictWriter(f, fieldnames=COLUMNS)
             writer.writeheader()
             for strategy in strategies:
@@ -249,15 +260,14 @@ def main(argv: list[str] | None = None) -> int:
         logging.disable(logging.NOTSET)
     elapsed = time.perf_counter() - started
 
-    title = (
-        f"{args.model} tiny, {args.epochs} epochs/round, held out {', '.join(args.held_out)}, "
-        f"seeds {' '.join(map(str, args.seeds))}"
-    )
+    title = f"{args.model} tiny, {args.epochs} epochs/round, held out {', '.join(args.held_out)}, seeds {' '.join(map(str, args.seeds))}"
     plot(rows, strategies, png_path, title)
 
     table, verdicts = summarise(rows, strategies)
-    print(f"\nHeld-out mean Dice after {args.initial + args.rounds} labelled volumes (final) and normalised AUC "
-          f"over {args.initial}..{args.initial + args.rounds} volumes; {len(args.seeds)} seed(s), {elapsed / 60:.1f} min")
+    print(
+        f"\nHeld-out mean Dice after {args.initial + args.rounds} labelled volumes (final) and normalised AUC "
+        f"over {args.initial}..{args.initial + args.rounds} volumes; {len(args.seeds)} seed(s), {elapsed / 60:.1f} min"
+    )
     print("\n".join(table))
     print("\n".join(verdicts))
     print(f"CSV: {csv_path}\nPNG: {png_path}")

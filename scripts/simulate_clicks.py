@@ -46,6 +46,7 @@ STRUCTURES = {1: "white matter", 2: "grey matter"}
 def trained_app(work: str, model: str, share: float, args):
     """A private app and datastore copy, trained for ``args.epochs`` with ``interactive_share`` = ``share``."""
     import torch
+
     from main import SamFewShotApp
 
     torch.manual_seed(args.seed)
@@ -57,7 +58,9 @@ def trained_app(work: str, model: str, share: float, args):
     app = SamFewShotApp(app_dir, studies, conf)
     if args.epochs:
         start = time.perf_counter()
-        app.train({"model": model, "max_epochs": args.epochs, "lr": args.lr, "val_split": 0, "device": args.device, "interactive_share": share})
+        app.train(
+            {"model": model, "max_epochs": args.epochs, "lr": args.lr, "val_split": 0, "device": args.device, "interactive_share": share}
+        )
         logging.info(f"trained interactive_share={share} in {time.perf_counter() - start:.0f} s")
     return app
 
@@ -84,7 +87,9 @@ def evaluate(app, model: str, args) -> dict:
     per_structure = {c: {"prompt_free": [], "clicks": [], "box_3d": []} for c in STRUCTURES}
     for image_id in args.held_out:
         path = os.path.join(SAMPLES, "brain-mri", f"{image_id}.nii.gz")
-        volume, truth = model_space(path, os.path.join(SAMPLES, "brain-mri-groundtruth", f"{image_id}.nii.gz"), served.img_size, served.modality)
+        volume, truth = model_space(
+            path, os.path.join(SAMPLES, "brain-mri-groundtruth", f"{image_id}.nii.gz"), served.img_size, served.modality
+        )
         with torch.no_grad():
             for c in STRUCTURES:
                 areas = (truth == c).sum((0, 1))
@@ -120,7 +125,9 @@ def click_latency(app, model: str, args) -> dict:
     seconds = []
     for _ in range(3):
         start = time.perf_counter()
-        result = app.infer({"model": f"{model}_interactive", "image": image, "device": args.device, "foreground": [[59, 71, 62]], "label": "white matter"})
+        result = app.infer(
+            {"model": f"{model}_interactive", "image": image, "device": args.device, "foreground": [[59, 71, 62]], "label": "white matter"}
+        )
         seconds.append(time.perf_counter() - start)
         os.remove(result["file"])
     return {"seconds": round(statistics.median(seconds), 3), "found_slices": len(result["params"]["found_slices"])}
@@ -136,7 +143,8 @@ def table(results: dict) -> str:
             d = s["dice_after_clicks"]
             lines.append(
                 f"| {name} | {variant} prompt-aware training | {s['prompt_free_dice']:.3f} | {d.get(1, float('nan')):.3f} | "
-                f"{d.get(3, float('nan')):.3f} | {d.get(5, float('nan')):.3f} | {s['noc85']:.1f} | {s['noc90']:.1f} | {s['box_propagated_3d_dice']:.3f} |"
+                f"{d.get(3, float('nan')):.3f} | {d.get(5, float('nan')):.3f} | {s['noc85']:.1f} | {s['noc90']:.1f} | "
+                f"{s['box_propagated_3d_dice']:.3f} |"
             )
     return "\n".join(lines)
 

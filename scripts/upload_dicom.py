@@ -47,8 +47,10 @@ def volume_to_series(path: Path, modality: str = "MR", patient_id: str | None = 
 
     image = sitk.ReadImage(str(path))
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-        raise ValueError(f"{path}: expected a 3D single-channel volume, got {image.GetDimension()}D with "
-                         f"{image.GetNumberOfComponentsPerPixel()} components")
+        raise ValueError(
+            f"{path}: expected a 3D single-channel volume, got {image.GetDimension()}D with "
+            f"{image.GetNumberOfComponentsPerPixel()} components"
+        )
     pixels = sitk.GetArrayFromImage(image)  # (slices, rows, cols)
     if not np.isfinite(pixels).all():
         raise ValueError(f"{path}: the volume holds NaN or infinite values")
@@ -138,8 +140,9 @@ def upload(paths: Sequence[Path], url: str, modality: str = "MR") -> list[tuple[
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("paths", nargs="*", type=Path, help="volumes, folders of volumes or DICOM folders "
-                        "(default: sample-datasets/brain-mri)")
+    parser.add_argument(
+        "paths", nargs="*", type=Path, help="volumes, folders of volumes or DICOM folders (default: sample-datasets/brain-mri)"
+    )
     parser.add_argument("--url", default=os.environ.get("DICOMWEB_URL", DEFAULT_URL), help="DICOMweb root")
     parser.add_argument("--modality", default="MR", help="modality of converted volumes (MR, CT, ...)")
     args = parser.parse_args(argv)

@@ -160,39 +160,56 @@ def bad_volumes(tmp_path_factory, sample_data) -> dict[str, Path]:
 
     nifti("label.nii.gz", truth)
     ras_to_lps = np.diag([-1.0, -1.0, 1.0])
-    nrrd.write(str(out / "label_lps.nrrd"), truth, {
-        "space": "left-posterior-superior",
-        "space directions": (ras_to_lps @ ref.affine[:3, :3]).T,
-        "space origin": ras_to_lps @ ref.affine[:3, 3],
-    })
+    nrrd.write(
+        str(out / "label_lps.nrrd"),
+        truth,
+        {
+            "space": "left-posterior-superior",
+            "space directions": (ras_to_lps @ ref.affine[:3, :3]).T,
+            "space origin": ras_to_lps @ ref.affine[:3, 3],
+        },
+    )
     files["label_lps.nrrd"] = out / "label_lps.nrrd"
     nifti("label_shape.nii.gz", truth[:-2])
     shifted = ref.affine.copy()
     shifted[:3, 3] += 50
     nifti("label_shift.nii.gz", truth, shifted)
     nifti("label_spacing.nii.gz", truth, ref.affine @ np.diag([2, 2, 2, 1]))
-    for name, value, dtype in (("label_7", 7, np.uint8), ("label_neg", -1, np.int16), ("label_half", 0.5, np.float32),
-                               ("label_nan", np.nan, np.float32), ("label_3", 3, np.uint8)):
+    for name, value, dtype in (
+        ("label_7", 7, np.uint8),
+        ("label_neg", -1, np.int16),
+        ("label_half", 0.5, np.float32),
+        ("label_nan", np.nan, np.float32),
+        ("label_3", 3, np.uint8),
+    ):
         broken = truth.astype(dtype)
         broken[40:44, 40:44, 40:44] = value
         nifti(f"{name}.nii.gz", broken)
     layers = np.stack([truth == 1, truth == 2, truth > 0]).astype(np.uint8)
-    nrrd.write(str(out / "label_layers.seg.nrrd"), layers, {
-        "kinds": ["list", "domain", "domain", "domain"],
-        "space": "right-anterior-superior",
-        "space directions": np.vstack([np.full(3, np.nan), ref.affine[:3, :3].T]),  # NaN row: NRRD's "none"
-        "space origin": ref.affine[:3, 3],
-    })
+    nrrd.write(
+        str(out / "label_layers.seg.nrrd"),
+        layers,
+        {
+            "kinds": ["list", "domain", "domain", "domain"],
+            "space": "right-anterior-superior",
+            "space directions": np.vstack([np.full(3, np.nan), ref.affine[:3, :3].T]),  # NaN row: NRRD's "none"
+            "space origin": ref.affine[:3, 3],
+        },
+    )
     files["label_layers.seg.nrrd"] = out / "label_layers.seg.nrrd"
     five = truth.copy()
     five[40:44, 40:44, 40:44] = 5
     segments = {"Segment0_Name": "white matter", "Segment0_LabelValue": "1", "Segment1_Name": "grey matter", "Segment1_LabelValue": "2"}
-    nrrd.write(str(out / "label_segments_5.seg.nrrd"), five, {
-        "space": "right-anterior-superior",
-        "space directions": ref.affine[:3, :3].T,
-        "space origin": ref.affine[:3, 3],
-        **segments,
-    })
+    nrrd.write(
+        str(out / "label_segments_5.seg.nrrd"),
+        five,
+        {
+            "space": "right-anterior-superior",
+            "space directions": ref.affine[:3, :3].T,
+            "space origin": ref.affine[:3, 3],
+            **segments,
+        },
+    )
     files["label_segments_5.seg.nrrd"] = out / "label_segments_5.seg.nrrd"
     return files
 

@@ -8,14 +8,6 @@ import sys
 import threading
 
 import monailabel
-from lib import dicom_seg, routes
-from lib.activelearning import Diversity, First, Handouts, Hybrid, RandomChoice, Uncertainty
-from lib.auth import install_token_check
-from lib.configs import MODEL_CONFIGS
-from lib.datastore import CheckedDatastore
-from lib.interactions import INTERACTIONS_KEY, InteractionLog
-from lib.scoring import EmbeddingScoring, UncertaintyScoring
-from lib.validation import check_choice, http_errors
 from monailabel.config import settings
 from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.interfaces.app import MONAILabelApp
@@ -27,6 +19,15 @@ from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.utils.async_tasks.task import AsyncTask
 from monailabel.utils.async_tasks.utils import tasks
 from monailabel.utils.others.generic import strtobool
+
+from lib import dicom_seg, routes
+from lib.activelearning import Diversity, First, Handouts, Hybrid, RandomChoice, Uncertainty
+from lib.auth import install_token_check
+from lib.configs import MODEL_CONFIGS
+from lib.datastore import CheckedDatastore
+from lib.interactions import INTERACTIONS_KEY, InteractionLog
+from lib.scoring import EmbeddingScoring, UncertaintyScoring
+from lib.validation import check_choice, http_errors
 
 logger = logging.getLogger(__name__)
 

@@ -31,7 +31,9 @@ def make_app(app_dir, studies, monkeypatch):
         from main import SamFewShotApp
 
         app = SamFewShotApp(
-            str(app_dir), str(studies), {"models": "hf_sam", "backbone": "tiny", "engine": "torch", "auto_scoring": "false", "device": "cpu", **conf}
+            str(app_dir),
+            str(studies),
+            {"models": "hf_sam", "backbone": "tiny", "engine": "torch", "auto_scoring": "false", "device": "cpu", **conf},
         )
         uncertainty, embedding = app._scoring_methods["uncertainty"], app._scoring_methods["embedding"]
         uncertainty.max_slices, uncertainty.mc_samples, embedding.max_slices = 1, 1, 1
@@ -161,7 +163,13 @@ def test_strategies_pick_the_expected_volume(make_app):
 def test_diversity_treats_handed_out_volumes_as_covered(make_app):
     """A second annotator is not sent a near-duplicate of the volume the first one is labelling."""
     app = make_app(handout_timeout="3600")
-    vectors = {"brain_000": [0.0, 0.0], "brain_001": [0.0, 0.0], "brain_002": [10.0, 0.0], "brain_003": [10.0, 0.1], "brain_004": [0.0, 5.0]}
+    vectors = {
+        "brain_000": [0.0, 0.0],
+        "brain_001": [0.0, 0.0],
+        "brain_002": [10.0, 0.0],
+        "brain_003": [10.0, 0.1],
+        "brain_004": [0.0, 5.0],
+    }
     vectors.update({i: [0.0, 0.0] for i in ("brain_005", "brain_006", "brain_007")})
     _set_scores(app, vectors=vectors)
     first = app.next_sample({"strategy": "diversity"})["id"]

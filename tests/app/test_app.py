@@ -8,7 +8,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-
 MODELS = ["hf_sam", "masg_sam"]
 
 

@@ -21,10 +21,22 @@ def test_one_run_reports_speed_hardware_limit_update_and_size(tmp_path, sample_d
     r = json.loads(out.read_text())
 
     positive = [
-        "infer_cold_s", "infer_warm_s", "reinfer_cached_embeddings_s", "reference_s_per_slice",
-        "paired_network_s_per_slice", "gflop_per_slice", "fp32_matmul_gflops", "bf16_matmul_gflops", "update_s",
-        "adapter_bytes", "peak_rss_mb", "click_on_inferred_s", "click_decoder_s_per_slice", "engine_conversion_s",
-        "torch_infer_warm_s", "torch_speedup_over_reference",
+        "infer_cold_s",
+        "infer_warm_s",
+        "reinfer_cached_embeddings_s",
+        "reference_s_per_slice",
+        "paired_network_s_per_slice",
+        "gflop_per_slice",
+        "fp32_matmul_gflops",
+        "bf16_matmul_gflops",
+        "update_s",
+        "adapter_bytes",
+        "peak_rss_mb",
+        "click_on_inferred_s",
+        "click_decoder_s_per_slice",
+        "engine_conversion_s",
+        "torch_infer_warm_s",
+        "torch_speedup_over_reference",
     ]
     assert all(r[key] > 0 for key in positive), {key: r.get(key) for key in positive}
     assert r["skipped_slices"] == 6  # the air above and below never reaches the network

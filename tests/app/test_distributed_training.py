@@ -8,7 +8,6 @@ import torch
 
 from lib.networks.lora import read_adapter
 
-
 # model -> (datastore fixture, its labelled volumes, a volume to infer)
 DATASTORES = {
     "hf_sam": ("studies", ["brain_000", "brain_001"], "brain_002"),

@@ -10,7 +10,14 @@ import torch
 
 from lib.networks.lora import publish_adapter, restore_adapter
 
-CONF = {"models": "hf_sam", "backbone": "tiny", "engine": "openvino", "precision": "fp32", "auto_scoring": "false", "embedding_cache_mb": "0"}
+CONF = {
+    "models": "hf_sam",
+    "backbone": "tiny",
+    "engine": "openvino",
+    "precision": "fp32",
+    "auto_scoring": "false",
+    "embedding_cache_mb": "0",
+}
 REQUEST = {"model": "hf_sam", "image": "brain_002", "device": "cpu"}
 
 

@@ -42,7 +42,13 @@ def multipart(response) -> tuple[dict, bytes]:
 
 @pytest.mark.parametrize("model", ["hf_sam", "masg_sam"])
 def test_slicer_deepgrow_request_gives_the_segments_binary_mask(client, studies, tmp_path, model):
-    params = {"label": "white matter", "foreground": [[60, 70, 62], [62, 75, 64]], "background": [[20, 20, 62]], **SLICER_CONFIG, **SLICER_FORMAT}
+    params = {
+        "label": "white matter",
+        "foreground": [[60, 70, 62], [62, 75, 64]],
+        "background": [[20, 20, 62]],
+        **SLICER_CONFIG,
+        **SLICER_FORMAT,
+    }
     response = infer(client, f"{model}_interactive", "brain_003", params)
     assert response.status_code == 200, response.text
     result, label = multipart(response)
@@ -54,7 +60,12 @@ def test_slicer_deepgrow_request_gives_the_segments_binary_mask(client, studies,
 
     # Slicer's ROI ([i0, i1, j0, j1, k0, k1]) bounds the result
     roi = [40, 80, 50, 90, 60, 66]
-    response = infer(client, f"{model}_interactive", "brain_003", {"label": "grey matter", "foreground": [], "background": [], "roi": roi, **SLICER_FORMAT})
+    response = infer(
+        client,
+        f"{model}_interactive",
+        "brain_003",
+        {"label": "grey matter", "foreground": [], "background": [], "roi": roi, **SLICER_FORMAT},
+    )
     assert response.status_code == 200, response.text
     result, label = multipart(response)
     mask = nrrd_of(label, tmp_path)
@@ -65,7 +76,9 @@ def test_slicer_deepgrow_request_gives_the_segments_binary_mask(client, studies,
 
 
 def test_ohif_deepgrow_request_without_a_label(client, tmp_path):
-    response = infer(client, "hf_sam_interactive", "brain_003", {"foreground": [[60, 70, 62]], "background": [], **OHIF_FORMAT}, output="image")
+    response = infer(
+        client, "hf_sam_interactive", "brain_003", {"foreground": [[60, 70, 62]], "background": [], **OHIF_FORMAT}, output="image"
+    )
     assert response.status_code == 200, response.text
     mask = nrrd_of(response.content, tmp_path)
     assert set(np.unique(mask)) <= {0, 1}
@@ -91,9 +104,10 @@ def test_bad_prompts_are_refused(client, studies, params, message):
 
 
 def test_prompts_are_kept_with_the_final_label_replayed_and_removed_with_it(client, sample_data, monkeypatch):
+    from monailabel.interfaces.utils.app import app_instance
+
     from lib.trainers import interaction
     from lib.trainers.lora_trainer import LoraTrainer
-    from monailabel.interfaces.utils.app import app_instance
 
     slicer = {"label": "grey matter", "foreground": [[50, 60, 70]], "background": [[70, 80, 70]]}
     assert infer(client, "hf_sam_interactive", "brain_002", {**slicer, **SLICER_FORMAT}).status_code == 200
@@ -114,7 +128,9 @@ def test_prompts_are_kept_with_the_final_label_replayed_and_removed_with_it(clie
     original = interaction.replay
     monkeypatch.setattr(interaction, "replay", lambda *a, **k: replayed.append(original(*a, **k)) or replayed[-1])
     # Every slice prompted, a replay wherever there is one: the crop of the interaction slice replays each epoch.
-    monkeypatch.setattr(LoraTrainer, "train_iteration_update", lambda self, context: interaction.SimulatedInteraction(share=1.0, replay_share=1.0))
+    monkeypatch.setattr(
+        LoraTrainer, "train_iteration_update", lambda self, context: interaction.SimulatedInteraction(share=1.0, replay_share=1.0)
+    )
     response = client.post("/train/hf_sam?run_sync=true", json={"max_epochs": 2, "val_split": 0})
     assert response.status_code == 200, response.text
     assert any(r and r["prompt"]["points"] for r in replayed), "training never replayed the annotator's prompts"

@@ -26,8 +26,9 @@ def dice(pred: np.ndarray, truth: np.ndarray, label: int) -> float:
 
 def held_out_loss(app, model_name: str, image_id: str, truth_dir) -> float:
     """Segmentation loss (0.1 CE + 0.9 Dice) of the served network on the held-out volume's labelled slices."""
-    from lib.transforms import volume_transforms
     from monai.transforms import Compose
+
+    from lib.transforms import volume_transforms
 
     model = app.models[model_name].model
     network, _ = model.resident("cpu")

@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 from fastapi.routing import APIRoute
+
 from lib import routes
 
 GROUPS = {"models": "hf_sam,masg_sam", "backbone": "tiny", "engine": "torch", "auto_scoring": "false", "endpoints": "logs,batch_infer"}
@@ -32,7 +33,9 @@ def test_every_route_of_monailabel_is_declared(client):
 
     served = upstream_routes(app)
     assert not served - set(routes.ROUTES), f"routes MONAI Label serves that lib/routes.py does not declare: {served - set(routes.ROUTES)}"
-    assert set(routes.ROUTES) - served <= AUTH_ROUTES, f"declared routes MONAI Label does not have: {set(routes.ROUTES) - served - AUTH_ROUTES}"
+    assert set(routes.ROUTES) - served <= AUTH_ROUTES, (
+        f"declared routes MONAI Label does not have: {set(routes.ROUTES) - served - AUTH_ROUTES}"
+    )
 
 
 def test_installing_again_keeps_monailabel_endpoints_underneath(client):
@@ -54,7 +57,9 @@ def test_sessions_live_in_the_model_folder(client, app_dir):
 
 
 def test_unknown_endpoint_groups_stop_the_server():
-    with pytest.raises(ValueError, match=r"unknown endpoint group\(s\) \['wsi'\] in --conf endpoints; valid: none, sessions, logs, batch_infer"):
+    with pytest.raises(
+        ValueError, match=r"unknown endpoint group\(s\) \['wsi'\] in --conf endpoints; valid: none, sessions, logs, batch_infer"
+    ):
         routes.parse_endpoint_groups("logs,wsi")
     assert routes.parse_endpoint_groups("none") == frozenset()
     assert routes.parse_endpoint_groups(None) == {"sessions"}

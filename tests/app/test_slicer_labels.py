@@ -65,9 +65,10 @@ def client_conf() -> dict:
 
 @pytest.mark.parametrize("fmt", ["seg.nrrd", "nii.gz", "seg.nrrd without label_info"])
 def test_slicer_label_trains_with_model_ids(fmt, client, sample_data, tmp_path):
-    from lib.transforms import volume_transforms
     from monai.transforms import Compose
     from monailabel.interfaces.utils.app import app_instance
+
+    from lib.transforms import volume_transforms
 
     image_id = "brain_002"
     truth = sample_data / "brain-mri-groundtruth" / f"{image_id}.nii.gz"

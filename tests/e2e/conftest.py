@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import requests
+
 from lib.trainers.lora_trainer import free_loopback_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -79,9 +80,7 @@ def _signal_group(pgid: int, sig: int) -> None:
         pass
 
 
-def server_command(
-    app_dir: Path, studies: Path, port: int, conf: tuple[tuple[str, str], ...], start_script: bool = False
-) -> list[str]:
+def server_command(app_dir: Path, studies: Path, port: int, conf: tuple[tuple[str, str], ...], start_script: bool = False) -> list[str]:
     """``monailabel start_server`` on loopback, or with ``start_script`` scripts/start.sh and its own host default."""
     cmd = [str(REPO / "scripts" / "start.sh")] if start_script else [sys.executable, "-m", "monailabel.main", "start_server"]
     cmd += ["--app", str(app_dir), "--studies", str(studies), "--port", str(port)]

@@ -45,8 +45,16 @@ UP = "../" * 16  # enough ../ to reach / from any temporary folder
 DEEP = "[" * 10_000 + "]" * 10_000
 # Routes that /openapi.json does not list: closed, optional groups that are off by default, static files.
 UNLISTED = {
-    "POST /infer/wsi/{model}", "POST /infer/wsi_v2/{model}", "POST /reload", "GET /logs/", "GET /logs/gpu",
-    "GET /batch/infer", "DELETE /batch/infer", "POST /batch/infer/{model}", "GET /static/{path}", "GET /openapi.json",
+    "POST /infer/wsi/{model}",
+    "POST /infer/wsi_v2/{model}",
+    "POST /reload",
+    "GET /logs/",
+    "GET /logs/gpu",
+    "GET /batch/infer",
+    "DELETE /batch/infer",
+    "POST /batch/infer/{model}",
+    "GET /static/{path}",
+    "GET /openapi.json",
     "GET /docs",
 }
 
@@ -106,7 +114,9 @@ def image(id: str, volume: str, match: str, image_id: str = "uploaded", status: 
 
 def label(id: str, volume: str, match: str, image_id: str = "brain_002", tag: str = "final", status: int = 422, params: Any = None) -> Case:
     form = {"params": params if isinstance(params, str) else json.dumps(params or {})}
-    return Case(f"label-{id}", "PUT /datastore/label", f"/datastore/label?image={image_id}&tag={tag}", status, match, (("label", volume),), form)
+    return Case(
+        f"label-{id}", "PUT /datastore/label", f"/datastore/label?image={image_id}&tag={tag}", status, match, (("label", volume),), form
+    )
 
 
 def infer_file(id: str, volume: str, match: str) -> Case:
@@ -160,7 +170,13 @@ CASES = [
     image("params-malformed", "image.nii.gz", "'params' is not valid JSON", form={"params": "{bad"}),
     image("params-list", "image.nii.gz", "'params' must be a JSON object, got list", form={"params": "[1]"}),
     image("params-deep", "image.nii.gz", "nested deeper than 32 levels", form={"params": '{"a":' + DEEP + "}"}),
-    image("params-2mb", "image.nii.gz", "Part exceeded maximum size of 1024KB", status=400, form={"params": json.dumps({"a": "x" * (2 << 20)})}),
+    image(
+        "params-2mb",
+        "image.nii.gz",
+        "Part exceeded maximum size of 1024KB",
+        status=400,
+        form={"params": json.dumps({"a": "x" * (2 << 20)})},
+    ),
     image("slicer-parent-dir", "image.nii.gz", "image id '../escape' is not a plain name", image_id="../escape", route="PUT /datastore/"),
     image("slicer-affine-zero", "affine_zero.nii.gz", "has an affine that is not invertible", route="PUT /datastore/"),
     # ---- PUT /datastore/label --------------------------------------------------------------------------------
@@ -198,18 +214,68 @@ CASES = [
     Case("image-get-path", "GET /datastore/image", "/datastore/image?image=/etc/hostname", 422, "not a plain name"),
     Case("image-get-unknown", "GET /datastore/image", "/datastore/image?image=nosuch", 404, "image 'nosuch' is not in the datastore"),
     Case("image-info-get-unknown", "GET /datastore/image/info", "/datastore/image/info?image=nosuch", 404, "not in the datastore"),
-    Case("image-info-malformed", "PUT /datastore/image/info", "/datastore/image/info?image=brain_002", 422, "'info' is not valid JSON", form={"info": "{bad"}),
-    Case("image-info-deep", "PUT /datastore/image/info", "/datastore/image/info?image=brain_002", 422, "nested deeper than 32", form={"info": DEEP}),
-    Case("image-info-unknown", "PUT /datastore/image/info", "/datastore/image/info?image=nosuch", 404, "image 'nosuch' is not in the datastore", form={"info": "{}"}),
-    Case("label-delete-unknown", "DELETE /datastore/label", "/datastore/label?id=nosuch&tag=final", 404, "no label 'nosuch' with tag 'final'"),
-    Case("label-delete-tag-path", "DELETE /datastore/label", "/datastore/label?id=brain_000&tag=../../x", 422, "label tag '../../x' is not a plain name"),
+    Case(
+        "image-info-malformed",
+        "PUT /datastore/image/info",
+        "/datastore/image/info?image=brain_002",
+        422,
+        "'info' is not valid JSON",
+        form={"info": "{bad"},
+    ),
+    Case(
+        "image-info-deep",
+        "PUT /datastore/image/info",
+        "/datastore/image/info?image=brain_002",
+        422,
+        "nested deeper than 32",
+        form={"info": DEEP},
+    ),
+    Case(
+        "image-info-unknown",
+        "PUT /datastore/image/info",
+        "/datastore/image/info?image=nosuch",
+        404,
+        "image 'nosuch' is not in the datastore",
+        form={"info": "{}"},
+    ),
+    Case(
+        "label-delete-unknown", "DELETE /datastore/label", "/datastore/label?id=nosuch&tag=final", 404, "no label 'nosuch' with tag 'final'"
+    ),
+    Case(
+        "label-delete-tag-path",
+        "DELETE /datastore/label",
+        "/datastore/label?id=brain_000&tag=../../x",
+        422,
+        "label tag '../../x' is not a plain name",
+    ),
     Case("label-head-unknown", "HEAD /datastore/label", "/datastore/label?image=brain_005&tag=final", 404, ""),
     Case("label-get-tag-path", "GET /datastore/label", "/datastore/label?label=brain_000&tag=../images", 422, "not a plain name"),
     Case("label-get-unknown", "GET /datastore/label", "/datastore/label?label=nosuch&tag=final", 404, "no label 'nosuch'"),
     Case("label-info-get-unknown", "GET /datastore/label/info", "/datastore/label/info?label=nosuch&tag=final", 404, "no label 'nosuch'"),
-    Case("label-info-put-unknown", "PUT /datastore/label/info", "/datastore/label/info?label=nosuch&tag=final", 404, "no label", form={"info": "{}"}),
-    Case("label-info-put-deep", "PUT /datastore/label/info", "/datastore/label/info?label=brain_000&tag=final", 422, "nested deeper", form={"info": DEEP}),
-    Case("updatelabelinfo-unknown", "PUT /datastore/updatelabelinfo", "/datastore/updatelabelinfo?label=nosuch&tag=final", 404, "no label", form={"params": "{}"}),
+    Case(
+        "label-info-put-unknown",
+        "PUT /datastore/label/info",
+        "/datastore/label/info?label=nosuch&tag=final",
+        404,
+        "no label",
+        form={"info": "{}"},
+    ),
+    Case(
+        "label-info-put-deep",
+        "PUT /datastore/label/info",
+        "/datastore/label/info?label=brain_000&tag=final",
+        422,
+        "nested deeper",
+        form={"info": DEEP},
+    ),
+    Case(
+        "updatelabelinfo-unknown",
+        "PUT /datastore/updatelabelinfo",
+        "/datastore/updatelabelinfo?label=nosuch&tag=final",
+        404,
+        "no label",
+        form={"params": "{}"},
+    ),
     Case("dataset-limit-zero", "GET /datastore/dataset", "/datastore/dataset?limit_cases=0", 422, "limit_cases must be >= 1"),
     Case("dataset-limit-word", "GET /datastore/dataset", "/datastore/dataset?limit_cases=all", 422, "valid integer"),
     # ---- POST /infer/{model} ---------------------------------------------------------------------------------
@@ -218,41 +284,82 @@ CASES = [
     infer("server-path", "hf_sam?image=/etc/hostname", 422, "image id '/etc/hostname' is not a plain name"),
     infer("image-url", "hf_sam?image=http://127.0.0.1:1/x.nii.gz", 422, "is not a plain name"),
     infer("id-300-chars", "hf_sam?image=" + "b" * 300, 422, "is 300 bytes long"),
-    infer("params-image-path", "hf_sam?image=brain_002&output=json", 422, "differs from the image 'brain_002' the URL names",
-          params={"image": "/work/any/path.nii.gz"}),
+    infer(
+        "params-image-path",
+        "hf_sam?image=brain_002&output=json",
+        422,
+        "differs from the image 'brain_002' the URL names",
+        params={"image": "/work/any/path.nii.gz"},
+    ),
     infer("params-image-list", "hf_sam?image=brain_002", 422, "differs from the image", params={"image": ["brain_002"]}),
     infer("params-model", "hf_sam?image=brain_002", 422, "differs from the model 'hf_sam'", params={"model": "../x"}),
     infer("params-image-path-key", "hf_sam?image=brain_002", 422, "may not set image_path", params={"image_path": "/etc/hostname"}),
-    infer("params-save-final", "hf_sam?image=brain_002", 422, "may not set label_tag, save_label", params={"save_label": True, "label_tag": "final"}),
+    infer(
+        "params-save-final",
+        "hf_sam?image=brain_002",
+        422,
+        "may not set label_tag, save_label",
+        params={"save_label": True, "label_tag": "final"},
+    ),
     infer("params-skip-writer", "hf_sam?image=brain_002", 422, "may not set skip_writer", params={"skip_writer": True}),
     infer("params-malformed", "hf_sam?image=brain_002", 422, "'params' is not valid JSON", params="{bad"),
     infer("params-string", "hf_sam?image=brain_002", 422, "'params' must be a JSON object, got str", params='"x"'),
     infer("params-deep", "hf_sam?image=brain_002", 422, "nested deeper than 32 levels", params='{"foreground":' + DEEP + "}"),
     infer("result-dtype", "hf_sam?image=brain_002", 422, "result_dtype must be one of uint8", params={"result_dtype": "object"}),
-    infer("result-extension", "hf_sam?image=brain_002", 422, "result_extension must be one of .nii.gz", params={"result_extension": "/../../x.nii.gz"}),
+    infer(
+        "result-extension",
+        "hf_sam?image=brain_002",
+        422,
+        "result_extension must be one of .nii.gz",
+        params={"result_extension": "/../../x.nii.gz"},
+    ),
     infer("result-compress", "hf_sam?image=brain_002", 422, "result_compress must be true or false", params={"result_compress": "maybe"}),
     infer("device", "hf_sam?image=brain_002", 422, "device must be 'cpu', 'cuda' or 'cuda:N'", params={"device": "tpu:9"}),
     infer("logging", "hf_sam?image=brain_002", 422, "logging must be one of DEBUG", params={"logging": "LOUD"}),
-    infer("points-two", "hf_sam?image=brain_002", 422, "foreground must be a list of at most 1000 [i, j, k]", params={"foreground": [[1, 2]]}),
+    infer(
+        "points-two", "hf_sam?image=brain_002", 422, "foreground must be a list of at most 1000 [i, j, k]", params={"foreground": [[1, 2]]}
+    ),
     infer("points-word", "hf_sam?image=brain_002", 422, "background must be a list", params={"background": [["a", 1, 2]]}),
     infer("points-nan", "hf_sam?image=brain_002", 422, "foreground must be", params='{"foreground": [[NaN, 1, 2]]}'),
     infer("points-many", "hf_sam?image=brain_002", 422, "at most 1000", params={"foreground": [[1, 2, 3]] * 1001}),
     infer("roi", "hf_sam?image=brain_002", 422, "roi must be [i0, i1, j0, j1, k0, k1]", params={"roi": [1, 2]}),
     infer("interactive-outside", "hf_sam_interactive?image=brain_002", 422, "lie outside the volume", params={"foreground": [[1, 2, 999]]}),
-    infer("interactive-label", "hf_sam_interactive?image=brain_002", 422, "unknown label 'tumour'", params={"label": "tumour", "foreground": [[60, 70, 62]]}),
-    infer("interactive-nothing", "hf_sam_interactive?image=brain_002", 422, "send foreground or background points", params={"label": "grey matter"}),
-    infer("segmentation-clicks", "hf_sam?image=brain_002", 422, "send foreground to hf_sam_interactive", params={"foreground": [[60, 70, 62]]}),
+    infer(
+        "interactive-label",
+        "hf_sam_interactive?image=brain_002",
+        422,
+        "unknown label 'tumour'",
+        params={"label": "tumour", "foreground": [[60, 70, 62]]},
+    ),
+    infer(
+        "interactive-nothing",
+        "hf_sam_interactive?image=brain_002",
+        422,
+        "send foreground or background points",
+        params={"label": "grey matter"},
+    ),
+    infer(
+        "segmentation-clicks", "hf_sam?image=brain_002", 422, "send foreground to hf_sam_interactive", params={"foreground": [[60, 70, 62]]}
+    ),
     infer("label-info", "hf_sam?image=brain_002", 422, "label_info must be a list", params={"label_info": {"a": 1}}),
     infer("unknown-session", "hf_sam?image=x&session_id=nosuch", 404, "session 'nosuch' does not exist"),
     infer("session-path", "hf_sam?image=x&session_id=..", 422, "session id '..' is not a plain name"),
     infer("session-and-file", "hf_sam?session_id=nosuch", 422, "as a file or name a session, not both", files=(("file", "image.nii.gz"),)),
-    infer("dicom-seg-local", "hf_sam?image=brain_002&output=dicom_seg", 422, "output=dicom_seg needs a DICOMweb datastore", params={"label_info": []}),
+    infer(
+        "dicom-seg-local",
+        "hf_sam?image=brain_002&output=dicom_seg",
+        422,
+        "output=dicom_seg needs a DICOMweb datastore",
+        params={"label_info": []},
+    ),
     infer("output-unknown", "hf_sam?image=brain_002&output=../x", 422, "Input should be 'image', 'json', 'all' or 'dicom_seg'"),
     infer("label-file", "hf_sam?image=brain_002", 422, "takes a label file", files=(("label", "label.nii.gz"),)),
     infer("filename-nul", "hf_sam", 422, "holds control characters", files=(("file", "image.nii.gz|a\x00.nii.gz"),)),
     infer("filename-extension-200", "hf_sam", 422, "at most 16 characters", files=(("file", "image.nii.gz|a." + "y" * 200),)),
     infer("nrrd-detached", "hf_sam?output=json", 422, "whose voxels lie in another file", files=(("file", "detached_absolute.nrrd"),)),
-    infer("nhdr-detached", "hf_sam?output=json", 422, "whose voxels lie in another file", files=(("file", "detached_relative.nrrd|x.nhdr"),)),
+    infer(
+        "nhdr-detached", "hf_sam?output=json", 422, "whose voxels lie in another file", files=(("file", "detached_relative.nrrd|x.nhdr"),)
+    ),
     infer("stored-nan", f"hf_sam?image={BROKEN_STORED}", 422, "has 1 NaN voxel value"),
     infer_file("truncated", "trunc.nii.gz", "truncated or corrupt?): Compressed file ended"),
     infer_file("2d", "2d.nii.gz", "is 2D (118, 142)"),
@@ -265,8 +372,14 @@ CASES = [
     infer_file("dicom-not-dicom", "not_dicom.dcm", "as DICOM: File is missing DICOM File Meta Information"),
     infer_file("dicom-one-slice", "slice.dcm", "is a single slice (142, 118, 1): a 2D image"),
     infer_file("text-file", "notes.txt", "is not a volume format this server reads"),
-    Case("wsi-v2", "POST /infer/wsi_v2/{model}", "/infer/wsi_v2/hf_sam?image=/etc/hostname", 404, "serves no whole-slide models",
-         form={"wsi": json.dumps({"params": {"image": "/etc/hostname"}})}),
+    Case(
+        "wsi-v2",
+        "POST /infer/wsi_v2/{model}",
+        "/infer/wsi_v2/hf_sam?image=/etc/hostname",
+        404,
+        "serves no whole-slide models",
+        form={"wsi": json.dumps({"params": {"image": "/etc/hostname"}})},
+    ),
     Case("wsi", "POST /infer/wsi/{model}", "/infer/wsi/hf_sam?image=brain_002", 404, "serves no whole-slide models", body={}),
     Case("batch-infer", "POST /batch/infer/{model}", "/batch/infer/hf_sam", 404, "name 'batch_infer' in --conf endpoints", body={}),
     Case("batch-status", "GET /batch/infer", "/batch/infer", 404, "--conf endpoints"),
@@ -277,7 +390,14 @@ CASES = [
     Case("model-info-unknown", "GET /model/info/{model}", "/model/info/..", 404, "unknown model '..'", raw=True),
     Case("model-delete-unknown", "DELETE /model/{model}", "/model/nosuch", 404, "unknown model 'nosuch'"),
     Case("adapter-shape", "PUT /model/{model}", "/model/hf_sam", 422, "has shape (1,), model", (("file", "adapter_shape.pt"),)),
-    Case("adapter-dtype", "PUT /model/{model}", "/model/hf_sam", 422, "has dtype torch.float64, model torch.float32", (("file", "adapter_dtype.pt"),)),
+    Case(
+        "adapter-dtype",
+        "PUT /model/{model}",
+        "/model/hf_sam",
+        422,
+        "has dtype torch.float64, model torch.float32",
+        (("file", "adapter_dtype.pt"),),
+    ),
     Case("adapter-nan", "PUT /model/{model}", "/model/hf_sam", 422, "holds NaN or infinite values", (("file", "adapter_nan.pt"),)),
     Case("adapter-extra", "PUT /model/{model}", "/model/hf_sam", 422, "unknown tensors ['x.weight']", (("file", "adapter_extra.pt"),)),
     Case("adapter-pickle", "PUT /model/{model}", "/model/hf_sam", 422, "cannot read adapter", (("file", "adapter_pickle.pt"),)),
@@ -305,19 +425,63 @@ CASES = [
     train("all-per-model-list", "/train/", {"masg_sam": [1]}, "train options of masg_sam must be a JSON object"),
     train("all-option", "/train/", {"max_epochs": -3}, "max_epochs must be a positive integer"),
     # ---- active learning and scoring ----------------------------------------------------------------------------
-    Case("al-unknown-strategy", "POST /activelearning/{strategy}", "/activelearning/nosuch", 404, "unknown strategy 'nosuch'; valid: diversity, first", body={}),
+    Case(
+        "al-unknown-strategy",
+        "POST /activelearning/{strategy}",
+        "/activelearning/nosuch",
+        404,
+        "unknown strategy 'nosuch'; valid: diversity, first",
+        body={},
+    ),
     Case("al-json-malformed", "POST /activelearning/{strategy}", "/activelearning/random", 422, "JSON decode error", body="{bad"),
-    Case("al-strategy", "POST /activelearning/{strategy}", "/activelearning/random", 422, "strategy '../x' in the active learning options differs", body={"strategy": "../x"}),
-    Case("al-seed", "POST /activelearning/{strategy}", "/activelearning/random", 422, "seed must be an integer or a string", body={"seed": {"a": 1}}),
+    Case(
+        "al-strategy",
+        "POST /activelearning/{strategy}",
+        "/activelearning/random",
+        422,
+        "strategy '../x' in the active learning options differs",
+        body={"strategy": "../x"},
+    ),
+    Case(
+        "al-seed",
+        "POST /activelearning/{strategy}",
+        "/activelearning/random",
+        422,
+        "seed must be an integer or a string",
+        body={"seed": {"a": 1}},
+    ),
     Case("al-big", "POST /activelearning/{strategy}", "/activelearning/random", 422, "at most 16384", body={"client_id": "x" * 20_000}),
     Case("scoring-status-flag", "GET /scoring/", "/scoring/?check_if_running=perhaps", 422, "valid boolean"),
     Case("scoring-stop-idle", "DELETE /scoring/", "/scoring/", 200, "null"),
-    Case("scoring-unknown-method", "POST /scoring/{method}", "/scoring/nosuch", 404, "unknown scoring method 'nosuch'; valid: embedding, uncertainty", body={}),
+    Case(
+        "scoring-unknown-method",
+        "POST /scoring/{method}",
+        "/scoring/nosuch",
+        404,
+        "unknown scoring method 'nosuch'; valid: embedding, uncertainty",
+        body={},
+    ),
     Case("scoring-json-malformed", "POST /scoring/{method}", "/scoring/uncertainty", 422, "JSON decode error", body="{bad"),
-    Case("scoring-method", "POST /scoring/{method}", "/scoring/uncertainty", 422, "method '../x' in the scoring options differs", body={"method": "../x"}),
-    Case("scoring-model", "POST /scoring/{method}", "/scoring/uncertainty?run_sync=true", 404, "unknown scoring model 'nosuch'", body={"model": "nosuch"}),
+    Case(
+        "scoring-method",
+        "POST /scoring/{method}",
+        "/scoring/uncertainty",
+        422,
+        "method '../x' in the scoring options differs",
+        body={"method": "../x"},
+    ),
+    Case(
+        "scoring-model",
+        "POST /scoring/{method}",
+        "/scoring/uncertainty?run_sync=true",
+        404,
+        "unknown scoring model 'nosuch'",
+        body={"model": "nosuch"},
+    ),
     Case("scoring-all-method", "POST /scoring/", "/scoring/", 422, "name a scoring method in the URL", body={"method": "../x"}),
-    Case("scoring-all-per-method", "POST /scoring/", "/scoring/", 422, "may not set bundle_path", body={"embedding": {"bundle_path": "/tmp"}}),
+    Case(
+        "scoring-all-per-method", "POST /scoring/", "/scoring/", 422, "may not set bundle_path", body={"embedding": {"bundle_path": "/tmp"}}
+    ),
     # ---- sessions (3D Slicer's upload of a volume that is not in the datastore) --------------------------------
     session("tar-parent-dir", "slip.tar.gz", "which points outside its folder"),
     session("tar-absolute", "absolute.tar.gz", "which points outside its folder"),
@@ -334,7 +498,14 @@ CASES = [
     session("filename-nul", "image.nii.gz|v\x00.nii.gz", "holds control characters", query=""),
     session("filename-parent", "nan.nii.gz|..", "has 1 NaN voxel value", query=""),
     session("expiry-negative", "image.nii.gz", "expiry must be >= 0", query="?expiry=-1"),
-    Case("session-two-archives", "PUT /session/", "/session/?uncompress=true", 422, "takes one archive", (("files", "slip.zip"), ("files", "slip.tar.gz"))),
+    Case(
+        "session-two-archives",
+        "PUT /session/",
+        "/session/?uncompress=true",
+        422,
+        "takes one archive",
+        (("files", "slip.zip"), ("files", "slip.tar.gz")),
+    ),
     Case("session-get-unknown", "GET /session/{session_id}", "/session/nosuch", 404, "session 'nosuch' does not exist"),
     Case("session-get-parent", "GET /session/{session_id}", "/session/..", 422, "session id '..' is not a plain name", raw=True),
     Case("session-delete-parent", "DELETE /session/{session_id}", "/session/..", 422, "session id '..' is not a plain name", raw=True),
@@ -345,8 +516,14 @@ CASES = [
     Case("ohif-absolute", "GET /ohif/{path}", "/ohif//etc/hostname", 404, "is outside the OHIF viewer", raw=True),
     Case("ohif-encoded", "GET /ohif/{path}", "/ohif/%2e%2e/%2e%2e/%2e%2e/etc/hostname", 404, "is outside the OHIF viewer", raw=True),
     *[
-        Case(f"proxy-{method.lower()}-{op or 'root'}", f"{method} /proxy/dicom/{op + '/' if op else ''}{{path}}",
-             f"/proxy/dicom/{op + '/' if op else ''}../../tools/execute-script", 404, "this server's datastore is a local folder", raw=True)
+        Case(
+            f"proxy-{method.lower()}-{op or 'root'}",
+            f"{method} /proxy/dicom/{op + '/' if op else ''}{{path}}",
+            f"/proxy/dicom/{op + '/' if op else ''}../../tools/execute-script",
+            404,
+            "this server's datastore is a local folder",
+            raw=True,
+        )
         for method in ("GET", "POST")
         for op in ("wado", "qido", "stow", "")
     ],
@@ -410,7 +587,7 @@ def hostile_files(tmp_path_factory, bad_volumes) -> dict[str, Path]:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
         link = zipfile.ZipInfo("volume.nii.gz")
-        link.external_attr = (0o120777 << 16)  # a symbolic link, as Info-ZIP stores one
+        link.external_attr = 0o120777 << 16  # a symbolic link, as Info-ZIP stores one
         archive.writestr(link, "/etc/hostname")
     put("symlink.zip", buffer.getvalue())
     buffer = io.BytesIO()
@@ -425,7 +602,11 @@ def hostile_files(tmp_path_factory, bad_volumes) -> dict[str, Path]:
     ref = nib.load(bad_volumes["image.nii.gz"])
     data = np.asarray(ref.dataobj)
     label = np.asarray(nib.load(bad_volumes["label.nii.gz"]).dataobj)
-    for name, fill, voxels in (("affine_nan.nii.gz", np.nan, data), ("affine_zero.nii.gz", 0.0, data), ("label_affine_zero.nii.gz", 0.0, label)):
+    for name, fill, voxels in (
+        ("affine_nan.nii.gz", np.nan, data),
+        ("affine_zero.nii.gz", 0.0, data),
+        ("label_affine_zero.nii.gz", 0.0, label),
+    ):
         header = nib.Nifti1Image(voxels, ref.affine).header
         header.set_qform(None, code=0)
         header.set_sform(ref.affine, code=1)
@@ -517,7 +698,9 @@ def test_hostile_request_is_refused_and_nothing_changes(case, server, hostile_fi
     assert digests(server.studies) == before["datastore"], f"{case.id} changed the datastore"
     assert digests(server.app_dir / "model") == before["model"], f"{case.id} changed the model folder"
     after = settled(server, before["outside"])
-    assert after == before["outside"], f"{case.id} wrote outside the datastore and model folder: {sorted(set(after.items()) ^ set(before['outside'].items()))}"
+    assert after == before["outside"], (
+        f"{case.id} wrote outside the datastore and model folder: {sorted(set(after.items()) ^ set(before['outside'].items()))}"
+    )
     task = case.url.split("/")[1]
     if task in ("train", "scoring") and case.status != 200:
         assert server.get(f"/{task}/").status_code == 404, f"{case.id} started a {task} task"

@@ -165,9 +165,7 @@ def test_auto_train_after_final_label(start_server, studies, sample_data, tmp_pa
     server = start_server(("auto_train", "true"), ("max_epochs", "3"))
     client = client_for(server, tmp_path)
     assert all(adapter_version(server, m) == 0 for m in SEGMENTATION_MODELS)
-    unlabelled = sorted(
-        i for i, o in client.datastore()["objects"].items() if "final" not in o.get("labels", {})
-    )
+    unlabelled = sorted(i for i, o in client.datastore()["objects"].items() if "final" not in o.get("labels", {}))
     assert len(unlabelled) >= 3, unlabelled
     first, second, third = unlabelled[:3]
 
@@ -236,9 +234,7 @@ def test_missing_weights_server_starts_and_infer_fails(vit_b_without_weights):
     assert model in server.info()["models"]
     image_id = "brain_002"  # no final label in the sample datastore
     # Short timeout: without a route to the download host, the attempt must fail fast, not hang.
-    response = requests.post(
-        f"{server.url}/infer/{model}?image={image_id}", data={"params": "{}"}, timeout=60
-    )
+    response = requests.post(f"{server.url}/infer/{model}?image={image_id}", data={"params": "{}"}, timeout=60)
     assert response.status_code >= 400, response.text[:500]
     # The server stays up and still answers.
     assert server.info()["models"][model]["adapter_version"] == 0

@@ -16,14 +16,16 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 from dicomweb_client.api import DICOMwebClient
-from lib.dicom_seg import write_dicom_seg
 from test_client_loop import SLICER_LABEL_INFO, client_for, swapped_ground_truth, wait_for_training
+
+from lib.dicom_seg import write_dicom_seg
 
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "scripts"))
 from upload_dicom import volume_to_series  # noqa: E402
+
 MODEL_LABELS = {"white matter": 1, "grey matter": 2}
 
 
@@ -66,9 +68,7 @@ def test_series_infer_and_dicom_seg(start_server, studies, dicomweb_samples, sam
     assert result["instances"] >= 1
 
     # output=dicom_seg: a SEG referencing the series, segments named after the model's labels
-    response = server.post(
-        f"/infer/hf_sam?image={series[sample]}&output=dicom_seg", data={"params": json.dumps({"label_info": []})}
-    )
+    response = server.post(f"/infer/hf_sam?image={series[sample]}&output=dicom_seg", data={"params": json.dumps({"label_info": []})})
     assert response.status_code == 200, response.text[:500]
     seg_path = tmp_path / "prediction.dcm"
     seg_path.write_bytes(response.content)
@@ -133,6 +133,8 @@ def test_upload_script_sends_a_dicom_folder_as_it_is(orthanc, sample_data, tmp_p
     assert sent.returncode == 0, sent.stderr
     assert series_by_sample(orthanc) == {"brain_005": sent.stdout.split()[0]}
     missing = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "upload_dicom.py"), "--url", orthanc, str(tmp_path / "nope")], capture_output=True, text=True
+        [sys.executable, str(REPO / "scripts" / "upload_dicom.py"), "--url", orthanc, str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
     )
     assert missing.returncode == 1 and "does not exist" in missing.stderr

@@ -100,7 +100,10 @@ def test_ohif_runs_hf_sam_and_shows_the_segmentation(start_server, studies, brow
 
     tab = browser.find_element(By.CSS_SELECTOR, "input.tab-switch[value='segmentation']")
     browser.execute_script("arguments[0].click()", tab)
-    run = "//input[@value='segmentation']/following-sibling::div[contains(@class,'tab-content')]//button[contains(@class,'actionButton') and text()='Run']"
+    run = (
+        "//input[@value='segmentation']/following-sibling::div[contains(@class,'tab-content')]"
+        "//button[contains(@class,'actionButton') and text()='Run']"
+    )
     wait.until(ec.element_to_be_clickable((By.XPATH, run))).click()
 
     # the label comes back from /infer/hf_sam and is drawn over the viewport

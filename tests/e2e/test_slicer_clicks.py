@@ -28,7 +28,14 @@ def slicer_params(info: dict, foreground: list, background: list) -> dict:
     """What 3D Slicer sends: the segment's name and all its points, the model's infer config (the first value of
     each option, getParamsFromConfig), then the result format MONAILabelLogic.infer asks for."""
     config = {k: v[0] if isinstance(v, list) else v for k, v in info["models"][f"{MODEL}_interactive"]["config"].items()}
-    return {"label": SEGMENT, "foreground": foreground, "background": background, **config, "result_extension": ".nrrd", "result_dtype": "uint8"}
+    return {
+        "label": SEGMENT,
+        "foreground": foreground,
+        "background": background,
+        **config,
+        "result_extension": ".nrrd",
+        "result_dtype": "uint8",
+    }
 
 
 def wait_for_new_adapter(server, deadline_s: float = TRAIN_DEADLINE_S) -> None:

@@ -10,6 +10,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 
 import adapters  # noqa: E402
+
 from lib.networks.lora import publish_adapter, read_adapter  # noqa: E402
 
 

@@ -7,6 +7,7 @@ import tarfile
 import zipfile
 
 import pytest
+
 from lib import archives
 from lib.validation import InvalidInput
 
@@ -22,7 +23,9 @@ def make_tar(path, *members: tuple[str, str], mode: str = "w:gz") -> str:
                 info.type = tarfile.DIRTYPE
                 archive.addfile(info)
             else:
-                info.type = {"symlink": tarfile.SYMTYPE, "hardlink": tarfile.LNKTYPE, "device": tarfile.BLKTYPE, "fifo": tarfile.FIFOTYPE}[kind]
+                info.type = {"symlink": tarfile.SYMTYPE, "hardlink": tarfile.LNKTYPE, "device": tarfile.BLKTYPE, "fifo": tarfile.FIFOTYPE}[
+                    kind
+                ]
                 info.linkname = "/etc/hostname"
                 archive.addfile(info)
     return str(path)

@@ -13,6 +13,7 @@ import pydicom
 import pydicom_seg
 import pytest
 import SimpleITK as sitk
+
 from lib.dicom_seg import segment_names, write_dicom_seg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))

@@ -151,9 +151,7 @@ def test_cli_instances_end_to_end(tmp_path):
     write(pred_dir / "em_001.nii.gz", split, affine, "micron")
 
     out = tmp_path / "scores.json"
-    result = run_cli(
-        "--task", "instances", "--predictions", str(pred_dir), "--groundtruth", str(gt_dir), "--output", str(out)
-    )
+    result = run_cli("--task", "instances", "--predictions", str(pred_dir), "--groundtruth", str(gt_dir), "--output", str(out))
     assert result.returncode == 0, result.stderr
     assert "em_000" in result.stdout and "mean" in result.stdout and "voi_split" in result.stdout
     scores = json.loads(out.read_text())
@@ -174,9 +172,7 @@ def test_cli_segmentation_end_to_end_in_mm(tmp_path):
     (gt_dir / "labels.json").write_text(json.dumps({"liver": 1, "spleen": 2}))
 
     out = tmp_path / "scores.json"
-    result = run_cli(
-        "--task", "segmentation", "--predictions", str(pred_dir), "--groundtruth", str(gt_dir), "--output", str(out)
-    )
+    result = run_cli("--task", "segmentation", "--predictions", str(pred_dir), "--groundtruth", str(gt_dir), "--output", str(out))
     assert result.returncode == 0, result.stderr
     assert "dice[liver]" in result.stdout and "hd95[spleen]" in result.stdout
     scores = json.loads(out.read_text())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from lib.infers.affinity_instances import affinity_watershed, agglomerate
 from lib.networks.fgnet import (
     FeatureGuidedAttention,
@@ -101,7 +102,18 @@ def test_frozen_and_trainable_parameters():
     encoder = {n for n, _ in frozen.named_parameters() if n.startswith("sam.encoder.")}
     trainable = {n for n, p in frozen.named_parameters() if p.requires_grad}
     assert encoder and not encoder & trainable
-    assert {n.split(".")[0] for n in trainable} == {"sam", "fge", "fga_low", "fga_high", "up_low", "up_high", "merge_low", "merge_high", "coarse_head", "refined_head"}
+    assert {n.split(".")[0] for n in trainable} == {
+        "sam",
+        "fge",
+        "fga_low",
+        "fga_high",
+        "up_low",
+        "up_high",
+        "merge_low",
+        "merge_high",
+        "coarse_head",
+        "refined_head",
+    }
     assert all(n.startswith("sam.projections.") for n in trainable if n.startswith("sam."))
 
     lora = build_fgnet("tiny", lora_rank=4)

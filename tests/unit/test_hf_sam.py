@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from lib.networks.hf_sam import AWFFM, HFSam
 from lib.networks.sam_backbone import encode_with_taps, get_encoder_spec
-from lib.networks.sam_segmenter import build_segmenter, SliceFeatures
+from lib.networks.sam_segmenter import SliceFeatures, build_segmenter
 
 SPEC = get_encoder_spec("tiny")
 S = SPEC.img_size

@@ -191,8 +191,12 @@ def test_the_training_hook_prompts_a_share_of_the_slices_and_runs_the_step(netwo
     label = torch.zeros(4, 1, 256, 256, dtype=torch.long)
     label[:3, 0, 60:120, 60:160] = 1
     label[:3, 0, 140:200, 80:120] = 2  # the last slice holds no structure
-    batch = {"image": torch.rand(4, 1, 256, 256), "label": label.clone(), "click_map": torch.zeros(4, 1, 256, 256, dtype=torch.uint8),
-             "click_class": torch.zeros(4, dtype=torch.long)}
+    batch = {
+        "image": torch.rand(4, 1, 256, 256),
+        "label": label.clone(),
+        "click_map": torch.zeros(4, 1, 256, 256, dtype=torch.uint8),
+        "click_class": torch.zeros(4, dtype=torch.long),
+    }
     engine = SimpleNamespace(network=network, state=SimpleNamespace(device="cpu"), _iteration=lambda engine, data: data)
     out = SimulatedInteraction(share=1.0, max_corrections=2, seed=1)(engine, batch)
     assert out["label"].shape == (4, 2, 256, 256)

@@ -19,8 +19,8 @@ from lib.networks.lora import (
     AdapterError,
     adapter_spec,
     adapter_state_dict,
-    check_adapter_tensors,
     check_adapter_config,
+    check_adapter_tensors,
     history_path,
     list_versions,
     load_adapter_state,
@@ -172,9 +172,7 @@ def test_a_withdrawn_adapter_never_gets_its_numbers_reused(tmp_path):
 # ------------------------------------------------------------------------------------------- atomic publish
 
 
-@pytest.mark.parametrize(
-    "fail_on_call, error", [(1, OSError), (2, KeyboardInterrupt)], ids=["history-write", "served-write-killed"]
-)
+@pytest.mark.parametrize("fail_on_call, error", [(1, OSError), (2, KeyboardInterrupt)], ids=["history-write", "served-write-killed"])
 def test_failed_publish_leaves_served_adapter_intact(tmp_path, monkeypatch, fail_on_call, error):
     path = tmp_path / "hf_sam.pt"
     assert publish_adapter(str(path), _dummy_state(1), _config()) == 1
@@ -255,9 +253,7 @@ def test_check_adapter_config_names_the_differing_key(tmp_path):
     assert "labels" not in str(err.value)
 
 
-@pytest.mark.parametrize(
-    "server", [{"labels": {"liver": 1, "spleen": 2}}, {"backbone": "vit_b"}], ids=["labels", "backbone"]
-)
+@pytest.mark.parametrize("server", [{"labels": {"liver": 1, "spleen": 2}}, {"backbone": "vit_b"}], ids=["labels", "backbone"])
 def test_segmentation_model_refuses_foreign_adapter(tmp_path, base, server):
     path = tmp_path / "hf_sam.pt"
     publish_adapter(str(path), adapter_state_dict(_perturbed(base, seed=5)), _config())
@@ -278,8 +274,12 @@ def test_load_adapter_state_refuses_other_tensors(base):
     with pytest.raises(AdapterError, match="unknown"):
         load_adapter_state(net, dict(state, **{"image_encoder.neck.0.weight": torch.zeros(1)}))
     first = next(iter(state))
-    for value, message in ((torch.zeros(1), "has shape (1,), model"), (state[first].double(), "has dtype torch.float64"),
-                           (torch.full_like(state[first], float("nan")), "NaN or infinite"), ([1.0], "is a list, not a tensor")):
+    for value, message in (
+        (torch.zeros(1), "has shape (1,), model"),
+        (state[first].double(), "has dtype torch.float64"),
+        (torch.full_like(state[first], float("nan")), "NaN or infinite"),
+        ([1.0], "is a list, not a tensor"),
+    ):
         with pytest.raises(AdapterError, match=re.escape(message)):
             load_adapter_state(net, dict(state, **{first: value}))
     with pytest.raises(AdapterError, match="not a dict of tensors"):

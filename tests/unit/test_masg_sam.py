@@ -255,8 +255,15 @@ def test_gradients_reach_only_trainable_parameters(open_model):
             assert p.grad is None, n
     with_grad = {n for n, p in net.named_parameters() if p.grad is not None and torch.count_nonzero(p.grad) > 0}
     assert all(n.startswith(TRAINABLE_PREFIXES) or LORA.match(n) for n in with_grad)
-    for n in ("hae.gate", "bfe.emphasis", "bfe.head.4.weight", "dsf.gate_logit", "dsf.project.2.weight",
-              "tap_projections.0.0.weight", "image_encoder.blocks.0.attn.qkv.lora_B.default.weight"):
+    for n in (
+        "hae.gate",
+        "bfe.emphasis",
+        "bfe.head.4.weight",
+        "dsf.gate_logit",
+        "dsf.project.2.weight",
+        "tap_projections.0.0.weight",
+        "image_encoder.blocks.0.attn.qkv.lora_B.default.weight",
+    ):
         assert n in with_grad, n
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
 import lib.model
 from lib.model import autocast, inference_precision
 from lib.networks.hf_sam import HFSam

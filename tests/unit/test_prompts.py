@@ -154,9 +154,14 @@ def test_single_point_with_two_coordinates_names_the_key(volume):
 
 @pytest.mark.parametrize(
     "request_,message",
-    [({"foreground": [[5, 5, -3]]}, "outside the volume"), ({"background": [[5, 5, SHAPE[2] + 4]]}, "outside the volume"),
-     ({"foreground": [[-20, 5, 5]]}, "outside the volume"), ({"foreground": [[5, SHAPE[1] + 10, 5]]}, "outside the volume"),
-     ({"foreground": [[5, 5, float("nan")]]}, "voxel indices"), ({"roi": slicer_roi(1, 1, 5, 5, 20, 30)}, "'roi'.*outside the volume")],
+    [
+        ({"foreground": [[5, 5, -3]]}, "outside the volume"),
+        ({"background": [[5, 5, SHAPE[2] + 4]]}, "outside the volume"),
+        ({"foreground": [[-20, 5, 5]]}, "outside the volume"),
+        ({"foreground": [[5, SHAPE[1] + 10, 5]]}, "outside the volume"),
+        ({"foreground": [[5, 5, float("nan")]]}, "voxel indices"),
+        ({"roi": slicer_roi(1, 1, 5, 5, 20, 30)}, "'roi'.*outside the volume"),
+    ],
 )
 def test_prompts_outside_the_volume_are_refused(volume, request_, message):
     """A point or roi off the volume was placed on something else (another volume, a wrong axis order)."""

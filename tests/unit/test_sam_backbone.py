@@ -188,14 +188,10 @@ def test_build_segmenter_loads_official_weights(official, loaded_segmenter):
         state["mask_decoder.transformer.layers.0.self_attn.q_proj.weight"],
     )
     assert decoder.iou_prediction_head is None
-    assert torch.equal(
-        model.prompt_encoder.no_mask_embed.weight.detach(), state["prompt_encoder.no_mask_embed.weight"]
-    )
+    assert torch.equal(model.prompt_encoder.no_mask_embed.weight.detach(), state["prompt_encoder.no_mask_embed.weight"])
 
     # LoRA starts as a no-op (B = 0) so the loaded model computes official SAM
-    assert all(
-        torch.count_nonzero(enc.blocks[i].attn.qkv.lora_B["default"].weight) == 0 for i in range(VIT_B.depth)
-    )
+    assert all(torch.count_nonzero(enc.blocks[i].attn.qkv.lora_B["default"].weight) == 0 for i in range(VIT_B.depth))
 
 
 def test_mask_tokens_wrap_around_for_more_than_four_classes():

@@ -9,6 +9,7 @@ import shutil
 import nibabel as nib
 import numpy as np
 import pytest
+
 from lib import validation as v
 
 
@@ -43,8 +44,13 @@ def test_json_object_and_empty_field_parse():
 
 @pytest.mark.parametrize(
     "label_info,message",
-    [("grey", "must be a list"), ([{"idx": 1}], "need a 'name'"), ([{"name": "a", "idx": "one"}], "non-negative integer"),
-     ([{"name": "a", "idx": -1}], "non-negative integer"), ([{"name": "a", "idx": True}], "non-negative integer")],
+    [
+        ("grey", "must be a list"),
+        ([{"idx": 1}], "need a 'name'"),
+        ([{"name": "a", "idx": "one"}], "non-negative integer"),
+        ([{"name": "a", "idx": -1}], "non-negative integer"),
+        ([{"name": "a", "idx": True}], "non-negative integer"),
+    ],
 )
 def test_malformed_label_info_is_refused(label_info, message):
     with pytest.raises(v.InvalidInput, match=message):
@@ -53,14 +59,23 @@ def test_malformed_label_info_is_refused(label_info, message):
 
 def test_label_info_ids_may_be_numeric_strings():
     # the trainer's remapping reads idx with int()
-    assert v.check_label_info([{"name": "white matter", "idx": "1"}, {"name": "grey matter", "idx": 2}]) == {1: "white matter", 2: "grey matter"}
+    assert v.check_label_info([{"name": "white matter", "idx": "1"}, {"name": "grey matter", "idx": 2}]) == {
+        1: "white matter",
+        2: "grey matter",
+    }
 
 
 @pytest.mark.parametrize(
     "options,message",
-    [({"max_epochs": "many"}, "max_epochs must be a positive integer"), ({"max_epochs": 0}, "max_epochs"),
-     ({"max_epochs": True}, "max_epochs"), ({"lr": -1}, "lr must be a positive number"), ({"lr": "nan"}, "lr"),
-     ({"val_split": 1.5}, r"val_split must be a number in \[0, 1\)"), ({"multi_gpu": "maybe"}, "multi_gpu")],
+    [
+        ({"max_epochs": "many"}, "max_epochs must be a positive integer"),
+        ({"max_epochs": 0}, "max_epochs"),
+        ({"max_epochs": True}, "max_epochs"),
+        ({"lr": -1}, "lr must be a positive number"),
+        ({"lr": "nan"}, "lr"),
+        ({"val_split": 1.5}, r"val_split must be a number in \[0, 1\)"),
+        ({"multi_gpu": "maybe"}, "multi_gpu"),
+    ],
 )
 def test_bad_train_options_are_refused(options, message):
     with pytest.raises(v.InvalidInput, match=message):
@@ -113,7 +128,9 @@ def test_good_labels_pass(bad_volumes):
     v.check_label(str(bad_volumes["label.nii.gz"]), image, {1, 2})
     v.check_label(str(bad_volumes["label_lps.nrrd"]), image, {1, 2})  # LPS NRRD on the RAS NIfTI's grid
     v.check_label(str(bad_volumes["label_7.nii.gz"]), image, None)  # instance labels: any id
-    v.check_label(str(bad_volumes["label_3.nii.gz"]), image, {1, 2}, [{"name": "csf", "idx": 3}, {"name": "wm", "idx": 1}, {"name": "gm", "idx": 2}])
+    v.check_label(
+        str(bad_volumes["label_3.nii.gz"]), image, {1, 2}, [{"name": "csf", "idx": 3}, {"name": "wm", "idx": 1}, {"name": "gm", "idx": 2}]
+    )
     v.check_label(str(bad_volumes["label_half.nii.gz"]), image, {1, 2}, ids=False)  # a per-voxel map, not ids
 
 
@@ -175,7 +192,12 @@ def test_names_are_bounded_in_bytes(name, message):
 
 @pytest.mark.parametrize(
     "filename,message",
-    [("a\x00b.nii.gz", "control characters"), ("x" * 256, "longer than 255 bytes"), ("a." + "x" * 20, "at most 16 characters"), (7, "must be a string")],
+    [
+        ("a\x00b.nii.gz", "control characters"),
+        ("x" * 256, "longer than 255 bytes"),
+        ("a." + "x" * 20, "at most 16 characters"),
+        (7, "must be a string"),
+    ],
 )
 def test_upload_file_names_are_checked(filename, message):
     with pytest.raises(v.InvalidInput, match=message):
@@ -186,8 +208,11 @@ def test_upload_file_names_are_checked(filename, message):
 
 @pytest.mark.parametrize(
     "text,message",
-    [("[" * 10_000 + "]" * 10_000, "nested deeper than 32 levels"), ('{"a": ' + "[" * 40 + "]" * 40 + "}", "nested deeper"),
-     ('{"a": "' + "x" * (1 << 20) + '"}', "bytes of JSON; at most 1048576")],
+    [
+        ("[" * 10_000 + "]" * 10_000, "nested deeper than 32 levels"),
+        ('{"a": ' + "[" * 40 + "]" * 40 + "}", "nested deeper"),
+        ('{"a": "' + "x" * (1 << 20) + '"}', "bytes of JSON; at most 1048576"),
+    ],
 )
 def test_json_fields_are_bounded_in_depth_and_size(text, message):
     with pytest.raises(v.InvalidInput, match=message):
@@ -207,9 +232,15 @@ def test_task_options_are_bounded_and_repeat_the_url():
 
 @pytest.mark.parametrize(
     "options,message",
-    [({"name": "../run"}, "name must be a plain name"), ({"tracking_uri": "file:///tmp/x"}, "tracking_uri must be empty"),
-     ({"train_ds": "/etc/passwd"}, "may not set train_ds"), ({"distributed_url": "file:///tmp/x"}, "may not set distributed_url"),
-     ({"gpus": "0;ls"}, "gpus must be"), ({"device": ["cpu", "tpu"]}, "device must be"), ({"dataset": "EvilDataset"}, "dataset must be one of")],
+    [
+        ({"name": "../run"}, "name must be a plain name"),
+        ({"tracking_uri": "file:///tmp/x"}, "tracking_uri must be empty"),
+        ({"train_ds": "/etc/passwd"}, "may not set train_ds"),
+        ({"distributed_url": "file:///tmp/x"}, "may not set distributed_url"),
+        ({"gpus": "0;ls"}, "gpus must be"),
+        ({"device": ["cpu", "tpu"]}, "device must be"),
+        ({"dataset": "EvilDataset"}, "dataset must be one of"),
+    ],
 )
 def test_train_options_naming_server_paths_are_refused(options, message):
     with pytest.raises(v.InvalidInput, match=message):
@@ -218,19 +249,41 @@ def test_train_options_naming_server_paths_are_refused(options, message):
 
 def test_the_trainer_config_clients_echo_passes():
     """3D Slicer sends the first value of each option of the trainer's config (MONAI Label's defaults)."""
-    v.check_train_options({"name": "train_01", "pretrained": True, "device": ["cpu"], "max_epochs": 50, "early_stop_patience": -1,
-                           "val_split": 0.2, "train_batch_size": 1, "val_batch_size": 1, "multi_gpu": True, "gpus": "all",
-                           "dataset": "SmartCacheDataset", "dataloader": "ThreadDataLoader", "tracking": "None", "tracking_uri": "",
-                           "tracking_experiment_name": ""})
+    v.check_train_options(
+        {
+            "name": "train_01",
+            "pretrained": True,
+            "device": ["cpu"],
+            "max_epochs": 50,
+            "early_stop_patience": -1,
+            "val_split": 0.2,
+            "train_batch_size": 1,
+            "val_batch_size": 1,
+            "multi_gpu": True,
+            "gpus": "all",
+            "dataset": "SmartCacheDataset",
+            "dataloader": "ThreadDataLoader",
+            "tracking": "None",
+            "tracking_uri": "",
+            "tracking_experiment_name": "",
+        }
+    )
 
 
 @pytest.mark.parametrize(
     "params,message",
-    [({"image": "/etc/hostname"}, "differs from the image 'brain_002'"), ({"model": "fgnet"}, "differs from the model 'hf_sam'"),
-     ({"image_path": "/etc/hostname"}, "may not set image_path"), ({"save_label": True}, "may not set save_label"),
-     ({"result_extension": ".exe"}, "result_extension must be one of"), ({"result_dtype": "complex64"}, "result_dtype must be"),
-     ({"foreground": [[1, 2, float("inf")]]}, "foreground must be"), ({"roi": [0, 0, 1, 1, 0]}, "roi must be"),
-     ({"batch_size": 0}, "batch_size must be an integer in 1..256"), ({"label_info": "white"}, "label_info must be a list")],
+    [
+        ({"image": "/etc/hostname"}, "differs from the image 'brain_002'"),
+        ({"model": "fgnet"}, "differs from the model 'hf_sam'"),
+        ({"image_path": "/etc/hostname"}, "may not set image_path"),
+        ({"save_label": True}, "may not set save_label"),
+        ({"result_extension": ".exe"}, "result_extension must be one of"),
+        ({"result_dtype": "complex64"}, "result_dtype must be"),
+        ({"foreground": [[1, 2, float("inf")]]}, "foreground must be"),
+        ({"roi": [0, 0, 1, 1, 0]}, "roi must be"),
+        ({"batch_size": 0}, "batch_size must be an integer in 1..256"),
+        ({"label_info": "white"}, "label_info must be a list"),
+    ],
 )
 def test_infer_params_keep_the_image_and_server_keys(params, message):
     with pytest.raises(v.InvalidInput, match=message):
@@ -238,16 +291,37 @@ def test_infer_params_keep_the_image_and_server_keys(params, message):
 
 
 def test_what_slicer_and_ohif_send_passes():
-    v.check_infer_params({"image": "brain_002", "device": "cpu", "batch_size": 2, "modality": "auto", "precision": "fp32",
-                          "result_extension": ".nrrd", "result_dtype": "uint8", "result_compress": False, "restore_label_idx": False,
-                          "label": "white matter", "foreground": [[10, 20, 30.5]], "background": [], "roi": [], "slice": 3,
-                          "client_id": "user-xyz", "white matter": [[1, 2, 3]]}, "brain_002", "hf_sam")
+    v.check_infer_params(
+        {
+            "image": "brain_002",
+            "device": "cpu",
+            "batch_size": 2,
+            "modality": "auto",
+            "precision": "fp32",
+            "result_extension": ".nrrd",
+            "result_dtype": "uint8",
+            "result_compress": False,
+            "restore_label_idx": False,
+            "label": "white matter",
+            "foreground": [[10, 20, 30.5]],
+            "background": [],
+            "roi": [],
+            "slice": 3,
+            "client_id": "user-xyz",
+            "white matter": [[1, 2, 3]],
+        },
+        "brain_002",
+        "hf_sam",
+    )
     # monailabel.client.MONAILabelClient adds its client id to every request, None unless one was given
     v.check_infer_params({"client_id": None}, "brain_002", "hf_sam")
     v.check_train_options({"client_id": None, "max_epochs": 1})
 
 
-@pytest.mark.parametrize("value,message", [("CRC32:ab", "algorithm 'CRC32' is not supported"), ("SHA256:xyz", "not a SHA256 hex digest"), ("MD5:" + "a" * 64, "32 hex digits")])
+@pytest.mark.parametrize(
+    "value,message",
+    [("CRC32:ab", "algorithm 'CRC32' is not supported"), ("SHA256:xyz", "not a SHA256 hex digest"), ("MD5:" + "a" * 64, "32 hex digits")],
+)
 def test_checksums_name_a_supported_algorithm(value, message):
     with pytest.raises(v.InvalidInput, match=message):
         v.check_checksum(value)

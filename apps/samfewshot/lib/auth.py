@@ -35,9 +35,7 @@ def from_token(token: str) -> auth.User:
     except (requests.RequestException, KeyError, ValueError) as e:
         logger.error(f"cannot fetch the realm's public key from {realm}: {e}")
         raise HTTPException(status_code=503, detail=f"cannot fetch the token signing key from {realm}") from e
-    payload = jwt.decode(
-        token, key, algorithms=ALGORITHMS, issuer=realm, options={"verify_aud": False, "require": ["exp", "iss"]}
-    )
+    payload = jwt.decode(token, key, algorithms=ALGORITHMS, issuer=realm, options={"verify_aud": False, "require": ["exp", "iss"]})
     roles: Any = payload
     for claim in settings.MONAI_LABEL_AUTH_TOKEN_ROLES.split("#"):
         roles = roles.get(claim) if isinstance(roles, dict) else None

@@ -14,7 +14,7 @@ Pure numpy/MONAI/scikit-image, so it runs without a server.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 

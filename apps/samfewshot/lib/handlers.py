@@ -34,7 +34,8 @@ from starlette.background import BackgroundTask
 from lib import archives
 from lib.networks.lora import AdapterError, check_adapter_config, publish_adapter, read_adapter
 from lib.networks.sam_backbone import CheckpointError
-from lib.validation import InvalidInput, NotFound, check_image as check_volume, parse_json_object
+from lib.validation import InvalidInput, NotFound, parse_json_object
+from lib.validation import check_image as check_volume
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +68,9 @@ def _save_upload(upload, folder: str | None = None, default_name: str = "volume.
 
 
 # ---- inference -----------------------------------------------------------------------------------------------
-def infer(background_tasks, model: str, image: str = "", session_id: str = "", params: str = "{}", file=None, label=None, output=None, user=None):
+def infer(
+    background_tasks, model: str, image: str = "", session_id: str = "", params: str = "{}", file=None, label=None, output=None, user=None
+):
     """``POST /infer/{model}``: the image is the posted file, the session's volume or the datastore image the URL
     names; the result (and a DICOM SEG made of it) is removed once sent."""
     from monailabel.endpoints.infer import send_response

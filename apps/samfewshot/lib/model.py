@@ -46,9 +46,7 @@ def parse_labels(labels: dict[str, int]) -> dict[str, int]:
     return dict(sorted(labels.items(), key=lambda kv: kv[1]))
 
 
-def resolve_checkpoint(
-    value: str | None, official: OfficialCheckpoint | None, model_dir: str, conf_key: str, what: str = "SAM"
-) -> str:
+def resolve_checkpoint(value: str | None, official: OfficialCheckpoint | None, model_dir: str, conf_key: str, what: str = "SAM") -> str:
     """Local path of a weights file: ``value`` is a path or URL (default: the ``official`` file's URL). URLs are
     downloaded once into the model dir, verified by sha256 where the official hash is known; every failure names
     the file, where to get it and the ``--conf`` key that points to it."""
@@ -205,7 +203,7 @@ def bf16_faster(device: str) -> bool:
     return faster
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def linear_seconds(precision: str, tokens: int = 2048, width: int = 768, repeats: int = 5) -> float:
     """Best time of a (tokens x width) @ (width x 4 width) linear layer on the CPU under ``precision``'s autocast
     (the MLP of a ViT-B block on two 512 x 512 slices' tokens); measured once per process."""

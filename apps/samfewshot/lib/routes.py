@@ -30,7 +30,8 @@ from typing import Any
 
 from fastapi import FastAPI, HTTPException
 from fastapi.routing import APIRoute, APIRouter
-from starlette.routing import BaseRoute, Mount, Route as StarletteRoute
+from starlette.routing import BaseRoute, Mount
+from starlette.routing import Route as StarletteRoute
 
 from lib import handlers
 from lib.datastore import image_exists, label_exists
@@ -369,8 +370,17 @@ ROUTES: dict[tuple[str, str], Route] = {
 # ---- installing the policy on the FastAPI application --------------------------------------------------------
 # What a rebuilt route keeps of the original (APIRoute's constructor arguments of the same names).
 ROUTE_SETTINGS = (
-    "methods", "name", "summary", "description", "response_model", "response_class", "status_code", "tags",
-    "dependencies", "responses", "dependency_overrides_provider",
+    "methods",
+    "name",
+    "summary",
+    "description",
+    "response_model",
+    "response_class",
+    "status_code",
+    "tags",
+    "dependencies",
+    "responses",
+    "dependency_overrides_provider",
 )
 
 

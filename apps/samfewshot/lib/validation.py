@@ -254,7 +254,10 @@ TRAIN_OPTIONS: Options = {
     "val_split": ("a number in [0, 1)", lambda v: _number(v) is not None and 0 <= _number(v) < 1),
     "multi_gpu": ("true or false", _boolean),
     "pretrained": ("true or false", _boolean),
-    "gpus": ("'all' or GPU indices such as '0,1'", lambda v: isinstance(v, str) and re.fullmatch(r"all|\d{1,2}(,\d{1,2}){0,15}", v) is not None),
+    "gpus": (
+        "'all' or GPU indices such as '0,1'",
+        lambda v: isinstance(v, str) and re.fullmatch(r"all|\d{1,2}(,\d{1,2}){0,15}", v) is not None,
+    ),
     "name": ("a plain name (no '/', '\\' or leading '.')", lambda v: _name(v) and "/" not in v and "\\" not in v and not v.startswith(".")),
     "dataset": _one_of("SmartCacheDataset", "CacheDataset", "PersistentDataset", "Dataset"),
     "dataloader": _one_of("ThreadDataLoader", "DataLoader"),
@@ -272,8 +275,19 @@ SERVER_TRAIN_KEYS = ("train_ds", "val_ds", "distributed_url", "distributed_backe
 # from, where the result is written, whether it is stored); params merge over the request, so a client could
 # otherwise name a server file (``image_path``), write a prediction over a final label (``save_label``,
 # ``label_tag``) or suppress the result.
-SERVER_INFER_KEYS = ("image_path", "model_filename", "session", "file", "save_label", "label_tag", "skip_writer",
-                     "result_write_to_file", "timeout", "description", "result_json_key")
+SERVER_INFER_KEYS = (
+    "image_path",
+    "model_filename",
+    "session",
+    "file",
+    "save_label",
+    "label_tag",
+    "skip_writer",
+    "result_write_to_file",
+    "timeout",
+    "description",
+    "result_json_key",
+)
 # Keys clients send and what they must be (3D Slicer, OHIF, MONAI Label's own SAM convention for prompts); other
 # keys pass: clients echo a model's config and OHIF names segments as keys of point lists.
 INFER_PARAMS: Options = {
@@ -547,6 +561,4 @@ def check_label(
     unknown = sorted(int(v) for v in present if v != 0 and int(v) not in allowed)
     if unknown:
         source = "its label_info" if label_info else ("its segment names" if named else "the model's labels")
-        raise InvalidInput(
-            f"label {name!r} holds ids {unknown} that are not in {source} (ids {sorted(allowed)}; 0 is background)"
-        )
+        raise InvalidInput(f"label {name!r} holds ids {unknown} that are not in {source} (ids {sorted(allowed)}; 0 is background)")

@@ -42,7 +42,7 @@ MIN_GAIN = 0.9
 _NOT_CLAIMED = object()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def core() -> ov.Core:
     return ov.Core()
 
@@ -263,14 +263,14 @@ def _best_seconds(run: Callable[[], Any], repeats: int = 3) -> float:
     return min(times)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def block_seconds_torch(precision: str) -> float:
     block, x = _block()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
         return _best_seconds(lambda: block(x))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def block_seconds_openvino(precision: str) -> float:
     block, x = _block()
     compiled = compile_for_cpu(convert(block, tuple(x.shape[1:])), precision, torch.get_num_threads())

@@ -99,7 +99,7 @@ class AffinityWatershedd:
         except (TypeError, ValueError) as e:
             raise HTTPException(
                 status_code=422, detail=f"seed_affinity and merge_affinity must be numbers, min_fragment_size an integer: {e}"
-            )
+            ) from e
         if not (0 < seed <= 1 and 0 <= merge <= 1 and min_size >= 0):
             raise HTTPException(
                 status_code=422,
@@ -203,4 +203,3 @@ class AffinityInstances(ResidentModelInfer):
         result_file, result_json = super().writer(data, extension, dtype)
         result_json["instances"] = data.get("instances", 0)
         return result_file, result_json
-

@@ -77,7 +77,9 @@ class CachedEncoding(nn.Module):
     """``network`` whose image encoder is looked up in ``cache`` slice by slice, slices not found there encoded by
     ``encoder`` (the network's own, or an engine's compiled copy); forward as ``SamSegmenter``."""
 
-    def __init__(self, network: SamSegmenter, cache: EmbeddingCache, scope: Hashable, encoder: Callable[[torch.Tensor], Encoding] | None = None):
+    def __init__(
+        self, network: SamSegmenter, cache: EmbeddingCache, scope: Hashable, encoder: Callable[[torch.Tensor], Encoding] | None = None
+    ):
         super().__init__()
         self.network = network
         self.cache = cache

@@ -27,11 +27,11 @@ from monai.data import MetaTensor
 from monai.transforms import CastToTyped, Compose, Invertd, Lambdad, SqueezeDimd
 from monailabel.interfaces.tasks.infer_v2 import InferType
 
+from lib.evaluation import dice
 from lib.infers.embedding_cache import CachedEncoding, EmbeddingCache
 from lib.infers.slice_segmentation import SamSliceInfer
 from lib.model import SegmentationModel, autocast, torch_threads
 from lib.networks.sam_segmenter import SamSegmenter, SliceFeatures
-from lib.evaluation import dice
 from lib.transforms.clicks import box_of, click_cells, draw_clicks, error_click
 from lib.transforms.prompts import SlicePrompt, batch_prompts, slice_prompts
 
@@ -128,7 +128,9 @@ def propagate(
             walks[step] = k + step
     probabilities = torch.zeros(size, volume.shape[2], depth, device=volume.device)
     for k, out in logits.items():
-        probabilities[..., k] = torch.sigmoid(F.interpolate(out.float(), size=volume.shape[1:3], mode="bilinear", align_corners=False))[0, 0]
+        probabilities[..., k] = torch.sigmoid(F.interpolate(out.float(), size=volume.shape[1:3], mode="bilinear", align_corners=False))[
+            0, 0
+        ]
     found = sorted(k for k, out in logits.items() if (out > 0).any())
     return probabilities, found, target_class
 
@@ -224,7 +226,9 @@ class SliceInteraction(SamSliceInfer):
     def run_inferer(self, data: dict[str, Any], convert_to_batch=True, device="cuda"):
         label = data.get("label")
         if label is not None and label not in self.model.labels:
-            raise HTTPException(status_code=422, detail=f"unknown label {label!r} for {self.model.name}; valid: {', '.join(self.model.labels)}")
+            raise HTTPException(
+                status_code=422, detail=f"unknown label {label!r} for {self.model.name}; valid: {', '.join(self.model.labels)}"
+            )
         image = data["image"]
         try:
             prompted = slice_prompts(image, data)

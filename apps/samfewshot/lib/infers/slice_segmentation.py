@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 import torch
 from fastapi import HTTPException
-from monai.inferers import Inferer, SliceInferer
 from monai.data import MetaTensor
+from monai.inferers import Inferer, SliceInferer
 from monai.transforms import Activationsd, CastToTyped, Compose, Invertd, Lambdad, SqueezeDimd
 from monailabel.transform.writer import Writer
 from monailabel.utils.others.generic import strtobool
@@ -19,7 +19,6 @@ from lib.infers.resident import ResidentModelInfer
 from lib.model import SegmentationModel, autocast
 from lib.scoring.uncertainty import normalised_entropy, tta_probabilities
 from lib.transforms import argmax_labels, content_slices, inference_transforms
-
 
 # Logit margin of background over every class on slices without content: softmax gives background with certainty.
 BACKGROUND_LOGIT_GAP = 1e4

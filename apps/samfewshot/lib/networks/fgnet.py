@@ -189,7 +189,18 @@ class FGNet(nn.Module):
     in training mode (B, 6, X, Y, Z): refined then coarse, both needed by ``training_loss``."""
 
     #: parameter-name prefixes that train beside the (optional) LoRA weights: everything but the SAM2 encoder
-    trainable_prefixes = ("sam.projections.", "fge.", "fga_low.", "fga_high.", "up_low.", "up_high.", "merge_low.", "merge_high.", "coarse_head.", "refined_head.")
+    trainable_prefixes = (
+        "sam.projections.",
+        "fge.",
+        "fga_low.",
+        "fga_high.",
+        "up_low.",
+        "up_high.",
+        "merge_low.",
+        "merge_high.",
+        "coarse_head.",
+        "refined_head.",
+    )
 
     def __init__(self, spec: HieraSpec, options: FGNetOptions = FGNetOptions()):
         super().__init__()
@@ -242,9 +253,7 @@ class FGNet(nn.Module):
         mark_trainable(self, self.trainable_prefixes)
 
 
-def build_fgnet(
-    variant: str, lora_rank: int = 0, sam2_checkpoint: str | None = None, sam2_sha256: str | None = None, **options
-) -> FGNet:
+def build_fgnet(variant: str, lora_rank: int = 0, sam2_checkpoint: str | None = None, sam2_sha256: str | None = None, **options) -> FGNet:
     """FGNet on the SAM2 ``variant`` (official weights from ``sam2_checkpoint`` when given), seeded like the SAM
     segmenters so every process builds the same frozen encoder."""
     spec = get_hiera_spec(variant)

@@ -58,4 +58,3 @@ class HFSam(SamSegmenter):
 
     def fuse_after(self, tokens: torch.Tensor, features: SliceFeatures) -> torch.Tensor:
         return self.fusion_after(tokens, features.taps)
-

@@ -143,9 +143,7 @@ def published_version(path: str) -> int:
     return int(read_adapter(path)["version"]) if os.path.exists(path) else 0
 
 
-def publish_adapter(
-    path: str, state: dict[str, torch.Tensor], config: dict[str, Any], info: dict[str, Any] | None = None
-) -> int:
+def publish_adapter(path: str, state: dict[str, torch.Tensor], config: dict[str, Any], info: dict[str, Any] | None = None) -> int:
     """Publish ``state`` as the next version of the adapter at ``path``; returns the new version number."""
     # After the next version of both the served file and the history: a withdrawn adapter (DELETE /model/{model})
     # leaves no served file, and its numbers must not be given out again over the kept copies.
@@ -154,7 +152,7 @@ def publish_adapter(
         "format": ADAPTER_FORMAT,
         "format_version": ADAPTER_FORMAT_VERSION,
         "version": version,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(),
         "config": dict(config),
         "info": dict(info or {}),
         "state_dict": state,
@@ -170,8 +168,7 @@ def publish_adapter(
     except OSError as e:
         reason = {errno.ENOSPC: "the disk is full", errno.EROFS: "the model directory is read-only"}.get(e.errno, str(e))
         raise AdapterError(
-            f"cannot publish version {version} of adapter '{path}': {reason} ({e.strerror or e}); "
-            f"version {version - 1} stays served"
+            f"cannot publish version {version} of adapter '{path}': {reason} ({e.strerror or e}); version {version - 1} stays served"
         ) from e
     return version
 

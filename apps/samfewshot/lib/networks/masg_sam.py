@@ -69,8 +69,10 @@ class BoundaryFeatureEnhancement(nn.Module):
         self.register_buffer("sobel", torch.stack([sobel, sobel.T])[:, None], persistent=False)  # (2, 1, 3, 3)
         self.tap_reduce = nn.Conv2d(tap_channels, hidden, 1)
         self.head = nn.Sequential(
-            nn.Conv2d(hidden + 1, hidden, 3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(hidden, hidden, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(hidden + 1, hidden, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, hidden, 3, padding=1),
+            nn.ReLU(inplace=True),
             nn.Conv2d(hidden, 1, 1),
         )
         self.emphasis = nn.Parameter(torch.zeros(feature_channels))
@@ -152,7 +154,9 @@ class MASGSam(SamSegmenter):
         self.dsf = None
         if use_dsf:
             if class_text is None or class_text.shape[0] != num_classes:
-                raise ValueError(f"DSF needs class_text of shape ({num_classes}, D), got {None if class_text is None else tuple(class_text.shape)}")
+                raise ValueError(
+                    f"DSF needs class_text of shape ({num_classes}, D), got {None if class_text is None else tuple(class_text.shape)}"
+                )
             self.register_buffer("class_text", class_text.float(), persistent=False)
             self.dsf = DynamicSemanticFusion(class_text.shape[1], channels, spec.decoder_heads)
         self.boundary_weight = boundary_weight

@@ -53,9 +53,7 @@ SAM_ENCODERS: dict[str, SamEncoderSpec] = {
     "vit_l": SamEncoderSpec("vit_l", 1024, 24, 16, (5, 11, 17, 23)),
     "vit_h": SamEncoderSpec("vit_h", 1280, 32, 16, (7, 15, 23, 31)),
     # Small randomly initialised encoder for offline use and CPU tests; same structure, narrower and shallower.
-    "tiny": SamEncoderSpec(
-        "tiny", 64, 4, 4, (1, 3), window_size=8, img_size=256, prompt_dim=64, decoder_mlp_dim=256, decoder_heads=4
-    ),
+    "tiny": SamEncoderSpec("tiny", 64, 4, 4, (1, 3), window_size=8, img_size=256, prompt_dim=64, decoder_mlp_dim=256, decoder_heads=4),
 }
 
 
@@ -143,18 +141,14 @@ def build_mask_decoder(spec: SamEncoderSpec, num_mask_tokens: int) -> MaskDecode
     """
     decoder = MaskDecoder(
         transformer_dim=spec.prompt_dim,
-        transformer=TwoWayTransformer(
-            depth=2, embedding_dim=spec.prompt_dim, mlp_dim=spec.decoder_mlp_dim, num_heads=spec.decoder_heads
-        ),
+        transformer=TwoWayTransformer(depth=2, embedding_dim=spec.prompt_dim, mlp_dim=spec.decoder_mlp_dim, num_heads=spec.decoder_heads),
         num_multimask_outputs=num_mask_tokens - 1,
     )
     decoder.iou_prediction_head = None
     return decoder
 
 
-def encode_with_taps(
-    encoder: ImageEncoderViT, x: torch.Tensor, tap_indexes: tuple[int, ...]
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def encode_with_taps(encoder: ImageEncoderViT, x: torch.Tensor, tap_indexes: tuple[int, ...]) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Run the ViT, also returning the outputs of the blocks in ``tap_indexes``.
 
     x: (B, 3, S, S) -> embedding (B, prompt_dim, S/16, S/16), taps [(B, embed_dim, S/16, S/16)].
@@ -170,9 +164,7 @@ def encode_with_taps(
     return encoder.neck(x.permute(0, 3, 1, 2)), taps
 
 
-def require_geometry(
-    embed_dim: int, depth: int, spec, variants: dict, kind: str, variant_key: str, checkpoint_key: str
-) -> None:
+def require_geometry(embed_dim: int, depth: int, spec, variants: dict, kind: str, variant_key: str, checkpoint_key: str) -> None:
     """A checkpoint's encoder (``embed_dim``, ``depth``) must be ``spec``'s; else an error naming the variant it
     holds (looked up in ``variants``) and the ``--conf`` keys that fix it."""
     if (embed_dim, depth) == (spec.embed_dim, spec.depth):

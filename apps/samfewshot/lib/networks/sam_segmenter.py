@@ -40,7 +40,6 @@ from .sam_backbone import (
     seeded_init,
 )
 
-
 # SAM's point labels: background, foreground, a box's top-left and bottom-right corner; -1 is padding.
 BACKGROUND, FOREGROUND, BOX_TOP_LEFT, BOX_BOTTOM_RIGHT, PADDING = 0, 1, 2, 3, -1
 
@@ -124,8 +123,7 @@ class SamSegmenter(nn.Module):
         self.mask_decoder = build_mask_decoder(spec, num_classes)
         # Encoder taps are projected embed_dim -> prompt_dim like SAM's neck (1x1 conv + LayerNorm2d).
         self.tap_projections = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(spec.embed_dim, spec.prompt_dim, 1, bias=False), LayerNorm2d(spec.prompt_dim))
-            for _ in self.tap_indexes
+            nn.Sequential(nn.Conv2d(spec.embed_dim, spec.prompt_dim, 1, bias=False), LayerNorm2d(spec.prompt_dim)) for _ in self.tap_indexes
         )
         self.segmentation_loss = DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=0.1, lambda_dice=0.9)
         self.object_loss = DiceCELoss(sigmoid=True, lambda_ce=0.1, lambda_dice=0.9)
@@ -258,9 +256,7 @@ class SamSegmenter(nn.Module):
         if self.mc_dropout:
             src = F.dropout(src, self.mc_dropout, training=True)
         upscaled = self.refine_upscaled(decoder.output_upscaling(src), features)
-        hyper = torch.stack(
-            [mlp(hs[:, 1 + i]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], dim=1
-        )  # (B, K, C/8)
+        hyper = torch.stack([mlp(hs[:, 1 + i]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], dim=1)  # (B, K, C/8)
         return (hyper @ upscaled.flatten(2)).view(b, self.num_classes, *upscaled.shape[-2:])
 
     def load_sam_state(self, official: dict[str, torch.Tensor]) -> None:

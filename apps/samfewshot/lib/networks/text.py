@@ -47,7 +47,9 @@ class ClassTextEmbedder(ProcessLocal):
 
     process_local = {"_memory": dict, "_lock": threading.Lock}
 
-    def __init__(self, clip_model: str = "ViT-B-16", clip_checkpoint: str | None = "openai", tiny: bool = False, cache_dir: str | None = None):
+    def __init__(
+        self, clip_model: str = "ViT-B-16", clip_checkpoint: str | None = "openai", tiny: bool = False, cache_dir: str | None = None
+    ):
         self.clip_model = clip_model
         self.clip_checkpoint = None if tiny else clip_checkpoint
         self.tiny = tiny

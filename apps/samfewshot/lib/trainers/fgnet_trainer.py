@@ -61,7 +61,9 @@ class FGNetTrainer(LoraTrainer):
     TRAIN_METRIC = "train_boundary_dice"
     VAL_METRIC = "val_instance_agreement"
 
-    def __init__(self, model: SegmentationModel, patch_size: Sequence[int], samples_per_volume: int = 4, config: dict[str, Any] | None = None):
+    def __init__(
+        self, model: SegmentationModel, patch_size: Sequence[int], samples_per_volume: int = 4, config: dict[str, Any] | None = None
+    ):
         self.patch_size = tuple(patch_size)
         self.samples_per_volume = samples_per_volume
         super().__init__(model, description=f"Incremental fine-tuning of {model.name} on neuron instance labels", config=config)

@@ -28,7 +28,7 @@ from monai.engines.utils import default_prepare_batch
 from scipy import ndimage
 
 from lib.networks.sam_segmenter import Prompts
-from lib.transforms.clicks import box_of, error_click, interior_click, jittered_box, mask_logits, perturbed_mask, click_cells, draw_clicks
+from lib.transforms.clicks import box_of, click_cells, draw_clicks, error_click, interior_click, jittered_box, mask_logits, perturbed_mask
 from lib.transforms.prompts import SlicePrompt, batch_prompts
 from lib.transforms.slices import BOX_MARK, NEGATIVE_MARK, POSITIVE_MARK
 

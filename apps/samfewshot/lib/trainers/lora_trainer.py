@@ -214,9 +214,7 @@ class LoraTrainer(BasicTrainTask):
         )
 
     def val_pre_transforms(self, context: Context):
-        return volume_transforms(self.model.img_size, self.model.modality, self.model.labels) + [
-            EnsureTyped(keys=["image", "label"])
-        ]
+        return volume_transforms(self.model.img_size, self.model.modality, self.model.labels) + [EnsureTyped(keys=["image", "label"])]
 
     def train_post_transforms(self, context: Context):
         classes = self.model.num_classes
@@ -250,9 +248,7 @@ class LoraTrainer(BasicTrainTask):
     def lr_scheduler_handler(self, context: Context):
         steps_per_epoch = math.ceil(self.process_share(context, len(context.train_datalist)) / context.train_batch_size)
         total = max(1, steps_per_epoch * context.max_epochs)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            context.optimizer, warmup_poly(total, max(1, int(self.warmup_fraction * total)))
-        )
+        schedule = torch.optim.lr_scheduler.LambdaLR(context.optimizer, warmup_poly(total, max(1, int(self.warmup_fraction * total))))
         return LrScheduleHandler(schedule, print_lr=False, epoch_level=False)
 
     def train_inferer(self, context: Context):

@@ -103,8 +103,13 @@ def click_region(image: np.ndarray, point: Point, radius: float, tolerance: floa
     return flood(np.where(near, image, np.inf), (row, col), tolerance=tolerance) & near
 
 
-def click_cells(points: list[Point], image: np.ndarray, grid: tuple[int, int], radius_fraction: float = CLICK_RADIUS_FRACTION,
-                tolerance: float = CLICK_TOLERANCE) -> list[tuple[torch.Tensor, int]]:
+def click_cells(
+    points: list[Point],
+    image: np.ndarray,
+    grid: tuple[int, int],
+    radius_fraction: float = CLICK_RADIUS_FRACTION,
+    tolerance: float = CLICK_TOLERANCE,
+) -> list[tuple[torch.Tensor, int]]:
     """Each click's ``click_region`` on ``image`` (the slice, (S, S), in which the clicks are given), at most
     ``radius_fraction`` of the slice around it, as cells (g, g) of the decoder's grid, with the click's label."""
     cells = []

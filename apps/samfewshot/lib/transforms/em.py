@@ -41,9 +41,7 @@ def em_training_transforms(patch_size: Sequence[int], samples_per_volume: int) -
     keys = ["image", "label"]
     return em_volume_transforms(with_label=True) + [
         SpatialPadd(keys=keys, spatial_size=patch_size),  # label padding is 0 = unlabelled: masked in the loss
-        RandCropByPosNegLabeld(
-            keys=keys, label_key="label", spatial_size=patch_size, pos=1.0, neg=0.0, num_samples=samples_per_volume
-        ),
+        RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=patch_size, pos=1.0, neg=0.0, num_samples=samples_per_volume),
         RandFlipd(keys=keys, prob=0.5, spatial_axis=0),
         RandFlipd(keys=keys, prob=0.5, spatial_axis=1),
         RandRotate90d(keys=keys, prob=0.5, spatial_axes=(0, 1)),

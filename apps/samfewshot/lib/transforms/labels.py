@@ -74,16 +74,14 @@ class RemapLabelsByNamed(MapTransform):
             mapping.setdefault(0, 0)
             if d[key].shape[0] != 1:
                 raise ValueError(
-                    f"label '{key}' has {d[key].shape[0]} layers (a segmentation with overlapping segments); "
-                    "export it as a single labelmap"
+                    f"label '{key}' has {d[key].shape[0]} layers (a segmentation with overlapping segments); export it as a single labelmap"
                 )
             label = torch.as_tensor(d[key])
             present = {int(v) for v in torch.unique(label)}
             unknown = sorted(present - set(mapping))
             if unknown:
                 raise ValueError(
-                    f"label '{key}' holds ids {unknown} that are neither in its label_info nor among the model's labels "
-                    f"{self.model_labels}"
+                    f"label '{key}' holds ids {unknown} that are neither in its label_info nor among the model's labels {self.model_labels}"
                 )
             out = torch.zeros_like(label)
             for client_id, model_id in mapping.items():

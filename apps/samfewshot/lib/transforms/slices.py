@@ -17,17 +17,16 @@ from monai.transforms import (
     LoadImaged,
     MapTransform,
     Orientationd,
-    Randomizable,
     RandAffined,
     RandCropByPosNegLabeld,
     RandFlipd,
+    Randomizable,
     Resized,
     SqueezeDimd,
 )
 
 from .intensity import NormalizeIntensityByModalityd
 from .labels import RemapLabelsByNamed
-
 
 # NRRD names its space in words; MONAI's NrrdReader keeps the words for RAS files (3D Slicer's .seg.nrrd), and
 # Orientation accepts only its own keys.
@@ -58,9 +57,7 @@ def volume_transforms(img_size: int, modality: str, model_labels: Mapping[str, i
     ]
     if model_labels is not None:
         transforms.append(RemapLabelsByNamed(keys="label", model_labels=model_labels))
-    transforms.append(
-        Resized(keys=keys, spatial_size=(img_size, img_size, -1), mode=["bilinear", "nearest"][: len(keys)])
-    )
+    transforms.append(Resized(keys=keys, spatial_size=(img_size, img_size, -1), mode=["bilinear", "nearest"][: len(keys)]))
     return transforms
 
 
