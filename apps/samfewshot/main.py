@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import threading
 
 import monailabel
@@ -20,12 +19,12 @@ from monailabel.utils.async_tasks.task import AsyncTask
 from monailabel.utils.async_tasks.utils import tasks
 from monailabel.utils.others.generic import strtobool
 
-from lib import dicom_seg, routes
+from lib import monailabel_compat, routes
 from lib.activelearning import Diversity, First, Handouts, Hybrid, RandomChoice, Uncertainty
-from lib.auth import install_token_check
 from lib.configs import MODEL_CONFIGS
 from lib.datastore import CheckedDatastore
 from lib.interactions import INTERACTIONS_KEY, InteractionLog
+from lib.monailabel_compat import AppFixes
 from lib.scoring import EmbeddingScoring, UncertaintyScoring
 from lib.validation import check_choice, http_errors
 
@@ -43,7 +42,9 @@ def selected_models(value: str | None) -> list[str]:
     return names
 
 
-class SamFewShotApp(MONAILabelApp):
+class SamFewShotApp(AppFixes, MONAILabelApp):
+    """Scores are refreshed at start-up and after each training run (``AppFixes``: not after every next_sample)."""
+
     def __init__(self, app_dir, studies, conf):
         self.model_dir = os.path.join(app_dir, "model")
         os.makedirs(self.model_dir, exist_ok=True)
@@ -51,26 +52,18 @@ class SamFewShotApp(MONAILabelApp):
         for name in selected_models(conf.get("models")):
             self.models[name] = MODEL_CONFIGS[name]()
             self.models[name].init(name, self.model_dir, conf, None)
-        # DICOM SEG through highdicom, before a DICOMweb datastore is created; unnamed segments take model names.
-        dicom_seg.install({n: i for c in self.models.values() for n, i in c.model.labels.items()})
         self.auto_train = strtobool(conf.get("auto_train", "false"))
         self.auto_scoring = strtobool(conf.get("auto_scoring", "true"))
         self.handouts = Handouts(timeout_s=float(conf.get("handout_timeout", 900)))
-        install_token_check()  # MONAI Label's bearer-token check (lib/auth.py)
         self.endpoint_groups = routes.parse_endpoint_groups(conf.get("endpoints"))
-        # Sessions (3D Slicer's upload of a volume that is not in the datastore) live in the model folder, not in
-        # the home directory, unless the administrator points MONAI_LABEL_SESSION_PATH elsewhere.
-        settings.MONAI_LABEL_SESSIONS = "sessions" in self.endpoint_groups
-        settings.MONAI_LABEL_SESSION_PATH = os.environ.get("MONAI_LABEL_SESSION_PATH") or os.path.join(self.model_dir, "sessions")
+        # The DICOM SEG writer (unnamed segments take the models' names), token check, sessions, inference queue
+        # and route policy, before MONAI Label builds the datastore.
+        monailabel_compat.install(
+            self.model_dir, self.endpoint_groups, {n: i for c in self.models.values() for n, i in c.model.labels.items()}
+        )
         self._final_label_ts: dict[str, int] = {}
         self.interactions = InteractionLog()
         self._train_lock = threading.Lock()
-        # One inference at a time (a queue) unless MONAI_LABEL_INFER_CONCURRENCY says otherwise: parallel volumes
-        # would each take the full device memory and share the same cores. The event loop stays free meanwhile.
-        if "MONAI_LABEL_INFER_CONCURRENCY" not in os.environ:
-            settings.MONAI_LABEL_INFER_CONCURRENCY = 1
-        if "monailabel.app" in sys.modules:  # inside a server (not a training subprocess or a script)
-            routes.install(sys.modules["monailabel.app"].app, self.endpoint_groups)
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -79,12 +72,6 @@ class SamFewShotApp(MONAILabelApp):
             description="Few-shot Segment Anything adaptations (HF-SAM, MASG-SAM, FGNet) with incremental fine-tuning",
             version=monailabel.__version__,
         )
-        # Scores only change with the model: they are refreshed at start-up and after each training run
-        # (below), not after every next_sample as MONAI Label would do.
-        self._auto_update_scoring = False
-
-    def _download_dcmqi_tools(self):
-        """MONAI Label fetches dcmqi from GitHub for a DICOMweb datastore; SEG is written with highdicom here."""
 
     def init_datastore(self) -> Datastore:
         """A local datastore checks every upload (lib/datastore.py); labels without label_info may hold the
@@ -199,7 +186,7 @@ class SamFewShotApp(MONAILabelApp):
         result = super().on_save_label(image_id, label_id) or {}
         datastore = self.datastore()
         if isinstance(datastore, DICOMWebDatastore):
-            dicom_seg.clear_dicomweb_lists()
+            monailabel_compat.clear_dicomweb_lists()
         with self._train_lock:
             stamps = self._final_label_stamps()
             if stamps.get(image_id) == self._final_label_ts.get(image_id):

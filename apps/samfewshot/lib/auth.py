@@ -2,10 +2,10 @@
 
 MONAI Label 0.8.5 verifies a bearer token with ``jwt.decode(token, key, options=...)``: PyJWT 2 requires the
 accepted algorithms to be named and refuses every token without them, so with auth on nobody gets in. The app
-replaces that check at start-up: RSA signatures only (the realm's public key is an RSA key; an HMAC "signature"
-made with the public key as secret is never accepted), an ``exp`` claim that is required and checked, and the
-issuer must be the configured realm. The audience is not checked, as in MONAI Label: Keycloak names the client in
-``azp`` and puts ``account`` in ``aud``. Roles come from the claim ``MONAI_LABEL_AUTH_TOKEN_ROLES`` names
+replaces that check at start-up (``lib.monailabel_compat.install``): RSA signatures only (the realm's public key is
+an RSA key; an HMAC "signature" made with the public key as secret is never accepted), an ``exp`` claim that is
+required and checked, and the issuer must be the configured realm. The audience is not checked, as in MONAI Label:
+Keycloak names the client in ``azp`` and puts ``account`` in ``aud``. Roles come from the claim ``MONAI_LABEL_AUTH_TOKEN_ROLES`` names
 (``realm_access#roles``: a path through nested claims).
 """
 
@@ -45,8 +45,3 @@ def from_token(token: str) -> auth.User:
         name=payload.get(settings.MONAI_LABEL_AUTH_TOKEN_NAME),
         roles=[str(r) for r in roles] if isinstance(roles, list) else [],
     )
-
-
-def install_token_check() -> None:
-    """MONAI Label's ``get_current_user`` looks ``from_token`` up in its module at every request."""
-    auth.from_token = from_token

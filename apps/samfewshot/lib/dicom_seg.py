@@ -1,7 +1,7 @@
 """DICOM SEG from a label volume with highdicom, offline.
 
 monailabel 0.8.5 writes SEG through dcmqi's ``itkimage2segimage`` (a binary it downloads) or pydicom-seg; this
-module replaces its ``nifti_to_dicom_seg`` with a highdicom writer of the same signature (``install``), so
+app replaces its ``nifti_to_dicom_seg`` with this highdicom writer (``lib.monailabel_compat.install``), so
 ``output=dicom_seg`` and saving a final label into a DICOMweb datastore work without either.
 """
 
@@ -129,27 +129,3 @@ def write_dicom_seg(
     os.close(fd)
     seg.save_as(path)
     return path
-
-
-def install(default_labels: Mapping[str, int] | None = None) -> None:
-    """Point monailabel's DICOM SEG writing (infer ``output=dicom_seg``, DICOMweb ``save_label``) at highdicom;
-    segments the client did not name get their names from ``default_labels``."""
-    import monailabel.datastore.dicom
-    import monailabel.datastore.utils.convert
-    import monailabel.endpoints.infer
-
-    def nifti_to_dicom_seg(series_dir, label, label_info, file_ext="*", use_itk=True) -> str:
-        # monailabel's signature; file_ext and use_itk (dcmqi) have no meaning for the highdicom writer
-        return write_dicom_seg(series_dir, label, label_info, default_labels)
-
-    for module in (monailabel.datastore.utils.convert, monailabel.datastore.dicom, monailabel.endpoints.infer):
-        module.nifti_to_dicom_seg = nifti_to_dicom_seg
-
-
-def clear_dicomweb_lists() -> None:
-    """Drop MONAI Label's cached DICOMweb series lists (kept for MONAI_LABEL_DICOMWEB_CACHE_EXPIRY, 2 h by
-    default), so a SEG just stored counts as a label at once: for next_sample and for training."""
-    from monailabel.datastore.dicom import DICOMWebDatastore
-
-    for method in (DICOMWebDatastore.list_images, DICOMWebDatastore.get_labeled_images):
-        method.cache.clear()

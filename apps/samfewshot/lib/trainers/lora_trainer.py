@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 from ignite.engine import Events
-from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.handlers import LrScheduleHandler, MeanDice, from_engine
 from monai.inferers import SimpleInferer, SliceInferer
 from monai.transforms import Activationsd, AsDiscreted, EnsureTyped, Lambdad
@@ -37,6 +36,7 @@ from monailabel.utils.others.generic import strtobool
 
 from lib.interactions import INTERACTIONS_KEY
 from lib.model import SegmentationModel
+from lib.monailabel_compat import HookedEngines
 from lib.networks.lora import AdapterError, adapter_state_dict, publish_adapter
 from lib.trainers.interaction import SimulatedInteraction, prepare_prompted_batch
 from lib.transforms import training_slice_transforms, volume_transforms
@@ -67,8 +67,10 @@ def free_loopback_port() -> int:
         return s.getsockname()[1]
 
 
-class LoraTrainer(BasicTrainTask):
+class LoraTrainer(HookedEngines, BasicTrainTask):
     """Fine-tunes the LoRA adapter (and the other trainable modules) of a ``SegmentationModel``."""
+
+    prepare_batch = staticmethod(prepare_prompted_batch)  # the simulated prompts reach the network
 
     def __init__(
         self,
@@ -268,42 +270,6 @@ class LoraTrainer(BasicTrainTask):
 
     def val_key_metric(self, context: Context):
         return {self.VAL_METRIC_MEAN_DICE: MeanDice(output_transform=from_engine(["pred", "label"]), include_background=False)}
-
-    # ---- engines without full-model checkpoints (MONAI Label's, less its CheckpointSaver; the hooks pass) ----
-    def _create_evaluator(self, context: Context):
-        if not context.val_datalist:
-            return None
-        return SupervisedEvaluator(
-            device=context.device,
-            val_data_loader=self.val_data_loader(context),
-            network=context.network,
-            inferer=self.val_inferer(context),
-            postprocessing=self._validate_transforms(self.val_post_transforms(context), "Validation", "post"),
-            key_val_metric=self.val_key_metric(context),
-            additional_metrics=self.val_additional_metrics(context),
-            val_handlers=self.val_handlers(context),
-            iteration_update=self.val_iteration_update(context),
-            event_names=self.event_names(context),
-        )
-
-    def _create_trainer(self, context: Context):
-        return SupervisedTrainer(
-            device=context.device,
-            max_epochs=context.max_epochs,
-            train_data_loader=self.train_data_loader(context),
-            network=context.network,
-            optimizer=context.optimizer,
-            loss_function=self.loss_function(context),
-            inferer=self.train_inferer(context),
-            amp=self._amp,
-            postprocessing=self._validate_transforms(self.train_post_transforms(context), "Training", "post"),
-            key_train_metric=self.train_key_metric(context),
-            additional_metrics=self.train_additional_metrics(context),
-            train_handlers=self.train_handlers(context),
-            iteration_update=self.train_iteration_update(context),
-            event_names=self.event_names(context),
-            prepare_batch=prepare_prompted_batch,
-        )
 
     def finalize(self, context: Context):
         """Keep the best adapter of this run in memory; publish it once, when the run completes."""

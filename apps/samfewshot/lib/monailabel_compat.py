@@ -1,0 +1,202 @@
+"""Every place the app changes or reaches into monailabel 0.8.5, in one module.
+
+The app is built on monailabel's public task classes; where 0.8.5 is wrong or unsafe for this app, the fix is made
+here at start-up (``install``) or in a base class the app's classes derive from (``AppFixes``, ``HookedEngines``).
+``WORKAROUNDS`` lists each one: what upstream does, the upstream code it works around, and when it can go. Another
+monailabel version is refused at start-up (``check_version``): each entry must be re-read against it first.
+
+Other code uses only monailabel's public API, plus the protected task hooks monailabel's own sample apps override
+(``BasicInferTask._get_network``, ``BasicTrainTask._create_*``), listed here too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import monailabel
+from fastapi import FastAPI
+from monai.engines import SupervisedEvaluator, SupervisedTrainer
+from monailabel.config import settings
+from monailabel.tasks.train.basic_train import Context
+
+logger = logging.getLogger(__name__)
+
+MONAILABEL_VERSION = "0.8.5"
+
+
+@dataclass(frozen=True)
+class Workaround:
+    """One change to monailabel: ``where`` it is made, what ``upstream`` does wrong, and when it can go (``until``)."""
+
+    where: str
+    upstream: str
+    until: str
+
+
+WORKAROUNDS = (
+    Workaround(
+        "install: monailabel.endpoints.user.auth.from_token -> lib.auth.from_token",
+        "calls jwt.decode without algorithms=; PyJWT 2 then refuses every token, so MONAI_LABEL_AUTH_ENABLE locks "
+        "everyone out (monailabel/endpoints/user/auth.py)",
+        "monailabel names the algorithms and checks exp and iss",
+    ),
+    Workaround(
+        "install: nifti_to_dicom_seg in monailabel.datastore.utils.convert, monailabel.datastore.dicom and "
+        "monailabel.endpoints.infer -> lib.dicom_seg.write_dicom_seg (highdicom)",
+        "writes DICOM SEG with dcmqi's itkimage2segimage, downloaded from GitHub at start-up, or pydicom-seg, which "
+        "drops segments the client did not describe",
+        "monailabel writes SEG with highdicom (its newer releases start to)",
+    ),
+    Workaround(
+        "clear_dicomweb_lists: the cachetools caches of DICOMWebDatastore.list_images / get_labeled_images",
+        "caches the DICOMweb series lists for MONAI_LABEL_DICOMWEB_CACHE_EXPIRY (2 h) and does not drop them when "
+        "it stores a SEG, so a label just saved is not seen by next_sample or training",
+        "monailabel invalidates the lists on save_label",
+    ),
+    Workaround(
+        "install: settings.MONAI_LABEL_SESSIONS / _SESSION_PATH / _INFER_CONCURRENCY",
+        "keeps sessions under the user's home directory and runs inferences in parallel by default, each with a "
+        "whole model's memory on the same cores",
+        "these become --conf or documented defaults upstream (they stay settings)",
+    ),
+    Workaround(
+        "install: lib.routes.install on monailabel.app.app (FastAPI's private APIRouter._mark_routes_changed)",
+        "serves unchecked endpoints that read and write outside the datastore (sessions, infer params replacing the "
+        "image, archives unpacked anywhere, OHIF static files by any path, wsi, reload): see README 'Security'",
+        "never for the policy itself; the private call goes when FastAPI stops caching included routes",
+    ),
+    Workaround(
+        "AppFixes._download_dcmqi_tools",
+        "downloads dcmqi from GitHub whenever the datastore is DICOMweb; SEG is written with highdicom here",
+        "with the SEG writer above",
+    ),
+    Workaround(
+        "AppFixes.__init__: MONAILabelApp._auto_update_scoring = False",
+        "re-runs every scoring method after every next_sample request; scores here change only with the model",
+        "monailabel makes it an argument",
+    ),
+    Workaround(
+        "HookedEngines._create_trainer / _create_evaluator",
+        "BasicTrainTask builds its engines without iteration_update, event_names and additional_metrics from its "
+        "own hooks, and with a CheckpointSaver of the whole network; the adapters here are published on completion",
+        "monailabel passes its hooks through and makes the checkpoint handler optional",
+    ),
+    Workaround(
+        "lib.infers.resident.ResidentModelInfer._get_network, lib.handlers (the app's bodies of unsafe endpoints)",
+        "builds a network per task from a file path; the app serves one resident network per model, hot-swapping "
+        "adapters. The handlers: see their docstrings",
+        "a protected hook monailabel's sample apps override too; stays",
+    ),
+)
+
+
+def check_version(version: str = monailabel.__version__) -> None:
+    """The workarounds were written against ``MONAILABEL_VERSION``; another version stops the app."""
+    if version != MONAILABEL_VERSION:
+        raise RuntimeError(
+            f"samfewshot runs on monailabel {MONAILABEL_VERSION}, not {version}: its workarounds of monailabel "
+            f"(lib/monailabel_compat.py) must be checked against {version} first; install monailabel=={MONAILABEL_VERSION}"
+        )
+
+
+def install(model_dir: str, endpoint_groups: frozenset[str], default_labels: Mapping[str, int]) -> None:
+    """Apply the workarounds that change monailabel's modules and settings (idempotent)."""
+    import monailabel.datastore.dicom
+    import monailabel.datastore.utils.convert
+    import monailabel.endpoints.infer
+    from monailabel.endpoints.user import auth
+
+    from lib import dicom_seg, routes
+    from lib.auth import from_token
+
+    check_version()
+    auth.from_token = from_token
+
+    def nifti_to_dicom_seg(series_dir, label, label_info, file_ext="*", use_itk=True) -> str:
+        # monailabel's signature; file_ext and use_itk (dcmqi) have no meaning for the highdicom writer
+        return dicom_seg.write_dicom_seg(series_dir, label, label_info, default_labels)
+
+    for module in (monailabel.datastore.utils.convert, monailabel.datastore.dicom, monailabel.endpoints.infer):
+        module.nifti_to_dicom_seg = nifti_to_dicom_seg
+
+    # Sessions (3D Slicer's upload of a volume that is not in the datastore) live in the model folder unless the
+    # administrator points MONAI_LABEL_SESSION_PATH elsewhere; one inference at a time unless
+    # MONAI_LABEL_INFER_CONCURRENCY says otherwise (the event loop stays free meanwhile).
+    settings.MONAI_LABEL_SESSIONS = "sessions" in endpoint_groups
+    settings.MONAI_LABEL_SESSION_PATH = os.environ.get("MONAI_LABEL_SESSION_PATH") or os.path.join(model_dir, "sessions")
+    if "MONAI_LABEL_INFER_CONCURRENCY" not in os.environ:
+        settings.MONAI_LABEL_INFER_CONCURRENCY = 1
+
+    server = fastapi_app()
+    if server is not None:
+        routes.install(server, endpoint_groups)
+
+
+def fastapi_app() -> FastAPI | None:
+    """MONAI Label's FastAPI application inside a server; None in a training subprocess or a script."""
+    import sys
+
+    module = sys.modules.get("monailabel.app")
+    return getattr(module, "app", None)
+
+
+def clear_dicomweb_lists() -> None:
+    """Drop MONAI Label's cached DICOMweb series lists, so a SEG just stored counts as a label at once."""
+    from monailabel.datastore.dicom import DICOMWebDatastore
+
+    for method in (DICOMWebDatastore.list_images, DICOMWebDatastore.get_labeled_images):
+        method.cache.clear()
+
+
+class AppFixes:
+    """Mixed into the MONAILabelApp: no dcmqi download, no re-scoring after every next_sample."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._auto_update_scoring = False
+
+    def _download_dcmqi_tools(self):
+        """SEG is written with highdicom (``install``)."""
+
+
+class HookedEngines:
+    """Mixed into a BasicTrainTask: MONAI's engines with the task's own hooks passed through and no CheckpointSaver.
+    ``prepare_batch`` is the task's (``self.prepare_batch``)."""
+
+    def _create_evaluator(self, context: Context):
+        if not context.val_datalist:
+            return None
+        return SupervisedEvaluator(
+            device=context.device,
+            val_data_loader=self.val_data_loader(context),
+            network=context.network,
+            inferer=self.val_inferer(context),
+            postprocessing=self._validate_transforms(self.val_post_transforms(context), "Validation", "post"),
+            key_val_metric=self.val_key_metric(context),
+            additional_metrics=self.val_additional_metrics(context),
+            val_handlers=self.val_handlers(context),
+            iteration_update=self.val_iteration_update(context),
+            event_names=self.event_names(context),
+        )
+
+    def _create_trainer(self, context: Context):
+        return SupervisedTrainer(
+            device=context.device,
+            max_epochs=context.max_epochs,
+            train_data_loader=self.train_data_loader(context),
+            network=context.network,
+            optimizer=context.optimizer,
+            loss_function=self.loss_function(context),
+            inferer=self.train_inferer(context),
+            amp=self._amp,
+            postprocessing=self._validate_transforms(self.train_post_transforms(context), "Training", "post"),
+            key_train_metric=self.train_key_metric(context),
+            additional_metrics=self.train_additional_metrics(context),
+            train_handlers=self.train_handlers(context),
+            iteration_update=self.train_iteration_update(context),
+            event_names=self.event_names(context),
+            prepare_batch=self.prepare_batch,
+        )

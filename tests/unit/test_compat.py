@@ -1,0 +1,33 @@
+"""The monailabel workarounds: one module, a version guard, each one documented."""
+
+from __future__ import annotations
+
+import pytest
+
+from lib import monailabel_compat
+
+
+def test_another_monailabel_version_is_refused():
+    monailabel_compat.check_version("0.8.5")
+    with pytest.raises(RuntimeError, match="runs on monailabel 0.8.5, not 0.9.0.*monailabel_compat.py"):
+        monailabel_compat.check_version("0.9.0")
+
+
+def test_each_workaround_says_what_upstream_does_and_when_it_can_go():
+    for workaround in monailabel_compat.WORKAROUNDS:
+        assert workaround.where and len(workaround.upstream) > 40 and workaround.until
+
+
+def test_install_replaces_the_token_check_and_seg_writer(tmp_path):
+    import monailabel.datastore.utils.convert
+    import monailabel.endpoints.infer
+    from monailabel.config import settings
+    from monailabel.endpoints.user import auth
+
+    from lib.auth import from_token
+
+    monailabel_compat.install(str(tmp_path), frozenset({"sessions"}), {"liver": 1})
+    assert auth.from_token is from_token
+    assert monailabel.endpoints.infer.nifti_to_dicom_seg is monailabel.datastore.utils.convert.nifti_to_dicom_seg
+    assert monailabel.endpoints.infer.nifti_to_dicom_seg.__module__ == "lib.monailabel_compat"
+    assert settings.MONAI_LABEL_SESSIONS and settings.MONAI_LABEL_SESSION_PATH == str(tmp_path / "sessions")
