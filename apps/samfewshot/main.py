@@ -7,6 +7,7 @@ import os
 import threading
 
 import monailabel
+from monai.utils import look_up_option
 from monailabel.config import settings
 from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.interfaces.app import MONAILabelApp
@@ -17,10 +18,10 @@ from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.utils.async_tasks.task import AsyncTask
 from monailabel.utils.async_tasks.utils import tasks
-from monailabel.utils.others.generic import strtobool
 
 from lib import monailabel_compat, routes
 from lib.activelearning import Diversity, First, Handouts, Hybrid, RandomChoice, Uncertainty
+from lib.conf import one_line, parse_conf
 from lib.configs import MODEL_CONFIGS
 from lib.datastore import CheckedDatastore
 from lib.interactions import INTERACTIONS_KEY, InteractionLog
@@ -31,14 +32,19 @@ from lib.validation import check_choice, http_errors
 logger = logging.getLogger(__name__)
 
 
-def selected_models(value: str | None) -> list[str]:
-    """Model names from ``--conf models`` ('all' or a comma-separated list); unknown names are an error."""
-    names = [m.strip() for m in (value or "all").split(",") if m.strip()]
+def selected_models(value: str) -> list[str]:
+    """Model names from ``--conf models`` ('all' or a comma-separated list); an unknown name is an error naming the
+    nearest valid one."""
+    names = [m.strip() for m in value.split(",") if m.strip()]
     if "all" in names:
         return list(MODEL_CONFIGS)
-    unknown = [n for n in names if n not in MODEL_CONFIGS]
-    if unknown or not names:
-        raise ValueError(f"unknown model(s) {unknown} in --conf models; valid: all, {', '.join(MODEL_CONFIGS)}")
+    if not names:
+        raise ValueError(f"--conf models names no model; valid: all, {', '.join(MODEL_CONFIGS)}")
+    for name in names:
+        try:
+            look_up_option(name, MODEL_CONFIGS)
+        except ValueError as e:
+            raise ValueError(f"--conf models {value!r}: {one_line(e)}") from None
     return names
 
 
@@ -46,16 +52,17 @@ class SamFewShotApp(AppFixes, MONAILabelApp):
     """Scores are refreshed at start-up and after each training run (``AppFixes``: not after every next_sample)."""
 
     def __init__(self, app_dir, studies, conf):
+        conf = parse_conf(conf)  # unknown keys and bad values stop here, naming the nearest valid one
         self.model_dir = os.path.join(app_dir, "model")
         os.makedirs(self.model_dir, exist_ok=True)
         self.models = {}
-        for name in selected_models(conf.get("models")):
+        for name in selected_models(conf["models"]):
             self.models[name] = MODEL_CONFIGS[name]()
             self.models[name].init(name, self.model_dir, conf, None)
-        self.auto_train = strtobool(conf.get("auto_train", "false"))
-        self.auto_scoring = strtobool(conf.get("auto_scoring", "true"))
-        self.handouts = Handouts(timeout_s=float(conf.get("handout_timeout", 900)))
-        self.endpoint_groups = routes.parse_endpoint_groups(conf.get("endpoints"))
+        self.auto_train = conf["auto_train"]
+        self.auto_scoring = conf["auto_scoring"]
+        self.handouts = Handouts(timeout_s=conf["handout_timeout"])
+        self.endpoint_groups = routes.parse_endpoint_groups(conf["endpoints"])
         # The DICOM SEG writer (unnamed segments take the models' names), token check, sessions, inference queue
         # and route policy, before MONAI Label builds the datastore.
         monailabel_compat.install(

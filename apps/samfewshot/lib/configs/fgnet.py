@@ -13,13 +13,13 @@ import os
 from typing import Any
 
 from monailabel.interfaces.config import TaskConfig
-from monailabel.utils.others.generic import strtobool
 
+from lib.conf import parse_conf
 from lib.engines.openvino_engine import engine_from_conf
 from lib.infers.affinity_instances import AffinityInstances
 from lib.model import SegmentationModel, resolve_checkpoint, torch_device
 from lib.networks.fgnet import IN_PLANE_STRIDE, FGNet, FGNetOptions, build_fgnet, options_config
-from lib.networks.sam2_backbone import SAM2_CHECKPOINTS, get_hiera_spec
+from lib.networks.sam2_backbone import SAM2_CHECKPOINTS
 from lib.trainers.fgnet_trainer import FGNetTrainer
 
 # Patches: 16 sections by 256 x 256 pixels (about 1 um square at 4 nm); the tiny model uses smaller ones on CPU.
@@ -40,14 +40,13 @@ def parse_patch(value: str) -> tuple[int, int, int]:
 class FGNetConfig(TaskConfig):
     scores_volumes = False  # the active-learning scores are defined for the segmentation models
 
-    def init(self, name: str, model_dir: str, conf: dict[str, str], planner: Any, **kwargs):
-        super().init(name, model_dir, conf, planner, **kwargs)
-        tiny = conf.get("backbone") == "tiny"
-        get_hiera_spec(conf.get("sam2_variant", "hiera_t"))  # unknown names fail at start-up, tiny or not
-        variant = "tiny" if tiny else conf.get("sam2_variant", "hiera_t")
-        default_patch = TINY_PATCH if tiny else DEFAULT_PATCH
-        self.patch_size = parse_patch(conf.get("fgnet_patch", ",".join(map(str, default_patch))))
-        self.device = torch_device(conf.get("device", "auto"))
+    def init(self, name: str, model_dir: str, conf: dict[str, Any], planner: Any, **kwargs):
+        super().init(name, model_dir, parse_conf(conf), planner, **kwargs)
+        conf = self.conf
+        tiny = conf["backbone"] == "tiny"
+        variant = "tiny" if tiny else conf["sam2_variant"]
+        self.patch_size = parse_patch(conf["fgnet_patch"] or ",".join(map(str, TINY_PATCH if tiny else DEFAULT_PATCH)))
+        self.device = torch_device(conf["device"])
         self.path = os.path.join(model_dir, f"{name}.pt")
         self.model = SegmentationModel(
             name=name,
@@ -56,29 +55,27 @@ class FGNetConfig(TaskConfig):
             adapter_path=self.path,
             build_network=self.build_network,
             modality="EM",
-            lora_rank=int(conf.get("sam2_lora_rank", 0)),
+            lora_rank=conf["sam2_lora_rank"],
             options={"patch_size": list(self.patch_size), **options_config(FGNetOptions())},
         )
 
     def build_network(self) -> FGNet:
         checkpoint = None
-        if self.model.backbone != "tiny" or self.conf.get("sam2_checkpoint"):
+        if self.model.backbone != "tiny" or self.conf["sam2_checkpoint"]:
             checkpoint = resolve_checkpoint(
-                self.conf.get("sam2_checkpoint"), SAM2_CHECKPOINTS.get(self.model.backbone), self.model_dir, "sam2_checkpoint", "SAM2"
+                self.conf["sam2_checkpoint"], SAM2_CHECKPOINTS.get(self.model.backbone), self.model_dir, "sam2_checkpoint", "SAM2"
             )
-        return build_fgnet(self.model.backbone, self.model.lora_rank, checkpoint, self.conf.get("sam2_checkpoint_sha256"))
+        return build_fgnet(self.model.backbone, self.model.lora_rank, checkpoint, self.conf["sam2_checkpoint_sha256"] or None)
 
     def infer(self) -> AffinityInstances:
         return AffinityInstances(
             self.model,
             self.patch_size,
             device=self.device,
-            preload=strtobool(self.conf.get("preload", "false")),
+            preload=self.conf["preload"],
             engine=engine_from_conf(self.name, self.model_dir, self.conf, self.device, "fp32"),
         )
 
     def trainer(self) -> FGNetTrainer:
-        config = {"device": self.device}
-        if self.conf.get("max_epochs"):
-            config["max_epochs"] = int(self.conf["max_epochs"])
+        config = {"device": self.device, "max_epochs": self.conf["max_epochs"]}
         return FGNetTrainer(self.model, self.patch_size, config=config)

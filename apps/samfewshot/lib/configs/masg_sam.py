@@ -3,11 +3,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from lib.conf import MASG_MODULES
 from lib.configs.sam_segmentation import SamSegmentationConfig
 from lib.networks.masg_sam import MASGSam
 from lib.networks.text import ClassTextEmbedder, class_prompts
-
-MODULES = ("hae", "bfe", "dsf")
 
 
 class MASGSamConfig(SamSegmentationConfig):
@@ -21,13 +20,10 @@ class MASGSamConfig(SamSegmentationConfig):
 
     def init(self, name, model_dir, conf, planner, **kwargs):
         super().init(name, model_dir, conf, planner, **kwargs)
-        self.modules = [m.strip() for m in conf.get("masg_modules", ",".join(MODULES)).split(",") if m.strip()]
-        unknown = sorted(set(self.modules) - set(MODULES))
-        if unknown:
-            raise ValueError(f"unknown MASG-SAM module(s) {unknown} in --conf masg_modules; valid: {', '.join(MODULES)}")
+        self.modules = [m for m in self.conf["masg_modules"].split(",") if m]
         self.text = ClassTextEmbedder(
-            clip_model=conf.get("clip_model", "ViT-B-16"),
-            clip_checkpoint=conf.get("clip_checkpoint", "openai"),
+            clip_model=self.conf["clip_model"],
+            clip_checkpoint=self.conf["clip_checkpoint"],
             tiny=self.model.backbone == "tiny",
             cache_dir=os.path.join(model_dir, "text_embeddings"),
         )
@@ -35,5 +31,5 @@ class MASGSamConfig(SamSegmentationConfig):
         self.model.options = {"masg_modules": self.modules, "class_prompts": self.prompts, **self.text.identity}
 
     def network_options(self) -> dict[str, Any]:
-        use = {f"use_{m}": m in self.modules for m in MODULES}
+        use = {f"use_{m}": m in self.modules for m in MASG_MODULES}
         return {"class_text": self.text.embed(self.prompts) if use["use_dsf"] else None, **use}

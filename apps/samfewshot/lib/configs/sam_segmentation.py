@@ -7,14 +7,13 @@ import os
 from typing import Any
 
 from monailabel.interfaces.config import TaskConfig
-from monailabel.utils.others.generic import strtobool
 
+from lib.conf import parse_conf
 from lib.engines.openvino_engine import engine_from_conf
 from lib.infers.embedding_cache import EmbeddingCache
 from lib.infers.interactive import SliceInteraction
 from lib.infers.slice_segmentation import SamSliceInfer, SliceSegmentation
 from lib.model import SegmentationModel, inference_precision, parse_labels, resolve_sam_checkpoint, torch_device
-from lib.networks.sam_backbone import get_encoder_spec
 from lib.networks.sam_segmenter import SamSegmenter, build_segmenter
 from lib.trainers.lora_trainer import LoraTrainer
 
@@ -29,16 +28,16 @@ class SamSegmentationConfig(TaskConfig):
     network_cls: type[SamSegmenter]
     scores_volumes = True  # uncertainty and embedding scores come from these models
 
-    def init(self, name: str, model_dir: str, conf: dict[str, str], planner: Any, **kwargs):
-        super().init(name, model_dir, conf, planner, **kwargs)
-        backbone = conf.get("backbone", "vit_b")
-        get_encoder_spec(backbone)  # unknown names fail at start-up, not at the first request
+    def init(self, name: str, model_dir: str, conf: dict[str, Any], planner: Any, **kwargs):
+        super().init(name, model_dir, parse_conf(conf), planner, **kwargs)
+        conf = self.conf
+        backbone = conf["backbone"]
         try:
-            labels = json.loads(conf["labels"]) if conf.get("labels") else DEFAULT_LABELS
+            labels = json.loads(conf["labels"]) if conf["labels"] else DEFAULT_LABELS
         except json.JSONDecodeError as e:
             raise ValueError(f"--conf labels must be JSON like '{json.dumps(DEFAULT_LABELS)}': {e}") from e
         self.labels = parse_labels(labels)
-        self.device = torch_device(conf.get("device", "auto"))
+        self.device = torch_device(conf["device"])
         self.path = os.path.join(model_dir, f"{name}.pt")
         self.model = SegmentationModel(
             name=name,
@@ -46,8 +45,8 @@ class SamSegmentationConfig(TaskConfig):
             backbone=backbone,
             adapter_path=self.path,
             build_network=self.build_network,
-            modality=conf.get("modality", "auto"),
-            lora_rank=int(conf.get("lora_rank", 4)),
+            modality=conf["modality"],
+            lora_rank=conf["lora_rank"],
         )
 
     def network_options(self) -> dict[str, Any]:
@@ -55,7 +54,7 @@ class SamSegmentationConfig(TaskConfig):
         return {}
 
     def build_network(self) -> SamSegmenter:
-        checkpoint = resolve_sam_checkpoint(self.model.backbone, self.conf.get("sam_checkpoint"), self.model_dir)
+        checkpoint = resolve_sam_checkpoint(self.model.backbone, self.conf["sam_checkpoint"], self.model_dir)
         return build_segmenter(
             self.network_cls, self.model.backbone, self.model.num_classes, self.model.lora_rank, checkpoint, **self.network_options()
         )
@@ -65,23 +64,21 @@ class SamSegmentationConfig(TaskConfig):
         one image-embedding cache."""
         # On the 2-core CPU, 8 slices per forward ran vit_b 1.8x slower per slice than 2 (cache-bound attention);
         # a GPU needs the larger batches to fill (docs/benchmarks.md).
-        precision = inference_precision(self.conf.get("precision", "auto"), self.device)
+        precision = inference_precision(self.conf["precision"], self.device)
         options = {
             "device": self.device,
             "batch_size": 8 if self.device.startswith("cuda") else 2,
-            "preload": strtobool(self.conf.get("preload", "false")),
+            "preload": self.conf["preload"],
             "precision": precision,
             "engine": engine_from_conf(self.name, self.model_dir, self.conf, self.device, precision),
         }
-        embeddings = EmbeddingCache(int(self.conf.get("embedding_cache_mb", 1024)) << 20)
+        embeddings = EmbeddingCache(self.conf["embedding_cache_mb"] << 20)
         return {
             self.name: SliceSegmentation(self.model, embeddings, **options),
             f"{self.name}_interactive": SliceInteraction(self.model, embeddings, **options),
         }
 
     def trainer(self) -> LoraTrainer:
-        config = {"device": self.device}
-        if self.conf.get("max_epochs"):
-            config["max_epochs"] = int(self.conf["max_epochs"])
+        config = {"device": self.device, "max_epochs": self.conf["max_epochs"]}
         # Half of the training slices are spent on simulated clicks, boxes and propagation (lib.trainers.interaction).
         return LoraTrainer(self.model, interactive_share=0.5, config=config)

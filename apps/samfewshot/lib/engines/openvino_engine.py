@@ -280,7 +280,7 @@ def block_seconds_openvino(precision: str) -> float:
 
 def engine_from_conf(name: str, model_dir: str, conf: dict[str, str], device: str, torch_precision: str) -> EncoderEngine | None:
     """Model ``name``'s engine from ``--conf engine`` / ``precision`` (None: torch), cached under ``model_dir``."""
-    engine, precision = resolve_engine(conf.get("engine", "auto"), device, torch_precision, conf.get("precision", "auto"))
+    engine, precision = resolve_engine(conf["engine"], device, torch_precision, conf["precision"])
     if engine == "torch":
         return None
     return EncoderEngine(name, os.path.join(model_dir, "engines"), precision)

@@ -1,0 +1,104 @@
+"""Every ``--conf`` key of the app, declared once: its type, default, allowed values and meaning.
+
+``parse_conf`` turns the server's ``--conf`` strings into typed values with every default filled in. An unknown key
+or a value outside its choices stops the server with the nearest valid name (MONAI's ``look_up_option``); a value
+of the wrong type names the key and the type. The README's configuration table is checked against ``CONF_KEYS``
+(tests/unit/test_conf.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from monai.utils import look_up_option
+from monailabel.utils.others.generic import strtobool
+
+from lib.networks.sam2_backbone import HIERA_VARIANTS
+from lib.networks.sam_backbone import SAM_ENCODERS
+from lib.routes import ENDPOINT_GROUPS
+
+MASG_MODULES = ("hae", "bfe", "dsf")
+
+
+def one_line(error: Exception) -> str:
+    """``look_up_option``'s message on one line."""
+    return " ".join(str(error).split())
+
+
+def _bool(value: str) -> bool:
+    return bool(strtobool(value))
+
+
+@dataclass(frozen=True)
+class ConfKey:
+    """One ``--conf`` key: ``kind`` parses its string; ``choices`` (each of a comma-separated list when ``listed``)."""
+
+    name: str
+    default: str
+    help: str
+    kind: Callable[[str], Any] = str
+    choices: tuple[str, ...] = ()
+    listed: bool = False
+    minimum: float | None = None
+
+    def parse(self, value: Any) -> Any:
+        text = str(self.default if value is None else value).strip()
+        if self.choices:
+            items = [v.strip() for v in text.split(",") if v.strip()] if self.listed else [text]
+            for item in items:
+                try:
+                    look_up_option(item, self.choices)
+                except ValueError as e:
+                    raise ValueError(f"--conf {self.name} {text!r}: {one_line(e)}") from None
+            return ",".join(items) if self.listed else text
+        try:
+            parsed = self.kind(text) if text or self.kind is str else None
+        except ValueError:
+            raise ValueError(f"--conf {self.name} {text!r}: expected {self.kind.__name__.lstrip('_')}") from None
+        if self.minimum is not None and parsed is not None and parsed < self.minimum:
+            raise ValueError(f"--conf {self.name} {text!r}: must be at least {self.minimum:g}")
+        return parsed
+
+
+CONF_KEYS: dict[str, ConfKey] = {
+    key.name: key
+    for key in (
+        ConfKey("models", "all", "models to register, comma-separated (checked against lib.configs.MODEL_CONFIGS)"),
+        ConfKey("backbone", "vit_b", "SAM image encoder; tiny = small random encoder", choices=tuple(SAM_ENCODERS)),
+        ConfKey("sam_checkpoint", "", "SAM weights: a path or URL (default: the official file of the backbone)"),
+        ConfKey("labels", "", 'label set as JSON {"name": id} (default: the brain-MRI sample\'s)'),
+        ConfKey("auto_train", "false", "queue a training run after each saved final label", kind=_bool),
+        ConfKey("device", "auto", "auto, cpu, cuda or cuda:N"),
+        ConfKey("lora_rank", "4", "rank of the SAM models' LoRA adapters", kind=int, minimum=1),
+        ConfKey("modality", "auto", "intensity normalisation: auto, CT, MR, ..."),
+        ConfKey("preload", "false", "build the networks at start-up", kind=_bool),
+        ConfKey("precision", "auto", "inference precision", choices=("auto", "fp32", "bf16")),
+        ConfKey("engine", "auto", "what runs the image encoders on a CPU", choices=("auto", "torch", "openvino")),
+        ConfKey("embedding_cache_mb", "1024", "memory for SAM image embeddings of slices seen before", kind=int, minimum=0),
+        ConfKey("masg_modules", ",".join(MASG_MODULES), "MASG-SAM modules to build", choices=MASG_MODULES, listed=True),
+        ConfKey("clip_model", "ViT-B-16", "open_clip model of MASG-SAM's class prompts"),
+        ConfKey("clip_checkpoint", "openai", "open_clip pretrained tag or weights file"),
+        ConfKey("auto_scoring", "true", "compute the active-learning scores at start-up and after training", kind=_bool),
+        ConfKey("handout_timeout", "900", "seconds before a handed-out volume may be handed out again", kind=float, minimum=0),
+        ConfKey("sam2_variant", "hiera_t", "FGNet's SAM2 image encoder", choices=tuple(v for v in HIERA_VARIANTS if v != "tiny")),
+        ConfKey("sam2_checkpoint", "", "FGNet's SAM2 weights: a path or URL (default: the official file of the variant)"),
+        ConfKey("sam2_checkpoint_sha256", "", "expected sha256 of the SAM2 file"),
+        ConfKey("sam2_lora_rank", "0", "LoRA rank on Hiera's attention; 0 keeps SAM2 frozen", kind=int, minimum=0),
+        ConfKey("fgnet_patch", "", "FGNet patch X,Y,Z in voxels (default 256,256,16; 64,64,16 with backbone tiny)"),
+        ConfKey("max_epochs", "50", "default epochs of a training run", kind=int, minimum=1),
+        ConfKey("endpoints", "sessions", "optional endpoint groups to serve", choices=("none", *ENDPOINT_GROUPS), listed=True),
+    )
+}
+
+
+def parse_conf(conf: Mapping[str, Any]) -> dict[str, Any]:
+    """``--conf`` strings -> {key: typed value} for every key of ``CONF_KEYS``; unknown keys and bad values raise
+    ValueError naming the key and the nearest valid name. Parsing parsed values gives them back."""
+    for key in conf:
+        try:
+            look_up_option(key, CONF_KEYS)
+        except ValueError as e:
+            raise ValueError(f"--conf {key}: not a key of this app. {one_line(e)}") from None
+    return {name: key.parse(conf.get(name)) for name, key in CONF_KEYS.items()}

@@ -1,0 +1,54 @@
+"""The declared --conf keys: typed defaults, errors that name the nearest key, and the README's table agrees."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from lib.conf import CONF_KEYS, parse_conf
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def readme_table() -> dict[str, str]:
+    """key -> the 'values (default first)' cell of the README's configuration table."""
+    text = README.read_text()
+    section = text[text.index("## Server configuration") :]
+    section = section[: section.index("\n## ", 4)]
+    return {m.group(1): m.group(2) for m in re.finditer(r"^\| `([a-z0-9_]+)` \| ([^|]*) \|", section, re.M)}
+
+
+def test_readme_lists_every_key_with_its_default_and_choices():
+    table = readme_table()
+    assert set(table) == set(CONF_KEYS)
+    for name, key in CONF_KEYS.items():
+        values = re.findall(r"`([^`]*)`", table[name])
+        if key.default:
+            assert values and values[0] == key.default, (name, table[name])
+        named = set(values) | {part for value in values for part in value.split(",")}
+        assert set(key.choices) <= named, (name, table[name])
+
+
+def test_defaults_are_typed():
+    conf = parse_conf({})
+    assert conf["lora_rank"] == 4 and conf["auto_scoring"] is True and conf["handout_timeout"] == 900.0
+    assert conf["backbone"] == "vit_b" and conf["masg_modules"] == "hae,bfe,dsf"
+    assert parse_conf(conf) == conf  # parsed values parse to themselves
+    assert parse_conf({"preload": "1", "masg_modules": " hae , dsf "})["masg_modules"] == "hae,dsf"
+
+
+@pytest.mark.parametrize(
+    "conf, message",
+    [
+        ({"lora_rnak": "8"}, "--conf lora_rnak: not a key of this app. By 'lora_rnak', did you mean 'lora_rank'?"),
+        ({"precision": "bf61"}, "--conf precision 'bf61': By 'bf61', did you mean 'bf16'?"),
+        ({"max_epochs": "0"}, "--conf max_epochs '0': must be at least 1"),
+        ({"handout_timeout": "soon"}, "--conf handout_timeout 'soon': expected float"),
+        ({"endpoints": "logs,wsi"}, "--conf endpoints 'logs,wsi': Unsupported option 'wsi'"),
+    ],
+)
+def test_bad_keys_and_values_name_the_problem(conf, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_conf(conf)
