@@ -16,7 +16,7 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "apps", "samfewshot"))
 
-from lib.networks.lora import history_path, list_versions, read_adapter, restore_adapter  # noqa: E402
+from lib.adapters import history_path, list_versions, read_adapter, restore_adapter  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -97,7 +97,7 @@ def propagation_step_seconds(model, device: str, repeats: int = 5) -> float:
     cache); the best of ``repeats``. A click costs about this times the slices the structure spans."""
     import torch
 
-    from lib.model import torch_threads
+    from lib.compute import torch_threads
     from lib.transforms.prompts import batch_prompts
 
     network, _ = model.resident(device)
@@ -191,7 +191,7 @@ def paired_seconds_per_slice(network, backbone: str, device: str, batch_size: in
     import torch
     from segment_anything.modeling import MaskDecoder, TwoWayTransformer
 
-    from lib.model import autocast
+    from lib.compute import autocast
     from lib.networks.sam_backbone import build_image_encoder, build_prompt_encoder, get_encoder_spec
 
     spec = get_encoder_spec(backbone)

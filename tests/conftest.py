@@ -233,6 +233,6 @@ def module_studies(module_tmp, sample_data) -> Path:
 
 @pytest.fixture
 def free_port() -> int:
-    from lib.trainers.lora_trainer import free_loopback_port
+    from lib.trainers.adapter_trainer import free_loopback_port
 
     return free_loopback_port()

@@ -65,7 +65,8 @@ def _check_entries(app, key: str, version: int) -> None:
 
 
 def _publish_new_adapter(app) -> int:
-    from lib.networks.lora import adapter_state_dict, publish_adapter
+    from lib.adapters import publish_adapter
+    from lib.networks.lora import adapter_state_dict
 
     model = app.models["hf_sam"].model
     network, _ = model.resident("cpu")

@@ -7,7 +7,8 @@ import io
 
 import torch
 
-from lib.networks.lora import adapter_state_dict, list_versions, publish_adapter, read_adapter
+from lib.adapters import list_versions, publish_adapter, read_adapter
+from lib.networks.lora import adapter_state_dict
 
 
 def adapter_bytes(tmp_path, model, config: dict) -> bytes:

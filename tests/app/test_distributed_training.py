@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lib.networks.lora import read_adapter
+from lib.adapters import read_adapter
 
 # model -> (datastore fixture, its labelled volumes, a volume to infer)
 DATASTORES = {

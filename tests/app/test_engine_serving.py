@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from lib.networks.lora import publish_adapter, restore_adapter
+from lib.adapters import publish_adapter, restore_adapter
 
 CONF = {
     "models": "hf_sam",

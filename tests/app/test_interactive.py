@@ -107,7 +107,7 @@ def test_prompts_are_kept_with_the_final_label_replayed_and_removed_with_it(clie
     from monailabel.interfaces.utils.app import app_instance
 
     from lib.trainers import interaction
-    from lib.trainers.lora_trainer import LoraTrainer
+    from lib.trainers.adapter_trainer import AdapterTrainer
 
     slicer = {"label": "grey matter", "foreground": [[50, 60, 70]], "background": [[70, 80, 70]]}
     assert infer(client, "hf_sam_interactive", "brain_002", {**slicer, **SLICER_FORMAT}).status_code == 200
@@ -129,7 +129,7 @@ def test_prompts_are_kept_with_the_final_label_replayed_and_removed_with_it(clie
     monkeypatch.setattr(interaction, "replay", lambda *a, **k: replayed.append(original(*a, **k)) or replayed[-1])
     # Every slice prompted, a replay wherever there is one: the crop of the interaction slice replays each epoch.
     monkeypatch.setattr(
-        LoraTrainer, "train_iteration_update", lambda self, context: interaction.SimulatedInteraction(share=1.0, replay_share=1.0)
+        AdapterTrainer, "train_iteration_update", lambda self, context: interaction.SimulatedInteraction(share=1.0, replay_share=1.0)
     )
     response = client.post("/train/hf_sam?run_sync=true", json={"max_epochs": 2, "val_split": 0})
     assert response.status_code == 200, response.text

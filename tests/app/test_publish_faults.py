@@ -8,8 +8,8 @@ import os
 
 import pytest
 
-import lib.networks.lora as lora
-from lib.networks.lora import AdapterError
+import lib.adapters as lora
+from lib.adapters import AdapterError
 
 
 def test_run_that_cannot_publish_fails_with_the_reason_and_the_old_adapter_stays_served(app_dir, studies, monkeypatch):

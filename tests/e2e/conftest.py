@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from lib.trainers.lora_trainer import free_loopback_port
+from lib.trainers.adapter_trainer import free_loopback_port
 
 REPO = Path(__file__).resolve().parents[2]
 STARTUP_DEADLINE_S = 120

@@ -623,8 +623,9 @@ def hostile_files(tmp_path_factory, bad_volumes) -> dict[str, Path]:
 
 def hf_sam_adapters(folder: Path) -> dict[str, bytes]:
     """Adapters in hf_sam's configuration (tiny backbone, the sample labels) that do not fit its network."""
+    from lib.adapters import publish_adapter
     from lib.configs import MODEL_CONFIGS
-    from lib.networks.lora import adapter_state_dict, publish_adapter
+    from lib.networks.lora import adapter_state_dict
 
     config = MODEL_CONFIGS["hf_sam"]()
     config.init("hf_sam", str(folder / "model"), {"backbone": "tiny"}, None)

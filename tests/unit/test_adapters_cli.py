@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 
 import adapters  # noqa: E402
 
-from lib.networks.lora import publish_adapter, read_adapter  # noqa: E402
+from lib.adapters import publish_adapter, read_adapter  # noqa: E402
 
 
 def test_list_and_restore(tmp_path, capsys):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lib.infers.affinity_instances import affinity_watershed, agglomerate
+from lib.networks.affinities import boundary_map, instance_affinities
 from lib.networks.fgnet import (
     FeatureGuidedAttention,
     FGNet,
@@ -17,7 +18,6 @@ from lib.networks.fgnet import (
 )
 from lib.networks.sam2_backbone import HIERA_VARIANTS, build_sam2_image_encoder, load_sam2_encoder
 from lib.networks.sam_backbone import CheckpointError
-from lib.transforms.affinities import boundary_map, instance_affinities
 
 TINY = HIERA_VARIANTS["tiny"]
 

@@ -12,13 +12,9 @@ import time
 import pytest
 import torch
 
-import lib.networks.lora as lora
-from lib.model import SegmentationModel
-from lib.networks.hf_sam import HFSam
-from lib.networks.lora import (
+import lib.adapters as lora
+from lib.adapters import (
     AdapterError,
-    adapter_spec,
-    adapter_state_dict,
     check_adapter_config,
     check_adapter_tensors,
     history_path,
@@ -29,7 +25,10 @@ from lib.networks.lora import (
     read_adapter,
     restore_adapter,
 )
+from lib.networks.hf_sam import HFSam
+from lib.networks.lora import adapter_spec, adapter_state_dict
 from lib.networks.sam_segmenter import build_segmenter
+from lib.served_model import ServedModel
 
 LABELS = {"white matter": 1, "grey matter": 2}
 S = 256  # tiny backbone input size
@@ -45,10 +44,8 @@ def image():
     return torch.rand(1, 1, S, S, generator=torch.Generator().manual_seed(3))
 
 
-def _segmentation_model(adapter_path, build_network, labels=LABELS, backbone="tiny") -> SegmentationModel:
-    return SegmentationModel(
-        name="hf_sam", labels=dict(labels), backbone=backbone, adapter_path=str(adapter_path), build_network=build_network
-    )
+def _segmentation_model(adapter_path, build_network, labels=LABELS, backbone="tiny") -> ServedModel:
+    return ServedModel(name="hf_sam", labels=dict(labels), backbone=backbone, adapter_path=str(adapter_path), build_network=build_network)
 
 
 def _perturbed(base, seed: int):
@@ -93,7 +90,7 @@ def test_adapter_round_trip_is_bit_exact(tmp_path, base, image):
     load_adapter_state(fresh, payload["state_dict"])
     assert torch.equal(_run(fresh, image), expected)
 
-    # the same through SegmentationModel.load_adapter, into another fresh copy of the base network
+    # the same through ServedModel.load_adapter, into another fresh copy of the base network
     other = copy.deepcopy(base)
     loaded = model.load_adapter(other)
     assert loaded is not None and loaded["version"] == 1
@@ -309,7 +306,7 @@ def test_read_adapter_rejects_non_adapter_files(tmp_path, content):
 def _publish_later(path, state, config) -> int:
     """Publish with a modification time distinct from the previous file's.
 
-    ``SegmentationModel.resident`` notices a new adapter by its mtime alone; file systems stamp times with a
+    ``ServedModel.resident`` notices a new adapter by its mtime alone; file systems stamp times with a
     coarse clock (a few ms), so two publishes within one tick would look identical to it (see the report).
     """
     previous = os.stat(path).st_mtime_ns if os.path.exists(path) else None

@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import lib.model
-from lib.model import autocast, inference_precision
+import lib.compute
+from lib.compute import autocast, inference_precision
 from lib.networks.hf_sam import HFSam
 from lib.networks.masg_sam import MASGSam
 from lib.networks.sam_segmenter import build_segmenter
@@ -54,5 +54,5 @@ def test_auto_precision_follows_the_measured_cpu_speed(monkeypatch, bf16_instruc
     """A CPU with bf16 instructions gets bf16 only where its bf16 products measure clearly faster than fp32."""
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bf16_instructions)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    monkeypatch.setattr(lib.model, "linear_seconds", lambda precision: {"fp32": 1.0, "bf16": bf16_seconds}[precision])
+    monkeypatch.setattr(lib.compute, "linear_seconds", lambda precision: {"fp32": 1.0, "bf16": bf16_seconds}[precision])
     assert inference_precision("auto", "cpu") == expected

@@ -32,7 +32,7 @@ from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
 
 from lib import archives
-from lib.networks.lora import AdapterError, check_adapter_config, publish_adapter, read_adapter
+from lib.adapters import AdapterError, check_adapter_config, publish_adapter, read_adapter
 from lib.networks.sam_backbone import CheckpointError
 from lib.validation import InvalidInput, NotFound, parse_json_object
 from lib.validation import check_image as check_volume

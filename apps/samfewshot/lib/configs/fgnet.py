@@ -14,13 +14,15 @@ from typing import Any
 
 from monailabel.interfaces.config import TaskConfig
 
+from lib.compute import torch_device
 from lib.conf import parse_conf
 from lib.engines.openvino_engine import engine_from_conf
 from lib.infers.affinity_instances import AffinityInstances
-from lib.model import SegmentationModel, resolve_checkpoint, torch_device
 from lib.networks.fgnet import IN_PLANE_STRIDE, FGNet, FGNetOptions, build_fgnet, options_config
 from lib.networks.sam2_backbone import SAM2_CHECKPOINTS
+from lib.served_model import ServedModel
 from lib.trainers.fgnet_trainer import FGNetTrainer
+from lib.weights import resolve_checkpoint
 
 # Patches: 16 sections by 256 x 256 pixels (about 1 um square at 4 nm); the tiny model uses smaller ones on CPU.
 DEFAULT_PATCH = (256, 256, 16)
@@ -48,7 +50,7 @@ class FGNetConfig(TaskConfig):
         self.patch_size = parse_patch(conf["fgnet_patch"] or ",".join(map(str, TINY_PATCH if tiny else DEFAULT_PATCH)))
         self.device = torch_device(conf["device"])
         self.path = os.path.join(model_dir, f"{name}.pt")
-        self.model = SegmentationModel(
+        self.model = ServedModel(
             name=name,
             labels={},
             backbone=variant,

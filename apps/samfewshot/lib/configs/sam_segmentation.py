@@ -8,14 +8,16 @@ from typing import Any
 
 from monailabel.interfaces.config import TaskConfig
 
+from lib.compute import inference_precision, torch_device
 from lib.conf import parse_conf
 from lib.engines.openvino_engine import engine_from_conf
 from lib.infers.embedding_cache import EmbeddingCache
 from lib.infers.interactive import SliceInteraction
 from lib.infers.slice_segmentation import SamSliceInfer, SliceSegmentation
-from lib.model import SegmentationModel, inference_precision, parse_labels, resolve_sam_checkpoint, torch_device
 from lib.networks.sam_segmenter import SamSegmenter, build_segmenter
-from lib.trainers.lora_trainer import LoraTrainer
+from lib.served_model import ServedModel, parse_labels
+from lib.trainers.adapter_trainer import AdapterTrainer
+from lib.weights import resolve_sam_checkpoint
 
 # Label set of the brain-MRI sample datastore.
 DEFAULT_LABELS = {"white matter": 1, "grey matter": 2}
@@ -39,7 +41,7 @@ class SamSegmentationConfig(TaskConfig):
         self.labels = parse_labels(labels)
         self.device = torch_device(conf["device"])
         self.path = os.path.join(model_dir, f"{name}.pt")
-        self.model = SegmentationModel(
+        self.model = ServedModel(
             name=name,
             labels=self.labels,
             backbone=backbone,
@@ -78,7 +80,7 @@ class SamSegmentationConfig(TaskConfig):
             f"{self.name}_interactive": SliceInteraction(self.model, embeddings, **options),
         }
 
-    def trainer(self) -> LoraTrainer:
+    def trainer(self) -> AdapterTrainer:
         config = {"device": self.device, "max_epochs": self.conf["max_epochs"]}
         # Half of the training slices are spent on simulated clicks, boxes and propagation (lib.trainers.interaction).
-        return LoraTrainer(self.model, interactive_share=0.5, config=config)
+        return AdapterTrainer(self.model, interactive_share=0.5, config=config)

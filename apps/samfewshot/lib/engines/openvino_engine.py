@@ -106,7 +106,7 @@ class EncoderEngine:
     """One model's image encoder compiled by OpenVINO, for the adapter the resident network serves.
 
     ``encoder(stamp)`` gives the compiled encoder only when it was built with adapter ``stamp`` (the adapter file's
-    identity, ``SegmentationModel.loaded_stamp``); otherwise the caller runs torch. ``claim(stamp)`` tells whether a
+    identity, ``ServedModel.loaded_stamp``); otherwise the caller runs torch. ``claim(stamp)`` tells whether a
     build for ``stamp`` is yet to start, ``prepare(stamp, graph)`` starts it in the background from ``graph``, a copy
     of the network's ``image_encoding()`` taken with that adapter loaded. A failed build leaves torch serving, its
     reason logged and kept in ``failure``.

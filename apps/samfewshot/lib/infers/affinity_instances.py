@@ -19,9 +19,9 @@ from torch import nn
 
 from lib.engines.openvino_engine import EncoderEngine
 from lib.infers.resident import ResidentModelInfer
-from lib.model import SegmentationModel
+from lib.networks.affinities import AFFINITY_AXES
+from lib.served_model import ServedModel
 from lib.transforms import boundary_map, em_volume_transforms
-from lib.transforms.affinities import AFFINITY_AXES
 
 
 def affinity_watershed(
@@ -135,7 +135,7 @@ class AffinityInstances(ResidentModelInfer):
 
     def __init__(
         self,
-        model: SegmentationModel,
+        model: ServedModel,
         patch_size: Sequence[int],
         device: str = "cpu",
         batch_size: int = 2,

@@ -27,11 +27,12 @@ from monai.data import MetaTensor
 from monai.transforms import CastToTyped, Compose, Invertd, Lambdad, SqueezeDimd
 from monailabel.interfaces.tasks.infer_v2 import InferType
 
+from lib.compute import autocast, torch_threads
 from lib.evaluation import dice
 from lib.infers.embedding_cache import CachedEncoding, EmbeddingCache
 from lib.infers.slice_segmentation import SamSliceInfer
-from lib.model import SegmentationModel, autocast, torch_threads
 from lib.networks.sam_segmenter import SamSegmenter, SliceFeatures
+from lib.served_model import ServedModel
 from lib.transforms.clicks import box_of, click_cells, draw_clicks, error_click
 from lib.transforms.prompts import SlicePrompt, batch_prompts, slice_prompts
 
@@ -209,7 +210,7 @@ class SliceInteraction(SamSliceInfer):
     j1, k0, k1] in voxel indices of the volume as stored; ``label``, the segment's name (3D Slicer), must be one of
     the model's labels when given. The result names the segment (``label_names``) and the slices it covers."""
 
-    def __init__(self, model: SegmentationModel, embeddings: EmbeddingCache, description: str = "", **kwargs):
+    def __init__(self, model: ServedModel, embeddings: EmbeddingCache, description: str = "", **kwargs):
         description = description or (
             f"{model.name} ({model.backbone}): clicks and boxes segment one structure, propagated through the volume"
         )

@@ -16,10 +16,10 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 from torch import nn
 
+from lib.adapters import AdapterError
 from lib.engines.openvino_engine import CompiledEncoder, EncoderEngine
-from lib.model import SegmentationModel
-from lib.networks.lora import AdapterError
 from lib.networks.sam_backbone import CheckpointError
+from lib.served_model import ServedModel
 from lib.validation import http_errors, stored_image_grid
 
 logger = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ class ResidentModelInfer(BasicInferTask):
 
     def __init__(
         self,
-        model: SegmentationModel,
+        model: ServedModel,
         *,
         engine: EncoderEngine | None = None,
         preload: bool = False,

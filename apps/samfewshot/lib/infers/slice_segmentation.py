@@ -14,10 +14,11 @@ from monai.transforms import Activationsd, CastToTyped, Compose, Invertd, Lambda
 from monailabel.transform.writer import Writer
 from monailabel.utils.others.generic import strtobool
 
+from lib.compute import autocast
 from lib.infers.embedding_cache import CachedEncoding, EmbeddingCache
 from lib.infers.resident import ResidentModelInfer
-from lib.model import SegmentationModel, autocast
 from lib.scoring.uncertainty import normalised_entropy, tta_probabilities
+from lib.served_model import ServedModel
 from lib.transforms import argmax_labels, content_slices, inference_transforms
 
 # Logit margin of background over every class on slices without content: softmax gives background with certainty.
@@ -31,7 +32,7 @@ class SamSliceInfer(ResidentModelInfer):
 
     def __init__(
         self,
-        model: SegmentationModel,
+        model: ServedModel,
         embeddings: EmbeddingCache,
         *,
         device: str = "cpu",
@@ -73,7 +74,7 @@ class SliceSegmentation(SamSliceInfer):
     """Load any MONAI-readable volume -> normalise -> axial slices at the model size, in batches -> softmax ->
     back to the input's geometry and orientation -> arg-max label. The result JSON carries ``label_names``."""
 
-    def __init__(self, model: SegmentationModel, embeddings: EmbeddingCache, description: str = "", **kwargs):
+    def __init__(self, model: ServedModel, embeddings: EmbeddingCache, description: str = "", **kwargs):
         description = description or f"{model.name} ({model.backbone}) segmentation of axial slices"
         super().__init__(model, embeddings, description=description, **kwargs)
 

@@ -32,7 +32,7 @@ from monai.networks.blocks import Convolution, ResidualUnit, UpSample
 from segment_anything.modeling.common import LayerNorm2d
 from torch import nn
 
-from ..transforms.affinities import instance_affinities
+from .affinities import instance_affinities
 from .lora import apply_lora, mark_trainable
 from .sam2_backbone import IMAGE_MEAN, IMAGE_STD, HieraSpec, build_sam2_image_encoder, get_hiera_spec, load_sam2_encoder
 from .sam_backbone import seeded_init

@@ -1,30 +1,12 @@
-"""LoRA through peft, and adapter-only checkpoints.
-
-An adapter file holds every trainable tensor (LoRA weights and the modules that train in full) plus the
-config it belongs to, never the frozen backbone. Files are published with write-to-temp + ``os.replace``,
-so a reader never sees half a file and a run killed mid-write leaves the served adapter untouched; every
-publish also keeps a numbered copy under ``history/`` from which an earlier version can be restored.
-"""
+"""LoRA through peft: injection, merging for export, and which parameters train (an adapter holds exactly those;
+its files are ``lib.adapters``)."""
 
 from __future__ import annotations
-
-import datetime
-import errno
-import os
-import tempfile
-from typing import Any
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
-
-ADAPTER_FORMAT = "samfewshot-adapter"
-ADAPTER_FORMAT_VERSION = 1
-
-
-class AdapterError(RuntimeError):
-    """An adapter file is unreadable or belongs to another model configuration."""
 
 
 def apply_lora(model: nn.Module, rank: int, target_modules: str, alpha: float | None = None) -> nn.Module:
@@ -59,133 +41,3 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def adapter_spec(model: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Name -> (shape, dtype) of every tensor an adapter of ``model`` holds (its trainable parameters)."""
     return {n: (tuple(p.shape), p.dtype) for n, p in model.named_parameters() if p.requires_grad}
-
-
-def check_adapter_tensors(state: Any, spec: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
-    """An adapter's state dict must hold exactly the tensors of ``spec`` (``adapter_spec``): same names, shapes and
-    dtypes, finite values."""
-    if not isinstance(state, dict):
-        raise AdapterError(f"its state_dict is a {type(state).__name__}, not a dict of tensors")
-    unknown = sorted(set(state) - set(spec))
-    missing = sorted(set(spec) - set(state))
-    if unknown or missing:
-        raise AdapterError(f"adapter does not fit the model: unknown tensors {unknown[:3]}, missing {missing[:3]}")
-    for name, value in state.items():
-        shape, dtype = spec[name]
-        if not isinstance(value, torch.Tensor):
-            raise AdapterError(f"adapter entry '{name}' is a {type(value).__name__}, not a tensor")
-        if tuple(value.shape) != shape:
-            raise AdapterError(f"adapter tensor '{name}' has shape {tuple(value.shape)}, model {shape}")
-        if value.dtype != dtype:
-            raise AdapterError(f"adapter tensor '{name}' has dtype {value.dtype}, model {dtype}")
-        if value.is_floating_point() and not torch.isfinite(value).all():
-            raise AdapterError(f"adapter tensor '{name}' holds NaN or infinite values")
-
-
-def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy an adapter's tensors into ``model`` after ``check_adapter_tensors``."""
-    check_adapter_tensors(state, adapter_spec(model))
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    with torch.no_grad():
-        for name, value in state.items():
-            params[name].copy_(value)
-
-
-def read_adapter(path: str) -> dict[str, Any]:
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise AdapterError(f"cannot read adapter '{path}': {e}") from e
-    if not isinstance(payload, dict) or payload.get("format") != ADAPTER_FORMAT:
-        raise AdapterError(f"'{path}' is not a samfewshot adapter file")
-    if payload.get("format_version") != ADAPTER_FORMAT_VERSION:
-        raise AdapterError(f"'{path}' has adapter format version {payload.get('format_version')}, expected 1")
-    return payload
-
-
-def check_adapter_config(payload: dict[str, Any], config: dict[str, Any], path: str) -> None:
-    """The adapter must have been trained for the same model configuration (backbone, classes, rank...)."""
-    diff = {k: (payload["config"].get(k), v) for k, v in config.items() if payload["config"].get(k) != v}
-    if diff:
-        raise AdapterError(
-            f"adapter '{path}' was trained for another configuration: "
-            + "; ".join(f"{k}: adapter {a!r}, server {b!r}" for k, (a, b) in diff.items())
-        )
-
-
-def history_dir(path: str) -> str:
-    return os.path.join(os.path.dirname(os.path.abspath(path)), "history")
-
-
-def history_path(path: str, version: int) -> str:
-    stem = os.path.splitext(os.path.basename(path))[0]
-    return os.path.join(history_dir(path), f"{stem}.v{version:04d}.pt")
-
-
-def _atomic_save(obj: Any, path: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def published_version(path: str) -> int:
-    """Version of the adapter served at ``path``; 0 when none was published yet."""
-    return int(read_adapter(path)["version"]) if os.path.exists(path) else 0
-
-
-def publish_adapter(path: str, state: dict[str, torch.Tensor], config: dict[str, Any], info: dict[str, Any] | None = None) -> int:
-    """Publish ``state`` as the next version of the adapter at ``path``; returns the new version number."""
-    # After the next version of both the served file and the history: a withdrawn adapter (DELETE /model/{model})
-    # leaves no served file, and its numbers must not be given out again over the kept copies.
-    version = max([published_version(path), *list_versions(path)]) + 1
-    payload = {
-        "format": ADAPTER_FORMAT,
-        "format_version": ADAPTER_FORMAT_VERSION,
-        "version": version,
-        "created": datetime.datetime.now(datetime.UTC).isoformat(),
-        "config": dict(config),
-        "info": dict(info or {}),
-        "state_dict": state,
-    }
-    kept = history_path(path, version)
-    try:
-        _atomic_save(payload, kept)
-        try:
-            _atomic_save(payload, path)
-        except BaseException:
-            os.remove(kept)  # never list a version that was not served
-            raise
-    except OSError as e:
-        reason = {errno.ENOSPC: "the disk is full", errno.EROFS: "the model directory is read-only"}.get(e.errno, str(e))
-        raise AdapterError(
-            f"cannot publish version {version} of adapter '{path}': {reason} ({e.strerror or e}); version {version - 1} stays served"
-        ) from e
-    return version
-
-
-def list_versions(path: str) -> list[int]:
-    directory = history_dir(path)
-    stem = os.path.splitext(os.path.basename(path))[0] + ".v"
-    if not os.path.isdir(directory):
-        return []
-    return sorted(int(f[len(stem) : -3]) for f in os.listdir(directory) if f.startswith(stem) and f.endswith(".pt"))
-
-
-def restore_adapter(path: str, version: int) -> int:
-    """Serve an earlier version again, published as a new version so every reader notices the change."""
-    old = history_path(path, version)
-    if not os.path.exists(old):
-        raise AdapterError(f"no adapter version {version} for '{path}'; available: {list_versions(path)}")
-    payload = read_adapter(old)
-    info = dict(payload.get("info", {}), restored_from=version)
-    return publish_adapter(path, payload["state_dict"], payload["config"], info)

@@ -19,15 +19,15 @@ from monai.transforms import Compose
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 
-from lib.model import SegmentationModel
 from lib.networks.sam_backbone import encode_with_taps
 from lib.scoring.uncertainty import foreground_uncertainty, tta_probabilities
+from lib.served_model import ServedModel
 from lib.transforms import content_slices, volume_transforms
 
 logger = logging.getLogger(__name__)
 
 
-def body_slices(model: SegmentationModel, image_path: str, max_slices: int) -> torch.Tensor:
+def body_slices(model: ServedModel, image_path: str, max_slices: int) -> torch.Tensor:
     """(N, 1, S, S) normalised axial slices of the volume, evenly spread over the non-empty ones."""
     volume = Compose(volume_transforms(model.img_size, model.modality))({"image": image_path})["image"].as_tensor()
     indexes = torch.nonzero(content_slices(volume)).flatten()
@@ -43,7 +43,7 @@ class VolumeScoring(ScoringMethod):
     key: str = ""
     value_key: str = ""
 
-    def __init__(self, models: dict[str, SegmentationModel], device: str, description: str, max_slices: int = 24):
+    def __init__(self, models: dict[str, ServedModel], device: str, description: str, max_slices: int = 24):
         super().__init__(description)
         self.models = models
         self.device = device

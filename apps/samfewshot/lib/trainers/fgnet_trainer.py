@@ -22,8 +22,8 @@ from monailabel.tasks.train.basic_train import Context
 
 from lib.evaluation import instance_scores
 from lib.infers.affinity_instances import affinity_watershed
-from lib.model import SegmentationModel
-from lib.trainers.lora_trainer import LoraTrainer
+from lib.served_model import ServedModel
+from lib.trainers.adapter_trainer import AdapterTrainer
 from lib.transforms import em_training_transforms, em_volume_transforms, instance_affinities
 
 
@@ -57,13 +57,11 @@ class InstanceAgreement(Metric):
         return float(np.mean(self._scores)) if self._scores else 0.0
 
 
-class FGNetTrainer(LoraTrainer):
+class FGNetTrainer(AdapterTrainer):
     TRAIN_METRIC = "train_boundary_dice"
     VAL_METRIC = "val_instance_agreement"
 
-    def __init__(
-        self, model: SegmentationModel, patch_size: Sequence[int], samples_per_volume: int = 4, config: dict[str, Any] | None = None
-    ):
+    def __init__(self, model: ServedModel, patch_size: Sequence[int], samples_per_volume: int = 4, config: dict[str, Any] | None = None):
         self.patch_size = tuple(patch_size)
         self.samples_per_volume = samples_per_volume
         super().__init__(model, description=f"Incremental fine-tuning of {model.name} on neuron instance labels", config=config)

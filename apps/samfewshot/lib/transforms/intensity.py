@@ -1,4 +1,5 @@
-"""Intensity normalisation by modality (DESIGN.md): CT -> HU window [-125, 275] -> [0, 1]; others -> percentiles."""
+"""Intensity normalisation by modality (docs/architecture.md, data conventions): CT -> HU window [-125, 275] -> [0, 1];
+others -> percentiles."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Label remapping: client label ids -> model label ids, matched by name (DESIGN.md, data conventions)."""
+"""Label remapping: client label ids -> model label ids, matched by name (docs/architecture.md, data conventions)."""
 
 from __future__ import annotations
 

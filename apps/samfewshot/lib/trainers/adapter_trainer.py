@@ -1,4 +1,5 @@
-"""Incremental LoRA fine-tuning on saved ``final`` labels; shared by every SAM segmentation model.
+"""Incremental fine-tuning of a served model's adapter on saved ``final`` labels: the LoRA weights and the modules that
+train in full; shared by every model (FGNet's subclass adds its EM data and metrics, at LoRA rank 0 by default).
 
 Training samples foreground-weighted axial slices; validation segments whole held-out volumes slice by slice.
 The train/val split is persisted so a volume that was ever trained on never becomes a validation volume. Each
@@ -34,10 +35,11 @@ from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 from monailabel.utils.others.generic import strtobool
 
+from lib.adapters import AdapterError, publish_adapter
 from lib.interactions import INTERACTIONS_KEY
-from lib.model import SegmentationModel
 from lib.monailabel_compat import HookedEngines
-from lib.networks.lora import AdapterError, adapter_state_dict, publish_adapter
+from lib.networks.lora import adapter_state_dict
+from lib.served_model import ServedModel
 from lib.trainers.interaction import SimulatedInteraction, prepare_prompted_batch
 from lib.transforms import training_slice_transforms, volume_transforms
 
@@ -67,14 +69,14 @@ def free_loopback_port() -> int:
         return s.getsockname()[1]
 
 
-class LoraTrainer(HookedEngines, BasicTrainTask):
-    """Fine-tunes the LoRA adapter (and the other trainable modules) of a ``SegmentationModel``."""
+class AdapterTrainer(HookedEngines, BasicTrainTask):
+    """Fine-tunes the adapter (LoRA weights and the other trainable modules) of a ``ServedModel``."""
 
     prepare_batch = staticmethod(prepare_prompted_batch)  # the simulated prompts reach the network
 
     def __init__(
         self,
-        model: SegmentationModel,
+        model: ServedModel,
         description: str = "",
         lr: float = 1e-3,
         weight_decay: float = 0.1,

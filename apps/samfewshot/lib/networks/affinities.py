@@ -1,4 +1,4 @@
-"""Nearest-neighbour affinities of an instance label (DESIGN.md: FGNet uses the z, y and x offsets).
+"""Nearest-neighbour affinities of an instance label (FGNet's targets and its boundary map; z, y and x offsets).
 
 Arrays are in MONAI's (X, Y, Z) order with Z the section axis; affinity channel 0 is the z offset, 1 the y
 offset, 2 the x offset, as connectomics tools order them. Channel c at voxel v describes the edge between v and
