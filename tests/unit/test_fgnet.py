@@ -119,9 +119,6 @@ def test_frozen_and_trainable_parameters():
     lora = build_fgnet("tiny", lora_rank=4)
     lora_trainable = {n for n, p in lora.named_parameters() if p.requires_grad and n.startswith("sam.encoder.")}
     assert lora_trainable and all("lora_" in n and ".attn.qkv." in n for n in lora_trainable)
-    # Seeded construction: every process builds the same frozen encoder.
-    again = build_fgnet("tiny", lora_rank=0)
-    assert all(torch.equal(a, b) for a, b in zip(frozen.state_dict().values(), again.state_dict().values()))
 
 
 def test_official_sam2_checkpoint_loads_through_the_loader(tmp_path):
