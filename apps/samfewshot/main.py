@@ -63,11 +63,13 @@ class SamFewShotApp(AppFixes, MONAILabelApp):
         self.auto_scoring = conf["auto_scoring"]
         self.handouts = Handouts(timeout_s=conf["handout_timeout"])
         self.endpoint_groups = routes.parse_endpoint_groups(conf["endpoints"])
-        # The DICOM SEG writer (unnamed segments take the models' names), token check, sessions, inference queue
-        # and route policy, before MONAI Label builds the datastore.
-        monailabel_compat.install(
-            self.model_dir, self.endpoint_groups, {n: i for c in self.models.values() for n, i in c.model.labels.items()}
-        )
+        # The DICOM SEG writer (unnamed segments take the models' names), token check, sessions and inference
+        # queue, then the route policy, before MONAI Label builds the datastore.
+        names = {n: i for config in self.models.values() for n, i in config.model.labels.items()}
+        monailabel_compat.install(self.model_dir, self.endpoint_groups, names)
+        server = monailabel_compat.fastapi_app()
+        if server is not None:
+            routes.install(server, self.endpoint_groups)
         self._final_label_ts: dict[str, int] = {}
         self.interactions = InteractionLog()
         self._train_lock = threading.Lock()
@@ -127,12 +129,12 @@ class SamFewShotApp(AppFixes, MONAILabelApp):
         """MONAI Label's infer; a requested per-voxel uncertainty map is stored as the image's 'uncertainty' label,
         and the prompts of an interactive request on a datastore volume are remembered for its next final label."""
         with http_errors():
-            check_choice(request.get("model"), self._infers, "model")
+            check_choice(request.get("model"), monailabel_compat.infers(self), "model")
         result = super().infer(request, datastore)
         uncertainty = (result.get("params") or {}).get("uncertainty")
         image_id = request.get("image")
         datastore = datastore or self.datastore()
-        if self._infers[request["model"]].type == InferType.DEEPGROW and image_id in datastore.list_images():
+        if monailabel_compat.infers(self)[request["model"]].type == InferType.DEEPGROW and image_id in datastore.list_images():
             self.interactions.record(image_id, request)
         if uncertainty and uncertainty.get("file"):
             path = uncertainty.pop("file")
@@ -151,7 +153,7 @@ class SamFewShotApp(AppFixes, MONAILabelApp):
 
     def next_sample(self, request):
         with http_errors():
-            check_choice(request.get("strategy") or "random", self._strategies, "strategy")
+            check_choice(request.get("strategy") or "random", monailabel_compat.strategies(self), "strategy")
         return super().next_sample(request)
 
     def on_init_complete(self):
@@ -169,9 +171,9 @@ class SamFewShotApp(AppFixes, MONAILabelApp):
     def async_scoring(self, method, params=None):
         """In the server, MONAI Label's queued scoring subprocess; elsewhere (a training subprocess, scripts) the
         scoring runs right here instead of being posted to a server on a guessed port."""
-        if self._server_mode:
+        if monailabel_compat.server_mode(self):
             return super().async_scoring(method, params)
-        methods = [method] if method else list(self._scoring_methods)
+        methods = [method] if method else list(monailabel_compat.scoring_methods(self))
         return {m: self.scoring({"method": m, **((params or {}).get(m) or {})}) for m in methods}
 
     def _final_label_stamps(self) -> dict[str, int]:
@@ -206,7 +208,7 @@ class SamFewShotApp(AppFixes, MONAILabelApp):
                 return result
             waiting = {t["request"].get("model") for t in tasks("train") if t["status"] == "SUBMITTED"}
             started = []
-            for model in self._trainers:
+            for model in monailabel_compat.trainers(self):
                 if model not in waiting:
                     AsyncTask.run("train", request={"model": model}, enqueue=True)
                     started.append(model)

@@ -13,14 +13,24 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import monailabel
+import monailabel.datastore.dicom
+import monailabel.datastore.utils.convert
+import monailabel.endpoints.infer
 from fastapi import FastAPI
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monailabel.config import settings
+from monailabel.datastore.dicom import DICOMWebDatastore
+from monailabel.endpoints.user import auth
 from monailabel.tasks.train.basic_train import Context
+
+from lib.auth import from_token
+from lib.dicom_seg import write_dicom_seg
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +73,7 @@ WORKAROUNDS = (
         "these become --conf or documented defaults upstream (they stay settings)",
     ),
     Workaround(
-        "install: lib.routes.install on monailabel.app.app (FastAPI's private APIRouter._mark_routes_changed)",
+        "lib.routes.install on monailabel.app.app (FastAPI's private APIRouter._mark_routes_changed), from main.py",
         "serves unchecked endpoints that read and write outside the datastore (sessions, infer params replacing the "
         "image, archives unpacked anywhere, OHIF static files by any path, wsi, reload): see README 'Security'",
         "never for the policy itself; the private call goes when FastAPI stops caching included routes",
@@ -85,12 +95,41 @@ WORKAROUNDS = (
         "monailabel passes its hooks through and makes the checkpoint handler optional",
     ),
     Workaround(
+        "infers, trainers, strategies, scoring_methods, server_mode: MONAILabelApp's private _infers, _trainers, "
+        "_strategies, _scoring_methods, _server_mode",
+        "keeps the app's tasks and whether it serves in private attributes, with no public accessor; the route checks "
+        "and the app's own infer/next_sample/scoring need them by name",
+        "monailabel exposes them (read-only accessors)",
+    ),
+    Workaround(
         "lib.infers.resident.ResidentModelInfer._get_network, lib.handlers (the app's bodies of unsafe endpoints)",
         "builds a network per task from a file path; the app serves one resident network per model, hot-swapping "
         "adapters. The handlers: see their docstrings",
         "a protected hook monailabel's sample apps override too; stays",
     ),
 )
+
+
+def infers(app) -> dict[str, Any]:
+    """The app's infer tasks by name (MONAILabelApp keeps them in ``_infers`` without a public accessor)."""
+    return app._infers
+
+
+def trainers(app) -> dict[str, Any]:
+    return app._trainers
+
+
+def strategies(app) -> dict[str, Any]:
+    return app._strategies
+
+
+def scoring_methods(app) -> dict[str, Any]:
+    return app._scoring_methods
+
+
+def server_mode(app) -> bool:
+    """Whether the app runs inside a server (MONAILabelApp's ``_server_mode``), not a subprocess or a script."""
+    return app._server_mode
 
 
 def check_version(version: str = monailabel.__version__) -> None:
@@ -103,21 +142,14 @@ def check_version(version: str = monailabel.__version__) -> None:
 
 
 def install(model_dir: str, endpoint_groups: frozenset[str], default_labels: Mapping[str, int]) -> None:
-    """Apply the workarounds that change monailabel's modules and settings (idempotent)."""
-    import monailabel.datastore.dicom
-    import monailabel.datastore.utils.convert
-    import monailabel.endpoints.infer
-    from monailabel.endpoints.user import auth
-
-    from lib import dicom_seg, routes
-    from lib.auth import from_token
-
+    """Apply the workarounds that change monailabel's modules and settings (idempotent). The route policy is
+    installed by the app itself (``lib.routes.install``), once the server's FastAPI application exists."""
     check_version()
     auth.from_token = from_token
 
     def nifti_to_dicom_seg(series_dir, label, label_info, file_ext="*", use_itk=True) -> str:
         # monailabel's signature; file_ext and use_itk (dcmqi) have no meaning for the highdicom writer
-        return dicom_seg.write_dicom_seg(series_dir, label, label_info, default_labels)
+        return write_dicom_seg(series_dir, label, label_info, default_labels)
 
     for module in (monailabel.datastore.utils.convert, monailabel.datastore.dicom, monailabel.endpoints.infer):
         module.nifti_to_dicom_seg = nifti_to_dicom_seg
@@ -130,23 +162,14 @@ def install(model_dir: str, endpoint_groups: frozenset[str], default_labels: Map
     if "MONAI_LABEL_INFER_CONCURRENCY" not in os.environ:
         settings.MONAI_LABEL_INFER_CONCURRENCY = 1
 
-    server = fastapi_app()
-    if server is not None:
-        routes.install(server, endpoint_groups)
-
 
 def fastapi_app() -> FastAPI | None:
     """MONAI Label's FastAPI application inside a server; None in a training subprocess or a script."""
-    import sys
-
-    module = sys.modules.get("monailabel.app")
-    return getattr(module, "app", None)
+    return getattr(sys.modules.get("monailabel.app"), "app", None)
 
 
 def clear_dicomweb_lists() -> None:
     """Drop MONAI Label's cached DICOMweb series lists, so a SEG just stored counts as a label at once."""
-    from monailabel.datastore.dicom import DICOMWebDatastore
-
     for method in (DICOMWebDatastore.list_images, DICOMWebDatastore.get_labeled_images):
         method.cache.clear()
 

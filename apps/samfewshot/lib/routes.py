@@ -33,7 +33,7 @@ from fastapi.routing import APIRoute, APIRouter
 from starlette.routing import BaseRoute, Mount
 from starlette.routing import Route as StarletteRoute
 
-from lib import handlers
+from lib import handlers, monailabel_compat
 from lib.datastore import image_exists, label_exists
 from lib.validation import (
     COMMON_OPTIONS,
@@ -95,7 +95,7 @@ def _app():
 
 
 def served_model(args: Args) -> None:
-    check_choice(args["model"], _app()._infers, "model")
+    check_choice(args["model"], monailabel_compat.infers(_app()), "model")
 
 
 def _datastore_image(image: Any, what: str = "image") -> str:
@@ -206,7 +206,7 @@ def check_dataset(args: Args) -> None:
 
 
 def check_train(args: Args) -> None:
-    check_choice(args["model"], _app()._trainers, "model")
+    check_choice(args["model"], monailabel_compat.trainers(_app()), "model")
     options = check_options(args.get("params"), "train options")
     check_same(options, "model", args["model"], "train options")
     check_train_options(options)
@@ -214,7 +214,7 @@ def check_train(args: Args) -> None:
 
 def check_train_all(args: Args) -> None:
     """``POST /train/`` (3D Slicer and OHIF): options for every model, or per model under its name."""
-    trainers = _app()._trainers
+    trainers = monailabel_compat.trainers(_app())
     options = check_options(args.get("params"), "train options")
     if "model" in options:
         raise InvalidInput("name a model in the URL (POST /train/{model}) or as a key of the options, not as 'model'")
@@ -226,7 +226,7 @@ def check_train_all(args: Args) -> None:
 
 
 def check_strategy(args: Args) -> None:
-    check_choice(args["strategy"], _app()._strategies, "strategy")
+    check_choice(args["strategy"], monailabel_compat.strategies(_app()), "strategy")
     options = check_options(args.get("params"), "active learning options")
     check_same(options, "strategy", args["strategy"], "active learning options")
     check_keys(options, STRATEGY_OPTIONS, (), "active learning options")
@@ -248,14 +248,14 @@ def _scoring_options(options: Any, what: str) -> None:
 
 
 def check_scoring(args: Args) -> None:
-    check_choice(args["method"], _app()._scoring_methods, "scoring method")
+    check_choice(args["method"], monailabel_compat.scoring_methods(_app()), "scoring method")
     options = check_options(args.get("params"), "scoring options")
     check_same(options, "method", args["method"], "scoring options")
     _scoring_options(options, "scoring options")
 
 
 def check_scoring_all(args: Args) -> None:
-    methods = _app()._scoring_methods
+    methods = monailabel_compat.scoring_methods(_app())
     options = check_options(args.get("params"), "scoring options")
     if "method" in options:
         raise InvalidInput("name a scoring method in the URL (POST /scoring/{method}) or as a key of the options")

@@ -45,7 +45,18 @@ def parse_labels(labels: dict[str, int]) -> dict[str, int]:
 
 @dataclass
 class ServedModel(ProcessLocal):
-    """One served segmentation model: ``build_network()`` gives its network with LoRA and frozen base weights."""
+    """One served segmentation model: ``build_network()`` gives its network with LoRA and frozen base weights.
+
+    Attributes:
+        name: the model's name in MONAI Label; also names its adapter's config and its training files.
+        labels: {label name: id} with ids 1..N (``parse_labels``); background 0 is not listed. {} for FGNet's instances.
+        backbone: the encoder variant: SAM's ``vit_b``/``vit_l``/``vit_h``/``tiny``, or FGNet's SAM2 ``hiera_*``/``tiny``.
+        adapter_path: the published adapter file; absent until a training run publishes one (base weights are served).
+        build_network: builds a fresh network (LoRA added, no adapter loaded): each device's resident one, training's.
+        modality: ``auto`` or a DICOM modality code: picks the intensity normalisation, and words MASG-SAM's class prompts.
+        lora_rank: LoRA rank of the network and its adapter (FGNet: SAM2's, 0 keeps the encoder frozen).
+        options: model-specific settings an adapter must agree with to be loaded (``adapter_config``).
+    """
 
     name: str
     labels: dict[str, int]

@@ -131,6 +131,18 @@ class AffinityInstances(ResidentModelInfer):
 
     Request options: ``seed_affinity`` (default 0.9), ``merge_affinity`` (0.5), ``min_fragment_size`` in voxels (50),
     ``sw_overlap`` (0.25).
+
+    Args:
+        model: the served FGNet model.
+        patch_size: (X, Y, Z) sliding-window patch in voxels, X and Y multiples of 32; the engine compiles for (X, Y).
+        device: the default device requests run on, and the resident network lives on (``cpu``, ``cuda`` ...).
+        batch_size: patches per forward of the sliding window.
+        seed_affinity: default mean affinity a voxel needs to seed the watershed (in (0, 1]); a request may override it.
+        merge_affinity: default mean contact affinity above which neighbouring fragments merge (in [0, 1]).
+        min_fragment_size: default size in voxels below which an instance dissolves into its neighbours.
+        description: the task's description in MONAI Label; default names the model and its backbone.
+        preload: build the resident network (and start the engine's build) at start-up rather than on the first request.
+        engine: compiles FGNet's SAM2 section encoder for CPU requests; None runs torch throughout.
     """
 
     def __init__(

@@ -208,7 +208,15 @@ class SliceInteraction(SamSliceInfer):
     """``<model>_interactive``: clicks and an optional box on a volume -> the clicked structure's binary mask on the
     volume's own grid (1 inside). Request: ``foreground``/``background`` [[i, j, k], ...] and ``roi`` [i0, i1, j0,
     j1, k0, k1] in voxel indices of the volume as stored; ``label``, the segment's name (3D Slicer), must be one of
-    the model's labels when given. The result names the segment (``label_names``) and the slices it covers."""
+    the model's labels when given. The result names the segment (``label_names``) and the slices it covers.
+
+    Args:
+        model: the served SAM model; its resident network, adapter and labels are the segmentation task's.
+        embeddings: the model's image-embedding cache, shared with its segmentation task, so clicks on a volume just
+            segmented run only the decoder.
+        description: the task's description in MONAI Label; default names the model and its backbone.
+        kwargs: passed on to ``SamSliceInfer`` (``device``, ``batch_size``, ``precision``, ``preload``, ``engine``).
+    """
 
     def __init__(self, model: ServedModel, embeddings: EmbeddingCache, description: str = "", **kwargs):
         description = description or (

@@ -26,7 +26,16 @@ logger = logging.getLogger(__name__)
 
 
 class ResidentModelInfer(BasicInferTask):
-    """A 3D segmentation task on ``model``'s resident network; subclasses add description and config."""
+    """A 3D segmentation task on ``model``'s resident network; subclasses add description and config.
+
+    Args:
+        model: the served model whose resident network (on the request's device) runs and whose labels are reported.
+        engine: compiles the network's image encoder (``encoding_graph``) for CPU requests; None runs torch throughout.
+        preload: build the resident network and start the engine's build at start-up, not on the first request; a
+            missing checkpoint or bad adapter is then logged and the server starts anyway.
+        type: MONAI Label infer type the task reports (``segmentation``; ``deepgrow`` for clicks).
+        kwargs: passed on to ``BasicInferTask`` (``description``, ``config`` ...).
+    """
 
     def __init__(
         self,
@@ -42,8 +51,8 @@ class ResidentModelInfer(BasicInferTask):
         super().__init__(path=model.adapter_path, network=None, type=type, labels=model.labels, dimension=3, **kwargs)
         if preload:
             try:
-                self.model.resident(self._config["device"])
-                self.compiled_encoder(self._config["device"])
+                self.model.resident(self.config()["device"])
+                self.compiled_encoder(self.config()["device"])
             except (CheckpointError, AdapterError) as e:
                 # The server still starts; every request to this model answers with the reason.
                 logger.error(f"{model.name}: cannot preload: {e}")

@@ -28,7 +28,17 @@ BACKGROUND_LOGIT_GAP = 1e4
 class SamSliceInfer(ResidentModelInfer):
     """What the SAM models' tasks share: the resident network behind an image-embedding cache (one per model, passed
     to each of its tasks, so a click on a volume just segmented runs only the decoder), the inference transforms,
-    slice batches and precision."""
+    slice batches and precision.
+
+    Args:
+        model: the served SAM model (HF-SAM or MASG-SAM); its ``img_size`` and ``modality`` set the inference transforms.
+        embeddings: the model's image-embedding cache, shared by all its tasks; ``max_bytes`` 0 turns it off.
+        device: the default device requests run on, and the resident network lives on (``cpu``, ``cuda``, ``cuda:1`` ...).
+        batch_size: slices per forward (and per encoder batch when propagating clicks); a request's ``batch_size`` overrides it.
+        precision: ``fp32``, or ``bf16`` to run the network under autocast (already resolved from ``auto``).
+        preload: build the resident network at start-up rather than on the first request.
+        kwargs: passed on to ``ResidentModelInfer`` (``engine``, ``type``, ``description`` ...).
+    """
 
     def __init__(
         self,
@@ -72,7 +82,14 @@ class SamSliceInfer(ResidentModelInfer):
 
 class SliceSegmentation(SamSliceInfer):
     """Load any MONAI-readable volume -> normalise -> axial slices at the model size, in batches -> softmax ->
-    back to the input's geometry and orientation -> arg-max label. The result JSON carries ``label_names``."""
+    back to the input's geometry and orientation -> arg-max label. The result JSON carries ``label_names``.
+
+    Args:
+        model: the served SAM model.
+        embeddings: the model's image-embedding cache, shared with its interactive task.
+        description: the task's description in MONAI Label; default names the model and its backbone.
+        kwargs: passed on to ``SamSliceInfer`` (``device``, ``batch_size``, ``precision``, ``preload``, ``engine``).
+    """
 
     def __init__(self, model: ServedModel, embeddings: EmbeddingCache, description: str = "", **kwargs):
         description = description or f"{model.name} ({model.backbone}) segmentation of axial slices"

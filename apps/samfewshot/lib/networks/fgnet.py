@@ -42,7 +42,14 @@ IN_PLANE_STRIDE = 32  # Hiera's total in-plane stride: patch sides must be multi
 
 @dataclass(frozen=True)
 class FGNetOptions:
-    """Widths of the fine branch and attention settings; part of every adapter's config."""
+    """Widths of the fine branch and attention settings; part of every adapter's config.
+
+    Attributes:
+        fine_channels: (c0, c1, c2) FGE widths at full, 1/2 and 1/4 in-plane resolution; SAM2's features are projected to c2.
+        attention_heads: heads of both FGA blocks; must divide c1 and c2.
+        attention_window: side in voxels of FGA's in-plane windows at 1/4 and 1/2 resolution; X/4 and Y/4 must be multiples of it.
+        coarse_loss_weight: weight of the coarse head's affinity loss beside the refined head's.
+    """
 
     fine_channels: tuple[int, int, int] = (16, 32, 64)
     attention_heads: int = 4
@@ -55,6 +62,11 @@ class SamSectionFeatures(nn.Module):
 
     Sections are encoded as 3-channel ImageNet-normalised images, ``section_batch`` at a time. Without LoRA the
     encoder is frozen and runs without autograd, which keeps training memory to the fine branch's.
+
+    Args:
+        spec: the SAM2 Hiera variant to build the encoder of (``get_hiera_spec``).
+        out_channels: C, the width each FPN level is projected to (1x1 conv + LayerNorm2d) before the levels are summed.
+        section_batch: sections per encoder pass; bounds memory, not the result.
     """
 
     def __init__(self, spec: HieraSpec, out_channels: int, section_batch: int = 16):
@@ -93,7 +105,12 @@ class SamSectionFeatures(nn.Module):
 
 class SectionEncoding(nn.Module):
     """``SamSectionFeatures.fpn`` as one graph for an inference engine: (N, 1, X, Y) -> the three FPN maps as a
-    tuple (``unflatten`` gives ``encode``'s list)."""
+    tuple (``unflatten`` gives ``encode``'s list).
+
+    Args:
+        features: the module whose SAM2 encoder runs; shared, not copied.
+        section_size: (X, Y), the in-plane patch size the engine compiles the graph for.
+    """
 
     def __init__(self, features: SamSectionFeatures, section_size: tuple[int, int]):
         super().__init__()
@@ -109,7 +126,11 @@ class SectionEncoding(nn.Module):
 
 
 class FineGrainedEncoder(nn.Module):
-    """Raw patch at full resolution -> [f0 (B, c0, X, Y, Z), f1 (B, c1, X/2, Y/2, Z), f2 (B, c2, X/4, Y/4, Z)]."""
+    """Raw patch at full resolution -> [f0 (B, c0, X, Y, Z), f1 (B, c1, X/2, Y/2, Z), f2 (B, c2, X/4, Y/4, Z)].
+
+    Args:
+        channels: (c0, c1, c2), the widths of the stem and of the two in-plane downsampling residual units.
+    """
 
     def __init__(self, channels: tuple[int, int, int]):
         super().__init__()
@@ -131,6 +152,12 @@ class FeatureGuidedAttention(nn.Module):
     (queries: fine features; keys/values: guide features). Windows keep the cost linear in the patch size, and
     staying within a section respects the anisotropy. The gate, from the guide alone, decides where the attended
     context is added: that is how SAM2's features point the fine branch to ambiguous regions.
+
+    Args:
+        channels: C, the fine features' channels (queries and output); must be divisible by ``num_heads``.
+        guide_channels: G, the guide features' channels (keys, values and the gate).
+        num_heads: attention heads.
+        window: side in voxels of the square in-plane windows; X and Y must be multiples of it.
     """
 
     def __init__(self, channels: int, guide_channels: int, num_heads: int, window: int):
@@ -167,7 +194,12 @@ class FeatureGuidedAttention(nn.Module):
 
 
 class AffinityHead(nn.Sequential):
-    """(B, C, ...) -> (B, 3, ...) affinity logits for the (z, y, x) offsets."""
+    """(B, C, ...) -> (B, 3, ...) affinity logits for the (z, y, x) offsets.
+
+    Args:
+        in_channels: C, the input features' channels.
+        hidden: channels of the 3x3x3 conv (instance norm, PReLU: MONAI ``Convolution``'s defaults) before the 1x1x1 output conv.
+    """
 
     def __init__(self, in_channels: int, hidden: int):
         super().__init__(Convolution(3, in_channels, hidden, kernel_size=3), nn.Conv3d(hidden, 3, 1))
@@ -186,7 +218,12 @@ def balanced_affinity_loss(logits: torch.Tensor, target: torch.Tensor, mask: tor
 
 class FGNet(nn.Module):
     """forward: (B, 1, X, Y, Z) in [0, 1], X and Y multiples of 32 -> refined affinity logits (B, 3, X, Y, Z);
-    in training mode (B, 6, X, Y, Z): refined then coarse, both needed by ``training_loss``."""
+    in training mode (B, 6, X, Y, Z): refined then coarse, both needed by ``training_loss``.
+
+    Args:
+        spec: the SAM2 Hiera variant of the section encoder (``get_hiera_spec``).
+        options: widths of the fine branch, FGA heads and window, and the coarse-loss weight (see ``FGNetOptions``).
+    """
 
     #: parameter-name prefixes that train beside the (optional) LoRA weights: everything but the SAM2 encoder
     trainable_prefixes = (

@@ -27,6 +27,11 @@ class AWFFM(nn.Module):
     channel-wise mean and max maps), projected back to C channels and added to ``high`` through a learned
     per-channel gate that starts at zero: at initialisation the pretrained embedding passes unchanged, and
     fusion can only add to it, never suppress it.
+
+    Args:
+        channels: C, the channels of ``high`` and of every low-level source.
+        num_low: L, how many low-level sources ``forward`` gets.
+        reduction: hidden-width divisor of the channel-attention MLP over the (1 + L) * C concatenated channels.
     """
 
     def __init__(self, channels: int, num_low: int, reduction: int = 4):
@@ -43,7 +48,12 @@ class AWFFM(nn.Module):
 
 
 class HFSam(SamSegmenter):
-    """HF-SAM; forward: (B, 1 or 3, S, S) in [0, 1] -> logits (B, num_classes, S, S)."""
+    """HF-SAM; forward: (B, 1 or 3, S, S) in [0, 1] -> logits (B, num_classes, S, S).
+
+    Args:
+        spec: SAM encoder geometry; its first two global-attention blocks are tapped for the low-level features.
+        num_classes: classes including the background (>= 2).
+    """
 
     trainable_prefixes = SamSegmenter.trainable_prefixes + ("fusion_before.", "fusion_after.")
 

@@ -43,7 +43,12 @@ def masg_tap_indexes(depth: int) -> tuple[int, ...]:
 
 
 class HierarchicalAttentionEnhancement(nn.Module):
-    """embedding (B, C, h, w), taps L x (B, C, h, w) -> (B, C, h, w); see the module docstring."""
+    """embedding (B, C, h, w), taps L x (B, C, h, w) -> (B, C, h, w); see the module docstring.
+
+    Args:
+        channels: C, the channels of the embedding and of every tap.
+        num_levels: levels attended and weighted: the L taps plus the embedding itself (L + 1).
+    """
 
     def __init__(self, channels: int, num_levels: int):
         super().__init__()
@@ -61,7 +66,13 @@ class HierarchicalAttentionEnhancement(nn.Module):
 
 
 class BoundaryFeatureEnhancement(nn.Module):
-    """Boundary logits from image edges + the shallowest tap, and the re-weighting of decoder features."""
+    """Boundary logits from image edges + the shallowest tap, and the re-weighting of decoder features.
+
+    Args:
+        tap_channels: channels of the tap ``boundary_logits`` reads.
+        feature_channels: channels of the upscaled decoder features ``forward`` re-weights (one emphasis each).
+        hidden: width of the boundary head's convs (the tap is first reduced to it by a 1x1 conv).
+    """
 
     def __init__(self, tap_channels: int, feature_channels: int, hidden: int = 32):
         super().__init__()
@@ -97,7 +108,14 @@ def boundary_target(label: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 class DynamicSemanticFusion(nn.Module):
-    """Class text embeddings -> mask-token priors (K, C) and a gated image-to-text cross-attention."""
+    """Class text embeddings -> mask-token priors (K, C) and a gated image-to-text cross-attention.
+
+    Args:
+        text_dim: D, the width of the class text embeddings.
+        channels: C, the decoder width the text is projected to and the image embedding has.
+        num_heads: heads of the cross-attention; must divide ``channels``.
+        ramp_steps: training steps of a run (forwards in training mode) over which the gate's ramp rises linearly from 0 to 1.
+    """
 
     def __init__(self, text_dim: int, channels: int, num_heads: int, ramp_steps: int = 200):
         super().__init__()
@@ -132,6 +150,15 @@ class MASGSam(SamSegmenter):
     """MASG-SAM; forward: (B, 1 or 3, H, W) in [0, 1] -> logits (B, num_classes, H, W).
 
     ``class_text`` (num_classes, D) holds the class prompt embeddings (background first); needed with ``use_dsf``.
+
+    Args:
+        spec: SAM encoder geometry; taps sit at 1/3, 1/2, 2/3 and all of its depth (``masg_tap_indexes``).
+        num_classes: classes including the background (>= 2).
+        class_text: (num_classes, D) text embeddings of the class prompts (``text.py``); ignored without ``use_dsf``.
+        use_hae: build Hierarchical Attention Enhancement (fuses the taps into the image embedding).
+        use_bfe: build Boundary Feature Enhancement (boundary branch, its loss and the feature re-weighting).
+        use_dsf: build Dynamic Semantic Fusion (text priors on the class tokens and the image-to-text attention).
+        boundary_weight: weight of the boundary Dice + BCE loss beside the segmentation loss (with ``use_bfe``).
     """
 
     trainable_prefixes = SamSegmenter.trainable_prefixes + ("hae.", "bfe.", "dsf.")

@@ -70,7 +70,13 @@ class SliceFeatures:
 
 class ChannelSpatialAttention(nn.Module):
     """CBAM-style attention: channel weights from a shared MLP on average- and max-pooled descriptors, then a
-    spatial map from a conv over the channel-wise mean and max; (B, C, h, w) -> (B, C, h, w)."""
+    spatial map from a conv over the channel-wise mean and max; (B, C, h, w) -> (B, C, h, w).
+
+    Args:
+        channels: C, the channels of the input (and output).
+        reduction: the channel MLP's hidden width is ``channels // reduction``.
+        spatial_kernel: side of the spatial map's conv kernel (odd, so the map keeps the input's size).
+    """
 
     def __init__(self, channels: int, reduction: int = 4, spatial_kernel: int = 7):
         super().__init__()
@@ -86,7 +92,11 @@ class ChannelSpatialAttention(nn.Module):
 
 class ImageEncoding(nn.Module):
     """``SamSegmenter.encode`` as one graph for an inference engine: (B, 3, S, S) -> (embedding, *taps), a flat tuple
-    (``unflatten`` turns it back into ``encode``'s result)."""
+    (``unflatten`` turns it back into ``encode``'s result).
+
+    Args:
+        network: the segmenter whose encoder (and tap projections) run; shared, not copied. S is its ``spec.img_size``.
+    """
 
     def __init__(self, network: SamSegmenter):
         super().__init__()
@@ -106,6 +116,11 @@ class SamSegmenter(nn.Module):
     """SAM as a semantic segmenter of ``num_classes`` classes (background included).
 
     forward: (B, 1 or 3, H, W) in [0, 1] -> logits (B, num_classes, H, W); inputs are resized to ``spec.img_size``.
+
+    Args:
+        spec: geometry of the SAM image encoder, prompt encoder and mask decoder (``get_encoder_spec``).
+        num_classes: classes including the background (>= 2); the decoder gets one mask token and head per class.
+        tap_indexes: encoder blocks whose outputs the hooks read, each projected to ``spec.prompt_dim``; () for none.
     """
 
     #: parameter-name prefixes that train beside the LoRA weights; subclasses add their own modules

@@ -70,7 +70,22 @@ def free_loopback_port() -> int:
 
 
 class AdapterTrainer(HookedEngines, BasicTrainTask):
-    """Fine-tunes the adapter (LoRA weights and the other trainable modules) of a ``ServedModel``."""
+    """Fine-tunes the adapter (LoRA weights and the other trainable modules) of a ``ServedModel``.
+
+    Args:
+        model: the served model; runs resume from its published adapter, and its adapter file's folder holds the
+            train/val split, the training stats and the adapters published.
+        description: the task's description in MONAI Label; default "Incremental LoRA fine-tuning of <name>".
+        lr: AdamW's peak learning rate (after warm-up); a train request's ``lr`` overrides it.
+        weight_decay: AdamW's weight decay.
+        warmup_fraction: share of a run's steps with linear learning-rate warm-up before the polynomial decay to 0.
+        slices_per_volume: random axial slices drawn from each training volume per epoch.
+        foreground_ratio: share of those slices centred on labelled voxels; the rest are centred on background.
+        min_train_volumes: a new volume goes to validation only once at least this many volumes train.
+        interactive_share: share of training slices that get simulated interactions (``lib.trainers.interaction``);
+            0 trains prompt-free; a train request's ``interactive_share`` overrides it.
+        config: MONAI Label train settings over the defaults (``max_epochs`` 50, ``val_split`` 0.2, batch sizes 1, ...).
+    """
 
     prepare_batch = staticmethod(prepare_prompted_batch)  # the simulated prompts reach the network
 
@@ -87,8 +102,6 @@ class AdapterTrainer(HookedEngines, BasicTrainTask):
         interactive_share: float = 0.0,
         config: dict[str, Any] | None = None,
     ):
-        """``interactive_share``: the share of training slices that get simulated interactions
-        (``lib.trainers.interaction``; 0 trains prompt-free; a train request's ``interactive_share`` overrides it)."""
         self.model = model
         self.weight_decay = weight_decay
         self.warmup_fraction = warmup_fraction
@@ -126,10 +139,10 @@ class AdapterTrainer(HookedEngines, BasicTrainTask):
         """MONAI Label's run; a ``multi_gpu`` request gets a process-group backend for its device (NCCL on CUDA,
         gloo on CPU) and a rendezvous on a free loopback port unless it names its own."""
         request = dict(request)
-        multi = request.get("multi_gpu", self._config["multi_gpu"])
+        multi = request.get("multi_gpu", self.config()["multi_gpu"])
         request["multi_gpu"] = multi if isinstance(multi, bool) else strtobool(str(multi))
         if request["multi_gpu"]:
-            cuda = str(request.get("device", self._config["device"])).startswith("cuda")
+            cuda = str(request.get("device", self.config()["device"])).startswith("cuda")
             request.setdefault("distributed_backend", "nccl" if cuda else "gloo")
             request.setdefault("distributed_url", f"tcp://127.0.0.1:{free_loopback_port()}")
         return super().__call__(request, datastore)
@@ -177,7 +190,7 @@ class AdapterTrainer(HookedEngines, BasicTrainTask):
             info = datastore.get_label_info(label_id, final) or {}
             if info.get("label_info"):
                 item["label_info"] = info["label_info"]
-            if float(request.get("interactive_share", self._config["interactive_share"])) and info.get(INTERACTIONS_KEY):
+            if float(request.get("interactive_share", self.config()["interactive_share"])) and info.get(INTERACTIONS_KEY):
                 item["interactions"] = info[INTERACTIONS_KEY]  # replayed by training (lib.interactions)
             datalist.append(item)
         return datalist
@@ -259,7 +272,7 @@ class AdapterTrainer(HookedEngines, BasicTrainTask):
         return SimpleInferer()
 
     def train_iteration_update(self, context: Context):
-        share = float(context.request.get("interactive_share", self._config["interactive_share"]))
+        share = float(context.request.get("interactive_share", self.config()["interactive_share"]))
         # Seeded from torch's seed, so a seeded run (scripts/simulate_clicks.py) simulates the same interactions.
         return SimulatedInteraction(share=share, seed=torch.initial_seed() % 2**32) if share > 0 else None
 
