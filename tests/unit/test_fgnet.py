@@ -16,8 +16,9 @@ from lib.networks.fgnet import (
     balanced_affinity_loss,
     build_fgnet,
 )
-from lib.networks.sam2_backbone import HIERA_VARIANTS, build_sam2_image_encoder, load_sam2_encoder
+from lib.networks.sam2_backbone import HIERA_VARIANTS, build_sam2_image_encoder
 from lib.networks.sam_backbone import CheckpointError
+from lib.weights import load_sam2_encoder_file
 
 TINY = HIERA_VARIANTS["tiny"]
 
@@ -130,27 +131,27 @@ def test_official_sam2_checkpoint_loads_through_the_loader(tmp_path):
     torch.save({"model": official.state_dict()}, path)
 
     encoder = build_sam2_image_encoder(HIERA_VARIANTS["hiera_t"])
-    load_sam2_encoder(encoder, str(path), HIERA_VARIANTS["hiera_t"])
+    load_sam2_encoder_file(encoder, str(path), HIERA_VARIANTS["hiera_t"])
     reference = official.image_encoder.state_dict()
     assert all(torch.equal(v, reference[k]) for k, v in encoder.state_dict().items())
     assert (tmp_path / "sam2.1_hiera_tiny.pt.sha256").exists()  # hash pinned on first use
 
     with pytest.raises(CheckpointError, match="holds a hiera_t Hiera .* sam2_variant is hiera_s.*--conf sam2_variant hiera_t"):
-        load_sam2_encoder(build_sam2_image_encoder(HIERA_VARIANTS["hiera_s"]), str(path), HIERA_VARIANTS["hiera_s"])
+        load_sam2_encoder_file(build_sam2_image_encoder(HIERA_VARIANTS["hiera_s"]), str(path), HIERA_VARIANTS["hiera_s"])
     with pytest.raises(CheckpointError, match="expected 0+"):
-        load_sam2_encoder(encoder, str(path), HIERA_VARIANTS["hiera_t"], sha256="0" * 64)
+        load_sam2_encoder_file(encoder, str(path), HIERA_VARIANTS["hiera_t"], sha256="0" * 64)
 
     with open(path, "r+b") as f:  # damage the file after its hash was pinned
         f.seek(1000)
         f.write(b"\x00" * 64)
     with pytest.raises(CheckpointError, match="corrupt, partial or replaced"):
-        load_sam2_encoder(encoder, str(path), HIERA_VARIANTS["hiera_t"])
+        load_sam2_encoder_file(encoder, str(path), HIERA_VARIANTS["hiera_t"])
     with pytest.raises(CheckpointError, match="does not exist"):
-        load_sam2_encoder(encoder, str(tmp_path / "missing.pt"), HIERA_VARIANTS["hiera_t"])
+        load_sam2_encoder_file(encoder, str(tmp_path / "missing.pt"), HIERA_VARIANTS["hiera_t"])
     junk = tmp_path / "junk.pt"
     torch.save({"model": {"foo": torch.zeros(1)}}, junk)
     with pytest.raises(CheckpointError, match="not a SAM2 checkpoint"):
-        load_sam2_encoder(encoder, str(junk), HIERA_VARIANTS["hiera_t"])
+        load_sam2_encoder_file(encoder, str(junk), HIERA_VARIANTS["hiera_t"])
 
 
 def test_watershed_recovers_instances_from_perfect_affinities():

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lib.class_text import TINY_TEXT_WIDTH, ClassTextEmbedder, class_prompts
 from lib.networks.masg_sam import (
     BoundaryFeatureEnhancement,
     DynamicSemanticFusion,
@@ -20,7 +21,6 @@ from lib.networks.masg_sam import (
 )
 from lib.networks.sam_backbone import encode_with_taps, get_encoder_spec
 from lib.networks.sam_segmenter import SamSegmenter, SliceFeatures, build_segmenter
-from lib.networks.text import TINY_TEXT_WIDTH, ClassTextEmbedder, class_prompts
 
 SPEC = get_encoder_spec("tiny")
 S = SPEC.img_size

@@ -10,11 +10,11 @@ import pytest
 import torch
 from monai.transforms import Compose
 
+from lib.class_text import ClassTextEmbedder, class_prompts
 from lib.networks.hf_sam import HFSam
 from lib.networks.masg_sam import MASGSam
 from lib.networks.sam_backbone import get_encoder_spec
 from lib.networks.sam_segmenter import Prompts, SamSegmenter, build_segmenter
-from lib.networks.text import ClassTextEmbedder, class_prompts
 from lib.transforms import inference_transforms
 from lib.transforms.prompts import batch_prompts, slice_prompts
 

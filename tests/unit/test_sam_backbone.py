@@ -15,9 +15,9 @@ from lib.networks.sam_backbone import (
     build_image_encoder,
     encode_with_taps,
     get_encoder_spec,
-    load_official_checkpoint,
 )
 from lib.networks.sam_segmenter import build_segmenter
+from lib.weights import load_official_checkpoint
 
 VIT_B = get_encoder_spec("vit_b")
 TINY = get_encoder_spec("tiny")
@@ -119,7 +119,7 @@ def official(tmp_path_factory):
 @pytest.fixture(scope="module")
 def loaded_segmenter(official):
     path, _ = official
-    return build_segmenter(HFSam, "vit_b", NUM_CLASSES, sam_checkpoint=str(path))
+    return build_segmenter(HFSam, "vit_b", NUM_CLASSES, sam_state=load_official_checkpoint(str(path), VIT_B))
 
 
 def test_official_layout_is_what_the_loader_expects(official):
@@ -240,7 +240,7 @@ def test_vit_b_checkpoint_for_tiny_backbone(official):
 def test_vit_b_checkpoint_for_tiny_segmenter(official):
     path, _ = official
     with pytest.raises(CheckpointError, match="vit_b"):
-        build_segmenter(HFSam, "tiny", NUM_CLASSES, sam_checkpoint=str(path))
+        build_segmenter(HFSam, "tiny", NUM_CLASSES, sam_state=load_official_checkpoint(str(path), TINY))
 
 
 def test_missing_file(tmp_path):
@@ -302,5 +302,5 @@ def test_truncated_checkpoints_name_the_file_and_the_missing_tensor(tmp_path, of
     without_decoder = {k: v for k, v in state.items() if not k.startswith("mask_decoder.transformer.")}
     path = tmp_path / "no_decoder.pth"
     torch.save(without_decoder, path)
-    with pytest.raises(CheckpointError, match=r"no_decoder\.pth.*missing"):
-        build_segmenter(HFSam, "vit_b", 3, sam_checkpoint=str(path))
+    with pytest.raises(CheckpointError, match=r"truncated SAM checkpoint.*missing"):
+        build_segmenter(HFSam, "vit_b", 3, sam_state=load_official_checkpoint(str(path), VIT_B))

@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
+from lib.class_text import TINY_TEXT_WIDTH, ClassTextEmbedder, TextEncoderError, class_prompts
 from lib.configs.masg_sam import MASGSamConfig
 from lib.networks.sam_backbone import CheckpointError
-from lib.networks.text import TINY_TEXT_WIDTH, ClassTextEmbedder, TextEncoderError, class_prompts
 
 BRAIN = ["white matter", "grey matter"]
 

@@ -1,12 +1,21 @@
-"""Where the base weights come from: a path, or a URL downloaded once into the model folder and checked by sha256."""
+"""Where the base weights come from: a path, or a URL downloaded once into the model folder, checked by sha256 and
+read into the official state dicts that ``lib.networks`` adapts to its architectures."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
 
+import torch
 from monai.apps import download_url
+from torch import nn
 
-from lib.networks.sam_backbone import OFFICIAL_CHECKPOINTS, CheckpointError, OfficialCheckpoint
+from lib.networks.sam2_backbone import HieraSpec, load_sam2_encoder, sam2_encoder_state
+from lib.networks.sam_backbone import OFFICIAL_CHECKPOINTS, CheckpointError, OfficialCheckpoint, SamEncoderSpec, adapt_official_state
+
+logger = logging.getLogger(__name__)
 
 
 def resolve_checkpoint(value: str | None, official: OfficialCheckpoint | None, model_dir: str, conf_key: str, what: str = "SAM") -> str:
@@ -41,3 +50,86 @@ def resolve_sam_checkpoint(backbone: str, value: str | None, model_dir: str) -> 
     if backbone == "tiny" and not value:
         return None
     return resolve_checkpoint(value, OFFICIAL_CHECKPOINTS.get(backbone), model_dir, "sam_checkpoint")
+
+
+def sha256_of(path: str, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_official_checkpoint(path: str, spec: SamEncoderSpec) -> dict[str, torch.Tensor]:
+    """Read an official SAM ``.pth`` file, verify it and adapt it to ``spec``; see ``adapt_official_state``."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"SAM checkpoint '{path}' does not exist")
+    official = OFFICIAL_CHECKPOINTS.get(spec.name)
+    if official and os.path.basename(path) == official.filename:
+        if official.sha256 and sha256_of(path) != official.sha256:
+            raise CheckpointError(
+                f"'{path}' does not match the official sha256 {official.sha256} (corrupt or partial download); "
+                f"delete it and fetch {official.url} again"
+            )
+        if not official.sha256 and os.path.getsize(path) != official.size:
+            raise CheckpointError(f"'{path}' has {os.path.getsize(path)} bytes, the official file {official.size}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read SAM checkpoint '{path}': {e}") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"'{path}' does not hold a state dict")
+    state = state.get("model", state)
+    try:
+        return adapt_official_state(state, spec)
+    except CheckpointError as e:
+        raise CheckpointError(f"'{path}': {e}") from e
+
+
+def verify_pinned_sha256(path: str, expected: str | None = None) -> str:
+    """Check ``path`` against ``expected`` or, without one, against the hash pinned beside it on first use
+    (``<file>.sha256``), so a checkpoint replaced or damaged after it was first accepted is refused."""
+    digest = sha256_of(path)
+    pin = path + ".sha256"
+    if expected is None and os.path.exists(pin):
+        with open(pin) as f:
+            expected = json.load(f)["sha256"]
+    if expected is not None and digest != expected.lower():
+        raise CheckpointError(
+            f"'{path}' has sha256 {digest}, expected {expected} (corrupt, partial or replaced file); "
+            f"fetch it again or remove {pin} if the new file is intended"
+        )
+    if not os.path.exists(pin):
+        try:
+            with open(pin, "w") as f:
+                json.dump({"sha256": digest, "size": os.path.getsize(path)}, f)
+        except OSError as e:  # a read-only checkpoint folder still serves; it is just not pinned
+            logger.warning(f"cannot pin the sha256 of '{path}': {e}")
+    return digest
+
+
+def load_sam2_encoder_state(path: str, spec: HieraSpec, sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """The image encoder's tensors of an official SAM2 checkpoint file (``{"model": state_dict}``), verified by
+    sha256 and checked against ``spec`` (``lib.networks.sam2_backbone.sam2_encoder_state``)."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"SAM2 checkpoint '{path}' does not exist")
+    verify_pinned_sha256(path, sha256)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read SAM2 checkpoint '{path}': {e}") from e
+    state = payload.get("model", payload) if isinstance(payload, dict) else None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"'{path}' does not hold a SAM2 state dict")
+    try:
+        return sam2_encoder_state(state, spec)
+    except CheckpointError as e:
+        raise CheckpointError(f"'{path}': {e}") from e
+
+
+def load_sam2_encoder_file(encoder: nn.Module, path: str, spec: HieraSpec, sha256: str | None = None) -> None:
+    """Load an official SAM2 checkpoint file into ``encoder`` (built for ``spec``), strictly."""
+    try:
+        load_sam2_encoder(encoder, load_sam2_encoder_state(path, spec, sha256), spec)
+    except CheckpointError as e:
+        raise CheckpointError(str(e) if str(e).startswith(f"'{path}'") else f"'{path}': {e}") from e

@@ -19,10 +19,11 @@ from lib.conf import parse_conf
 from lib.engines.openvino_engine import engine_from_conf
 from lib.infers.affinity_instances import AffinityInstances
 from lib.networks.fgnet import IN_PLANE_STRIDE, FGNet, FGNetOptions, build_fgnet, options_config
-from lib.networks.sam2_backbone import SAM2_CHECKPOINTS
+from lib.networks.sam2_backbone import SAM2_CHECKPOINTS, get_hiera_spec
+from lib.networks.sam_backbone import CheckpointError
 from lib.served_model import ServedModel
 from lib.trainers.fgnet_trainer import FGNetTrainer
-from lib.weights import resolve_checkpoint
+from lib.weights import load_sam2_encoder_state, resolve_checkpoint
 
 # Patches: 16 sections by 256 x 256 pixels (about 1 um square at 4 nm); the tiny model uses smaller ones on CPU.
 DEFAULT_PATCH = (256, 256, 16)
@@ -67,7 +68,12 @@ class FGNetConfig(TaskConfig):
             checkpoint = resolve_checkpoint(
                 self.conf["sam2_checkpoint"], SAM2_CHECKPOINTS.get(self.model.backbone), self.model_dir, "sam2_checkpoint", "SAM2"
             )
-        return build_fgnet(self.model.backbone, self.model.lora_rank, checkpoint, self.conf["sam2_checkpoint_sha256"] or None)
+        spec = get_hiera_spec(self.model.backbone)
+        state = load_sam2_encoder_state(checkpoint, spec, self.conf["sam2_checkpoint_sha256"] or None) if checkpoint else None
+        try:
+            return build_fgnet(self.model.backbone, self.model.lora_rank, state)
+        except CheckpointError as e:
+            raise CheckpointError(f"'{checkpoint}': {e}") from e
 
     def infer(self) -> AffinityInstances:
         return AffinityInstances(

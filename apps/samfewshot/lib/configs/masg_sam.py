@@ -3,10 +3,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from lib.class_text import ClassTextEmbedder, class_prompts
 from lib.conf import MASG_MODULES
 from lib.configs.sam_segmentation import SamSegmentationConfig
 from lib.networks.masg_sam import MASGSam
-from lib.networks.text import ClassTextEmbedder, class_prompts
 
 
 class MASGSamConfig(SamSegmentationConfig):

@@ -14,10 +14,11 @@ from lib.engines.openvino_engine import engine_from_conf
 from lib.infers.embedding_cache import EmbeddingCache
 from lib.infers.interactive import SliceInteraction
 from lib.infers.slice_segmentation import SamSliceInfer, SliceSegmentation
+from lib.networks.sam_backbone import CheckpointError, get_encoder_spec
 from lib.networks.sam_segmenter import SamSegmenter, build_segmenter
 from lib.served_model import ServedModel, parse_labels
 from lib.trainers.adapter_trainer import AdapterTrainer
-from lib.weights import resolve_sam_checkpoint
+from lib.weights import load_official_checkpoint, resolve_sam_checkpoint
 
 # Label set of the brain-MRI sample datastore.
 DEFAULT_LABELS = {"white matter": 1, "grey matter": 2}
@@ -57,9 +58,13 @@ class SamSegmentationConfig(TaskConfig):
 
     def build_network(self) -> SamSegmenter:
         checkpoint = resolve_sam_checkpoint(self.model.backbone, self.conf["sam_checkpoint"], self.model_dir)
-        return build_segmenter(
-            self.network_cls, self.model.backbone, self.model.num_classes, self.model.lora_rank, checkpoint, **self.network_options()
-        )
+        state = load_official_checkpoint(checkpoint, get_encoder_spec(self.model.backbone)) if checkpoint else None
+        try:
+            return build_segmenter(
+                self.network_cls, self.model.backbone, self.model.num_classes, self.model.lora_rank, state, **self.network_options()
+            )
+        except CheckpointError as e:
+            raise CheckpointError(f"'{checkpoint}': {e}") from e
 
     def infer(self) -> dict[str, SamSliceInfer]:
         """The segmentation task and its interactive sibling (``<name>_interactive``), on one resident network and

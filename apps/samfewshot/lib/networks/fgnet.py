@@ -290,14 +290,15 @@ class FGNet(nn.Module):
         mark_trainable(self, self.trainable_prefixes)
 
 
-def build_fgnet(variant: str, lora_rank: int = 0, sam2_checkpoint: str | None = None, sam2_sha256: str | None = None, **options) -> FGNet:
-    """FGNet on the SAM2 ``variant`` (official weights from ``sam2_checkpoint`` when given), seeded like the SAM
-    segmenters so every process builds the same frozen encoder."""
+def build_fgnet(variant: str, lora_rank: int = 0, sam2_state: dict[str, torch.Tensor] | None = None, **options) -> FGNet:
+    """FGNet on the SAM2 ``variant`` (its image encoder from an official state, ``sam2_encoder_state``, when given;
+    ``lib.weights.load_sam2_encoder_state`` reads one from its file), seeded like the SAM segmenters so every process
+    builds the same frozen encoder."""
     spec = get_hiera_spec(variant)
     with seeded_init():
         model = FGNet(spec, FGNetOptions(**options))
-        if sam2_checkpoint:
-            load_sam2_encoder(model.sam.encoder, sam2_checkpoint, spec, sam2_sha256)
+        if sam2_state is not None:
+            load_sam2_encoder(model.sam.encoder, sam2_state, spec)
         model.add_lora(lora_rank)
     return model
 

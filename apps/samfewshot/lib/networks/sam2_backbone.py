@@ -8,9 +8,6 @@ side is a multiple of 32 works without adapting the weights.
 
 from __future__ import annotations
 
-import json
-import logging
-import os
 from dataclasses import dataclass
 
 import torch
@@ -19,9 +16,7 @@ from sam2.modeling.backbones.image_encoder import FpnNeck, ImageEncoder
 from sam2.modeling.position_encoding import PositionEmbeddingSine
 from torch import nn
 
-from .sam_backbone import CheckpointError, OfficialCheckpoint, require_geometry, sha256_of
-
-logger = logging.getLogger(__name__)
+from .sam_backbone import CheckpointError, OfficialCheckpoint, require_geometry
 
 # SAM2 normalises RGB inputs in [0, 1] with the ImageNet statistics.
 IMAGE_MEAN = (0.485, 0.456, 0.406)
@@ -65,7 +60,7 @@ HIERA_VARIANTS: dict[str, HieraSpec] = {
 
 _BASE_URL = "https://dl.fbaipublicfiles.com/segment_anything_2/092824"
 # The official files' sha256 are not published beside them; the loader pins a file's hash on first use instead
-# (see ``verify_pinned_sha256``) and ``--conf sam2_checkpoint_sha256`` can pin a known one.
+# (see ``lib.weights.verify_pinned_sha256``) and ``--conf sam2_checkpoint_sha256`` can pin a known one.
 SAM2_CHECKPOINTS: dict[str, OfficialCheckpoint] = {
     name: OfficialCheckpoint(f"sam2.1_hiera_{size}.pt", f"{_BASE_URL}/sam2.1_hiera_{size}.pt", None, 0)
     for name, size in (("hiera_t", "tiny"), ("hiera_s", "small"), ("hiera_b+", "base_plus"), ("hiera_l", "large"))
@@ -108,53 +103,17 @@ def _trunk_geometry(state: dict[str, torch.Tensor]) -> tuple[int, int]:
     return state[key].shape[0], 1 + max(blocks, default=-1)
 
 
-def verify_pinned_sha256(path: str, expected: str | None = None) -> str:
-    """Check ``path`` against ``expected`` or, without one, against the hash pinned beside it on first use
-    (``<file>.sha256``), so a checkpoint replaced or damaged after it was first accepted is refused."""
-    digest = sha256_of(path)
-    pin = path + ".sha256"
-    if expected is None and os.path.exists(pin):
-        with open(pin) as f:
-            expected = json.load(f)["sha256"]
-    if expected is not None and digest != expected.lower():
-        raise CheckpointError(
-            f"'{path}' has sha256 {digest}, expected {expected} (corrupt, partial or replaced file); "
-            f"fetch it again or remove {pin} if the new file is intended"
-        )
-    if not os.path.exists(pin):
-        try:
-            with open(pin, "w") as f:
-                json.dump({"sha256": digest, "size": os.path.getsize(path)}, f)
-        except OSError as e:  # a read-only checkpoint folder still serves; it is just not pinned
-            logger.warning(f"cannot pin the sha256 of '{path}': {e}")
-    return digest
-
-
-def load_sam2_encoder_state(path: str, spec: HieraSpec, sha256: str | None = None) -> dict[str, torch.Tensor]:
-    """The ``image_encoder.*`` tensors of an official SAM2 checkpoint (``{"model": state_dict}``), keys relative
-    to ``ImageEncoder``; verified by sha256 and checked against ``spec`` with an error naming the variant found."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"SAM2 checkpoint '{path}' does not exist")
-    verify_pinned_sha256(path, sha256)
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"cannot read SAM2 checkpoint '{path}': {e}") from e
-    state = payload.get("model", payload) if isinstance(payload, dict) else None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"'{path}' does not hold a SAM2 state dict")
-    try:
-        require_geometry(*_trunk_geometry(state), spec, HIERA_VARIANTS, "Hiera", "sam2_variant", "sam2_checkpoint")
-    except CheckpointError as e:
-        raise CheckpointError(f"'{path}': {e}") from e
+def sam2_encoder_state(state: dict[str, torch.Tensor], spec: HieraSpec) -> dict[str, torch.Tensor]:
+    """The ``image_encoder.*`` tensors of an official SAM2 state dict, keys relative to ``ImageEncoder``; checked
+    against ``spec`` with an error naming the variant the state holds."""
+    require_geometry(*_trunk_geometry(state), spec, HIERA_VARIANTS, "Hiera", "sam2_variant", "sam2_checkpoint")
     prefix = "image_encoder."
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def load_sam2_encoder(encoder: nn.Module, path: str, spec: HieraSpec, sha256: str | None = None) -> None:
-    """Load an official checkpoint into ``encoder`` (built by ``build_sam2_image_encoder(spec)``), strictly."""
-    state = load_sam2_encoder_state(path, spec, sha256)
+def load_sam2_encoder(encoder: nn.Module, state: dict[str, torch.Tensor], spec: HieraSpec) -> None:
+    """Load ``sam2_encoder_state`` into ``encoder`` (built by ``build_sam2_image_encoder(spec)``), strictly."""
     try:
         encoder.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise CheckpointError(f"'{path}' does not fit the {spec.name} image encoder: {e}") from e
+        raise CheckpointError(f"it does not fit the {spec.name} image encoder: {e}") from e

@@ -7,9 +7,6 @@ position embedding and the global-attention blocks' relative position tables res
 
 from __future__ import annotations
 
-import hashlib
-import logging
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,8 +18,6 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 from torch import nn
 
 from .sam_attention import use_fused_attention
-
-logger = logging.getLogger(__name__)
 
 OFFICIAL_IMG_SIZE = 1024
 
@@ -177,14 +172,6 @@ def require_geometry(embed_dim: int, depth: int, spec, variants: dict, kind: str
     )
 
 
-def sha256_of(path: str, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _official_spec_of(state: dict[str, torch.Tensor]) -> tuple[int, int]:
     """(embed_dim, depth) of the image encoder stored in an official SAM state dict."""
     if "image_encoder.pos_embed" not in state:
@@ -222,29 +209,3 @@ def adapt_official_state(state: dict[str, torch.Tensor], spec: SamEncoderSpec) -
                 raise CheckpointError(f"truncated SAM checkpoint: '{key}' is missing")
             out[key] = _resize_rel_pos(state[key], 2 * e - 1)
     return out
-
-
-def load_official_checkpoint(path: str, spec: SamEncoderSpec) -> dict[str, torch.Tensor]:
-    """Read an official SAM ``.pth`` file, verify it and adapt it to ``spec``; see ``adapt_official_state``."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"SAM checkpoint '{path}' does not exist")
-    official = OFFICIAL_CHECKPOINTS.get(spec.name)
-    if official and os.path.basename(path) == official.filename:
-        if official.sha256 and sha256_of(path) != official.sha256:
-            raise CheckpointError(
-                f"'{path}' does not match the official sha256 {official.sha256} (corrupt or partial download); "
-                f"delete it and fetch {official.url} again"
-            )
-        if not official.sha256 and os.path.getsize(path) != official.size:
-            raise CheckpointError(f"'{path}' has {os.path.getsize(path)} bytes, the official file {official.size}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"cannot read SAM checkpoint '{path}': {e}") from e
-    if not isinstance(state, dict):
-        raise CheckpointError(f"'{path}' does not hold a state dict")
-    state = state.get("model", state)
-    try:
-        return adapt_official_state(state, spec)
-    except CheckpointError as e:
-        raise CheckpointError(f"'{path}': {e}") from e

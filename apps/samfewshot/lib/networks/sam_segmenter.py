@@ -36,7 +36,6 @@ from .sam_backbone import (
     build_prompt_encoder,
     encode_with_taps,
     get_encoder_spec,
-    load_official_checkpoint,
     seeded_init,
 )
 
@@ -275,7 +274,7 @@ class SamSegmenter(nn.Module):
         return (hyper @ upscaled.flatten(2)).view(b, self.num_classes, *upscaled.shape[-2:])
 
     def load_sam_state(self, official: dict[str, torch.Tensor]) -> None:
-        """Load an official SAM state dict already adapted to ``spec`` (``load_official_checkpoint``/
+        """Load an official SAM state dict already adapted to ``spec`` (``lib.weights.load_official_checkpoint``/
         ``adapt_official_state``); call before ``add_lora``.
 
         SAM has four mask tokens and hypernetwork heads; class k starts from SAM's token ``k % 4`` so every
@@ -312,10 +311,11 @@ def build_segmenter(
     backbone: str,
     num_classes: int,
     lora_rank: int = 4,
-    sam_checkpoint: str | None = None,
+    sam_state: dict[str, torch.Tensor] | None = None,
     **model_kwargs,
 ) -> SamSegmenter:
-    """Build ``model_cls(spec, num_classes, **model_kwargs)`` with LoRA, from an official SAM checkpoint when given.
+    """Build ``model_cls(spec, num_classes, **model_kwargs)`` with LoRA, from an official SAM state dict adapted to the
+    backbone when given (``lib.weights.load_official_checkpoint`` reads one from its file).
 
     Random initialisation is seeded, so every process (server, training subprocess) builds the same
     frozen backbone and an adapter trained in one applies in another.
@@ -323,11 +323,7 @@ def build_segmenter(
     spec = get_encoder_spec(backbone)
     with seeded_init():
         model = model_cls(spec, num_classes, **model_kwargs)
-        if sam_checkpoint:
-            official = load_official_checkpoint(sam_checkpoint, spec)
-            try:
-                model.load_sam_state(official)
-            except CheckpointError as e:
-                raise CheckpointError(f"'{sam_checkpoint}': {e}") from e
+        if sam_state is not None:
+            model.load_sam_state(sam_state)
         model.add_lora(lora_rank)
     return model

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from open_clip.model import CLIPTextCfg, _build_text_tower
 
-from ..process_local import ProcessLocal
-from .sam_backbone import CheckpointError
+from lib.networks.sam_backbone import CheckpointError
+from lib.process_local import ProcessLocal
 
 logger = logging.getLogger(__name__)
 
