@@ -250,6 +250,7 @@ def _small_volume(app, tmp_path) -> str:
     return app.datastore().add_image("small_000", str(path), {})
 
 
+@pytest.mark.slow
 def test_infer_stores_a_per_voxel_uncertainty_map(make_app, studies, tmp_path):
     app = make_app()
     datastore = app.datastore()

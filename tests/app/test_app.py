@@ -86,6 +86,7 @@ def test_malformed_prompt_is_a_client_error(client):
     assert r.status_code == 422 and "roi" in r.text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", MODELS)
 def test_save_label_then_sync_train_serves_new_adapter(client, studies, sample_data, model):
     truth = nib.load(sample_data / "brain-mri-groundtruth" / "brain_002.nii.gz")

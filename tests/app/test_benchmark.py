@@ -13,6 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 
 import benchmark  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 
 def test_one_run_reports_speed_hardware_limit_update_and_size(tmp_path, sample_data):
     out = tmp_path / "bench.json"

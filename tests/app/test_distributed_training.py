@@ -15,6 +15,8 @@ DATASTORES = {
     "fgnet": ("em_studies", ["em_000", "em_001"], "em_002"),
 }
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.parametrize("model", list(DATASTORES))
 def test_two_process_gloo_run_publishes_one_adapter(model, app_dir, request):

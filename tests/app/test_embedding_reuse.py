@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import nibabel as nib
 import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
 
 
 def label_of(result) -> np.ndarray:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import nibabel as nib
 import numpy as np
+import pytest
 import torch
 
 from lib.adapters import publish_adapter, restore_adapter
@@ -45,6 +46,7 @@ def served(app, task="hf_sam"):
     return first, second
 
 
+@pytest.mark.slow
 def test_engine_follows_the_served_adapter(app_dir, studies):
     from main import SamFewShotApp
 
@@ -83,6 +85,7 @@ def test_engine_follows_the_served_adapter(app_dir, studies):
     assert agreement(label_of(again), first_adapter) > 0.999
 
 
+@pytest.mark.slow
 def test_clicks_and_em_instances_run_on_the_engine(app_dir, studies, em_studies):
     from main import SamFewShotApp
 

@@ -18,6 +18,8 @@ import torch
 HELD_OUT = ("brain_005", "brain_006")
 MEAN_DICE_THRESHOLD = 0.45
 
+pytestmark = pytest.mark.slow
+
 
 def dice(pred: np.ndarray, truth: np.ndarray, label: int) -> float:
     p, t = pred == label, truth == label

@@ -11,6 +11,8 @@ import pytest
 import lib.adapters as lora
 from lib.adapters import AdapterError
 
+pytestmark = pytest.mark.slow
+
 
 def test_run_that_cannot_publish_fails_with_the_reason_and_the_old_adapter_stays_served(app_dir, studies, monkeypatch):
     from main import SamFewShotApp

@@ -13,12 +13,16 @@ import csv
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 
 POOL = ["brain_000", "brain_002", "brain_003", "brain_005"]
 HELD_OUT = ["brain_007"]
 STRATEGIES = ["random", "diversity"]
 ROUNDS = 2
+
+pytestmark = pytest.mark.slow
 
 
 def test_two_round_simulation_writes_consistent_rows_and_a_plot(tmp_path, sample_data, capsys):
