@@ -9,7 +9,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-MODELS = ["hf_sam", "masg_sam"]
+from lib.configs import SAM_MODELS
+
+MODELS = SAM_MODELS
 
 
 def test_info_lists_every_model_with_its_labels(client):

@@ -12,6 +12,8 @@ import nrrd
 import numpy as np
 import pytest
 
+from lib.configs import SAM_MODELS
+
 LABELS = {"white matter": 1, "grey matter": 2}
 # 3D Slicer, onClickDeepgrow for a 3D deepgrow model: the segment's name and all its points, the model's infer config
 # (first value of each option, getParamsFromConfig), then MONAILabelLogic.infer's result format and the client id.
@@ -40,7 +42,7 @@ def multipart(response) -> tuple[dict, bytes]:
     return result, label
 
 
-@pytest.mark.parametrize("model", ["hf_sam", "masg_sam"])
+@pytest.mark.parametrize("model", SAM_MODELS)
 def test_slicer_deepgrow_request_gives_the_segments_binary_mask(client, studies, tmp_path, model):
     params = {
         "label": "white matter",

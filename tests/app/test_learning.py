@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+from lib.configs import SAM_MODELS
+
 HELD_OUT = ("brain_005", "brain_006")
 MEAN_DICE_THRESHOLD = 0.45
 
@@ -44,7 +46,7 @@ def held_out_loss(app, model_name: str, image_id: str, truth_dir) -> float:
     return float(network.segmentation_loss(logits, label[keep].as_tensor()))
 
 
-@pytest.mark.parametrize("model", ["hf_sam", "masg_sam"])
+@pytest.mark.parametrize("model", SAM_MODELS)
 def test_short_run_learns_white_and_grey_matter(model, app_dir, studies, sample_data):
     from main import SamFewShotApp
 

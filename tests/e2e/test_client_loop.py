@@ -20,10 +20,12 @@ import SimpleITK as sitk
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 
+from lib.configs import SAM_MODELS
+
 pytestmark = pytest.mark.e2e
 
 # Segmentation models served with the brain-MRI label set; adding a name here runs the whole loop for it.
-SEGMENTATION_MODELS = ["hf_sam", "masg_sam"]
+SEGMENTATION_MODELS = SAM_MODELS
 MODEL_LABELS = {"white matter": 1, "grey matter": 2}
 # 3D Slicer's ids for the same segments, swapped relative to the model, so the server must remap by name.
 SLICER_LABEL_INFO = [{"name": "grey matter", "idx": 1}, {"name": "white matter", "idx": 2}]

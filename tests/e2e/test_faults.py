@@ -17,6 +17,8 @@ import pytest
 from monailabel.client import MONAILabelClient
 from test_client_loop import adapter_version, client_for, train_tasks, wait_for_training
 
+from lib.configs import SAM_MODELS
+
 pytestmark = pytest.mark.e2e
 
 KILL_DEADLINE_S = 180
@@ -115,7 +117,7 @@ def test_restart_recovers_adapters_scores_and_split(start_server, app_dir, studi
     scores = uncertainty_scores(studies)
     assert all(s["hf_sam"]["adapter_version"] == 1 for s in scores.values()), scores
     split = json.loads((app_dir / "model" / "hf_sam_split.json").read_text())
-    versions = {m: adapter_version(server, m) for m in ("hf_sam", "masg_sam")}
+    versions = {m: adapter_version(server, m) for m in SAM_MODELS}
     server.stop()
 
     restarted = start_server()

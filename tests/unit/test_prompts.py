@@ -11,6 +11,7 @@ import torch
 from monai.transforms import Compose
 
 from lib.class_text import ClassTextEmbedder, class_prompts
+from lib.configs import SAM_MODELS
 from lib.networks.hf_sam import HFSam
 from lib.networks.masg_sam import MASGSam
 from lib.networks.sam_backbone import get_encoder_spec
@@ -188,7 +189,7 @@ def test_batch_prompts_pads_points_and_box_corners():
 # ------------------------------------------------------------------------------------- prompts reach models
 
 
-@pytest.fixture(scope="module", params=["hf_sam", "masg_sam"])
+@pytest.fixture(scope="module", params=SAM_MODELS)
 def network(request):
     if request.param == "hf_sam":
         return build_segmenter(HFSam, "tiny", 3).eval()
