@@ -11,7 +11,7 @@ import pytest
 
 from lib.configs import SAM_MODELS
 
-MODELS = SAM_MODELS
+MODELS = list(SAM_MODELS)
 
 
 def test_info_lists_every_model_with_its_labels(client):
