@@ -44,7 +44,7 @@ def selected_models(value: str) -> list[str]:
         try:
             look_up_option(name, MODEL_CONFIGS)
         except ValueError as e:
-            raise ValueError(f"--conf models {value!r}: {one_line(e)} Valid: all, {', '.join(MODEL_CONFIGS)}.") from None
+            raise ValueError(f"--conf models {value!r}: {one_line(e)} valid: all, {', '.join(MODEL_CONFIGS)}.") from None
     return names
 
 

@@ -51,7 +51,7 @@ class ConfKey:
                 try:
                     look_up_option(item, self.choices)
                 except ValueError as e:
-                    raise ValueError(f"--conf {self.name} {text!r}: {one_line(e)} Valid: {', '.join(self.choices)}.") from None
+                    raise ValueError(f"--conf {self.name} {text!r}: {one_line(e)} valid: {', '.join(self.choices)}.") from None
             return ",".join(items) if self.listed else text
         try:
             parsed = self.kind(text) if text or self.kind is str else None
