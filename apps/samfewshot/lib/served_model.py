@@ -45,7 +45,7 @@ def parse_labels(labels: dict[str, int]) -> dict[str, int]:
 
 @dataclass
 class ServedModel(ProcessLocal):
-    """One served segmentation model: ``build_network()`` gives its network with LoRA and frozen base weights.
+    """One served model (segmentation or instances): ``build_network()`` gives its network with LoRA and frozen base weights.
 
     Attributes:
         name: the model's name in MONAI Label; also names its adapter's config and its training files.
