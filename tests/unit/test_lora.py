@@ -267,7 +267,7 @@ def test_load_adapter_state_refuses_other_tensors(base):
     net = copy.deepcopy(base)
     state = adapter_state_dict(net)
     with pytest.raises(AdapterError, match="missing"):
-        load_adapter_state(net, {k: v for k, v in state.items() if not k.startswith("fusion_after.")})
+        load_adapter_state(net, {k: v for k, v in state.items() if not k.startswith("awffm.")})
     with pytest.raises(AdapterError, match="unknown"):
         load_adapter_state(net, dict(state, **{"image_encoder.neck.0.weight": torch.zeros(1)}))
     first = next(iter(state))
@@ -283,7 +283,7 @@ def test_load_adapter_state_refuses_other_tensors(base):
         check_adapter_tensors([], adapter_spec(net))
 
 
-@pytest.mark.parametrize("content", ["garbage", "plain-dict", "other-format-version"])
+@pytest.mark.parametrize("content", ["garbage", "plain-dict", "fused-qkv-format", "other-format-version"])
 def test_read_adapter_rejects_non_adapter_files(tmp_path, content):
     path = tmp_path / "adapter.pt"
     if content == "garbage":
@@ -292,6 +292,9 @@ def test_read_adapter_rejects_non_adapter_files(tmp_path, content):
     elif content == "plain-dict":
         torch.save({"state_dict": _dummy_state(1)}, path)
         expected = "not a samfewshot adapter"
+    elif content == "fused-qkv-format":
+        torch.save({"format": lora.ADAPTER_FORMAT, "format_version": 1, "state_dict": {}}, path)
+        expected = r"format 1 \(LoRA on the fused qkv projection\).*The file is kept; train again"
     else:
         torch.save({"format": lora.ADAPTER_FORMAT, "format_version": 99, "state_dict": {}}, path)
         expected = "format version 99"

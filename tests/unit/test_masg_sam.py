@@ -29,7 +29,7 @@ C = SPEC.prompt_dim
 K = 3
 MODULES = ("hae", "bfe", "dsf")
 TRAINABLE_PREFIXES = ("prompt_encoder.", "mask_decoder.", "tap_projections.", "hae.", "bfe.", "dsf.")
-LORA = re.compile(r"^image_encoder\.blocks\.(\d+)\.attn\.qkv\.lora_[AB]\.default\.weight$")
+LORA = re.compile(r"^image_encoder\.blocks\.(\d+)\.attn\.qkv\.[qv]\.lora_[AB]\.default\.weight$")
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +219,7 @@ def test_exactly_the_intended_parameters_train(model):
     trainable = {n for n, p in names.items() if p.requires_grad}
     lora = {n for n in names if LORA.match(n)}
     assert {int(LORA.match(n).group(1)) for n in lora} == set(range(SPEC.depth))
-    assert len(lora) == 2 * SPEC.depth
+    assert len(lora) == 4 * SPEC.depth  # A and B on every block's q and v
     assert not any("lora_" in n for n in names if n not in lora)
 
     expected = lora | {n for n in names if n.startswith(TRAINABLE_PREFIXES)}
@@ -228,7 +228,12 @@ def test_exactly_the_intended_parameters_train(model):
         assert any(n.startswith(prefix) for n in trainable), prefix
     encoder = {n for n in names if n.startswith("image_encoder.")}
     assert encoder & trainable == lora
-    for n in ("image_encoder.blocks.0.attn.qkv.base_layer.weight", "image_encoder.neck.0.weight", "image_encoder.pos_embed"):
+    for n in (
+        "image_encoder.blocks.0.attn.qkv.q.base_layer.weight",
+        "image_encoder.blocks.0.attn.qkv.k.weight",
+        "image_encoder.neck.0.weight",
+        "image_encoder.pos_embed",
+    ):
         assert not names[n].requires_grad, n
     for n in ("hae.gate", "bfe.emphasis", "dsf.gate_logit", "dsf.project.2.weight", "bfe.head.0.weight"):
         assert names[n].requires_grad, n
@@ -262,7 +267,8 @@ def test_gradients_reach_only_trainable_parameters(open_model):
         "dsf.gate_logit",
         "dsf.project.2.weight",
         "tap_projections.0.0.weight",
-        "image_encoder.blocks.0.attn.qkv.lora_B.default.weight",
+        "image_encoder.blocks.0.attn.qkv.q.lora_B.default.weight",
+        "image_encoder.blocks.0.attn.qkv.v.lora_B.default.weight",
     ):
         assert n in with_grad, n
 

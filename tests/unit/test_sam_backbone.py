@@ -157,11 +157,13 @@ def test_build_segmenter_loads_official_weights(official, loaded_segmenter):
     model = loaded_segmenter
     enc = model.image_encoder
 
-    # windowed block: peft keeps the official qkv weight as the frozen base layer, bit for bit
+    # the official fused qkv, split into q, k, v bit for bit; peft keeps q and v as the frozen base layers of their LoRA
     for i in (0, 3):
         qkv = enc.blocks[i].attn.qkv
-        assert torch.equal(qkv.base_layer.weight, state[f"image_encoder.blocks.{i}.attn.qkv.weight"])
-        assert torch.equal(qkv.base_layer.bias, state[f"image_encoder.blocks.{i}.attn.qkv.bias"])
+        weight, bias = state[f"image_encoder.blocks.{i}.attn.qkv.weight"], state[f"image_encoder.blocks.{i}.attn.qkv.bias"]
+        for j, part in enumerate((qkv.q.base_layer, qkv.k, qkv.v.base_layer)):
+            assert torch.equal(part.weight, weight[j * 768 : (j + 1) * 768])
+            assert torch.equal(part.bias, bias[j * 768 : (j + 1) * 768])
         assert torch.equal(enc.blocks[i].attn.rel_pos_h, state[f"image_encoder.blocks.{i}.attn.rel_pos_h"])
     assert torch.equal(enc.neck[0].weight, state["image_encoder.neck.0.weight"])
     assert torch.equal(enc.patch_embed.proj.weight, state["image_encoder.patch_embed.proj.weight"])
@@ -191,7 +193,8 @@ def test_build_segmenter_loads_official_weights(official, loaded_segmenter):
     assert torch.equal(model.prompt_encoder.no_mask_embed.weight.detach(), state["prompt_encoder.no_mask_embed.weight"])
 
     # LoRA starts as a no-op (B = 0) so the loaded model computes official SAM
-    assert all(torch.count_nonzero(enc.blocks[i].attn.qkv.lora_B["default"].weight) == 0 for i in range(VIT_B.depth))
+    for i in range(VIT_B.depth):
+        assert all(torch.count_nonzero(getattr(enc.blocks[i].attn.qkv, p).lora_B["default"].weight) == 0 for p in "qv")
 
 
 def test_mask_tokens_wrap_around_for_more_than_four_classes():

@@ -22,8 +22,9 @@ from lib.networks.lora import adapter_spec
 
 ADAPTER_FORMAT = "samfewshot-adapter"
 
-
-ADAPTER_FORMAT_VERSION = 1
+# 2: the SAM models' LoRA is on q and v, each with its own A and B (SAMed's); version 1 had one LoRA on the fused
+# qkv, whose k part has no place in the new layout, so a version-1 file cannot be converted.
+ADAPTER_FORMAT_VERSION = 2
 
 
 class AdapterError(RuntimeError):
@@ -67,8 +68,15 @@ def read_adapter(path: str) -> dict[str, Any]:
         raise AdapterError(f"cannot read adapter '{path}': {e}") from e
     if not isinstance(payload, dict) or payload.get("format") != ADAPTER_FORMAT:
         raise AdapterError(f"'{path}' is not a samfewshot adapter file")
-    if payload.get("format_version") != ADAPTER_FORMAT_VERSION:
-        raise AdapterError(f"'{path}' has adapter format version {payload.get('format_version')}, expected 1")
+    version = payload.get("format_version")
+    if version == 1:
+        raise AdapterError(
+            f"'{path}' is an adapter of format 1 (LoRA on the fused qkv projection), which this version cannot load: "
+            "the SAM models now put LoRA on q and v as the official HF-SAM code. The file is kept; train again "
+            "(POST /train/<model>) to publish an adapter of format 2"
+        )
+    if version != ADAPTER_FORMAT_VERSION:
+        raise AdapterError(f"'{path}' has adapter format version {version}, expected {ADAPTER_FORMAT_VERSION}")
     return payload
 
 

@@ -1,32 +1,66 @@
-"""HF-SAM: SAM with adaptively weighted skip-feature fusion and two-step fusion decoding.
+"""HF-SAM: SAM with a skip-feature fusion of an early encoder feature into the mask decoder, as the official code
+(github.com/1683194873xrn/HF-SAM, commit a3c23b3, built on SAMed and H-SAM) runs it.
 
-Low-level local features are the outputs of the encoder's first two global-attention blocks (blocks 2 and 5
-of vit_b), each projected embed_dim -> prompt_dim (768 -> 256 for vit_b) by a 1x1 conv + LayerNorm2d, like
-SAM's neck. An AWFFM fuses them into the image embedding twice, as the paper describes: once before SAM's
-two-way transformer and once into the transformer's image tokens before upscaling and the hypernetwork
-heads. (The released code computes the first fusion and then overwrites it; here both steps are live.)
+* The low-level feature is the output of the encoder's first global-attention block (block 2 of vit_b), projected
+  embed_dim -> prompt_dim (768 -> 256) by a 1x1 conv with bias (``compress_vit_feat`` there).
+* One ``AWFFM`` (``CIF_block`` there) fuses it into the image tokens after SAM's two-way transformer, before the
+  output upscaling. The official decoder also fuses it into the image embedding before the transformer, but then
+  overwrites that result (``src = image_embeddings + dense_prompt_embeddings``), so that step has no effect and is not
+  built here.
+* An extra output token (``hf_token``, as HQ-SAM's) joins the iou and mask tokens in the transformer; no head reads
+  its output.
+
+``fusion="two_step"`` is this app's earlier variant, kept for comparison (docs/models.md): a softmax-weighted
+concatenation of the embedding with the outputs of the first two global-attention blocks, CBAM, a projection and a
+zero-initialised gate, fused both before and after the transformer.
 """
 
 from __future__ import annotations
 
 import torch
+from monai.utils import look_up_option
 from segment_anything.modeling.common import LayerNorm2d
 from torch import nn
 
 from .sam_backbone import SamEncoderSpec
 from .sam_segmenter import ChannelSpatialAttention, SamSegmenter, SliceFeatures
 
+FUSIONS = ("official", "two_step")
+
 
 class AWFFM(nn.Module):
-    """Adaptively Weighted Feature Fusion Module.
+    """HF-SAM's Adaptively Weighted Feature Fusion Module, the official ``CIF_block``;
+    (B, C, h, w) image tokens and (B, C, h, w) low-level feature -> (B, C, h, w).
 
-    high: (B, C, h, w), lows: L x (B, C, h, w) -> (B, C, h, w).
+    A spatial map S = sigmoid(conv3x3([mean_c, max_c](conv1x1([tokens, low])))) weights the tokens, t' = tokens * S;
+    channel attention on t' (a bias-free MLP on its average- and max-pooled descriptors) weights the low-level
+    feature; the output is t' + low * A(t').
 
-    Sources are scaled by learned weights (softmax over sources, mean 1), concatenated, re-weighted by channel
-    attention (shared MLP on average- and max-pooled descriptors) and spatial attention (conv over the
-    channel-wise mean and max maps), projected back to C channels and added to ``high`` through a learned
-    per-channel gate that starts at zero: at initialisation the pretrained embedding passes unchanged, and
-    fusion can only add to it, never suppress it.
+    Args:
+        channels: C, the channels of both inputs.
+        reduction: the channel MLP's hidden width is ``channels // reduction`` (8 in the official code).
+    """
+
+    def __init__(self, channels: int, reduction: int = 8):
+        super().__init__()
+        self.mix = nn.Conv2d(2 * channels, channels, 1)
+        self.spatial = nn.Conv2d(2, 1, 3, padding=1, bias=False)
+        self.channel_mlp = nn.Sequential(
+            nn.Conv2d(channels, channels // reduction, 1, bias=False), nn.ReLU(), nn.Conv2d(channels // reduction, channels, 1, bias=False)
+        )
+
+    def forward(self, tokens: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+        mixed = self.mix(torch.cat([tokens, low], dim=1))
+        tokens = tokens * torch.sigmoid(self.spatial(torch.cat([mixed.mean(1, keepdim=True), mixed.amax(1, keepdim=True)], dim=1)))
+        channel = self.channel_mlp(tokens.mean((2, 3), keepdim=True)) + self.channel_mlp(tokens.amax((2, 3), keepdim=True))
+        return tokens + low * torch.sigmoid(channel)
+
+
+class GatedFusion(nn.Module):
+    """The ``two_step`` variant's fusion: high: (B, C, h, w), lows: L x (B, C, h, w) -> (B, C, h, w).
+
+    Sources are scaled by learned weights (softmax over sources, mean 1), concatenated, re-weighted by CBAM,
+    projected back to C channels and added to ``high`` through a per-channel gate that starts at zero.
 
     Args:
         channels: C, the channels of ``high`` and of every low-level source.
@@ -51,20 +85,40 @@ class HFSam(SamSegmenter):
     """HF-SAM; forward: (B, 1 or 3, S, S) in [0, 1] -> logits (B, num_classes, S, S).
 
     Args:
-        spec: SAM encoder geometry; its first two global-attention blocks are tapped for the low-level features.
+        spec: SAM encoder geometry; its first global-attention block is tapped for the low-level feature (its first
+            two with ``fusion="two_step"``).
         num_classes: classes including the background (>= 2).
+        fusion: ``official`` (the official code's decoder) or ``two_step`` (see the module's docstring).
     """
 
-    trainable_prefixes = SamSegmenter.trainable_prefixes + ("fusion_before.", "fusion_after.")
+    #: the official code's LoRA rank (its ``--rank`` default)
+    default_lora_rank = 5
 
-    def __init__(self, spec: SamEncoderSpec, num_classes: int):
-        taps = spec.global_attn_indexes[:2]
-        super().__init__(spec, num_classes, tap_indexes=taps)
-        self.fusion_before = AWFFM(spec.prompt_dim, len(taps))
-        self.fusion_after = AWFFM(spec.prompt_dim, len(taps))
+    def __init__(self, spec: SamEncoderSpec, num_classes: int, fusion: str = "official"):
+        self.fusion = look_up_option(fusion, FUSIONS)
+        official = self.fusion == "official"
+        super().__init__(spec, num_classes, tap_indexes=spec.global_attn_indexes[: 1 if official else 2])
+        if official:
+            self.awffm = AWFFM(spec.prompt_dim)
+            self.hf_token = nn.Embedding(1, spec.prompt_dim)
+            self.trainable_prefixes = SamSegmenter.trainable_prefixes + ("awffm.", "hf_token.")
+        else:
+            self.fusion_before = GatedFusion(spec.prompt_dim, 2)
+            self.fusion_after = GatedFusion(spec.prompt_dim, 2)
+            self.trainable_prefixes = SamSegmenter.trainable_prefixes + ("fusion_before.", "fusion_after.")
+
+    def tap_projection(self) -> nn.Module:
+        if self.fusion == "official":
+            return nn.Conv2d(self.spec.embed_dim, self.spec.prompt_dim, 1)
+        return super().tap_projection()
 
     def fuse_before(self, embedding: torch.Tensor, features: SliceFeatures) -> torch.Tensor:
-        return self.fusion_before(embedding, features.taps)
+        return embedding if self.fusion == "official" else self.fusion_before(embedding, features.taps)
+
+    def extra_tokens(self) -> torch.Tensor:
+        return self.hf_token.weight if self.fusion == "official" else super().extra_tokens()
 
     def fuse_after(self, tokens: torch.Tensor, features: SliceFeatures) -> torch.Tensor:
+        if self.fusion == "official":
+            return self.awffm(tokens, features.taps[0])
         return self.fusion_after(tokens, features.taps)

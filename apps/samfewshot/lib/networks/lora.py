@@ -1,12 +1,61 @@
 """LoRA through peft: injection, merging for export, and which parameters train (an adapter holds exactly those;
-its files are ``lib.adapters``)."""
+its files are ``lib.adapters``).
+
+SAM's attention computes queries, keys and values with one fused ``qkv`` Linear. SAMed, H-SAM and HF-SAM put LoRA
+on the query and the value projections only, each with its own A and B; peft targets modules by name, so
+``split_qkv`` first turns the fused layer into three (``SplitQKV``), and ``merge_lora`` fuses them back for export.
+"""
 
 from __future__ import annotations
+
+import re
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
+
+
+class SplitQKV(nn.Module):
+    """A fused ``qkv`` Linear (C -> 3C) as three Linears ``q``, ``k``, ``v`` (C -> C) that LoRA can target one by
+    one; (..., C) -> (..., 3C), the fused layer's output.
+
+    Args:
+        fused: the ``qkv`` Linear whose weights (and bias) are split; it is not kept.
+    """
+
+    def __init__(self, fused: nn.Linear):
+        super().__init__()
+        dim = fused.out_features // 3
+        bias = fused.bias is not None
+        self.q, self.k, self.v = (nn.Linear(fused.in_features, dim, bias=bias) for _ in range(3))
+        with torch.no_grad():
+            for i, part in enumerate((self.q, self.k, self.v)):
+                part.weight.copy_(fused.weight[i * dim : (i + 1) * dim])
+                if bias:
+                    part.bias.copy_(fused.bias[i * dim : (i + 1) * dim])
+        self.requires_grad_(fused.weight.requires_grad)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.q(x), self.k(x), self.v(x)], dim=-1)
+
+    def fused(self) -> nn.Linear:
+        """The three projections as one Linear again (after ``merge_lora``, for an inference engine)."""
+        q, k, v = self.q, self.k, self.v
+        layer = nn.Linear(q.in_features, 3 * q.out_features, bias=q.bias is not None)
+        with torch.no_grad():
+            layer.weight.copy_(torch.cat([q.weight, k.weight, v.weight]))
+            if layer.bias is not None:
+                layer.bias.copy_(torch.cat([q.bias, k.bias, v.bias]))
+        return layer.requires_grad_(False)
+
+
+def split_qkv(model: nn.Module, pattern: str) -> None:
+    """Replace every Linear whose qualified name matches ``pattern`` (a regular expression) by ``SplitQKV``."""
+    for name, layer in list(model.named_modules()):
+        if isinstance(layer, nn.Linear) and re.fullmatch(pattern, name):
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, SplitQKV(layer))
 
 
 def apply_lora(model: nn.Module, rank: int, target_modules: str, alpha: float | None = None) -> nn.Module:
@@ -19,12 +68,17 @@ def apply_lora(model: nn.Module, rank: int, target_modules: str, alpha: float | 
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every peft LoRA layer of ``model`` into its base layer (W + scale B A, peft's ``merge``) and put the base
-    layer in its place, in place: the plain network an inference engine compiles."""
+    layer in its place, and fuse every ``SplitQKV`` back into one Linear, in place: the plain network an inference
+    engine compiles."""
     for name, layer in list(model.named_modules()):
         if isinstance(layer, LoraLayer):
             layer.merge()
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent), attr, layer.get_base_layer())
+    for name, layer in list(model.named_modules()):
+        if isinstance(layer, SplitQKV):
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, layer.fused())
     return model
 
 

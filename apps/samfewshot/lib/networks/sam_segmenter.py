@@ -11,9 +11,12 @@ class posterior, and it runs in two ways on the same image embedding:
   probability of c. The class tokens, already trained on the labels, thereby start the interaction from the
   automatic segmentation, and prompt-aware training teaches them to follow clicks.
 
-Models differ only in the hooks, which both ways run: ``fuse_before`` (image embedding before the two-way
-transformer), ``class_tokens`` (the mask tokens), ``fuse_after`` (image tokens after the transformer),
-``refine_upscaled`` (upscaled features before the hypernetwork product) and ``training_loss``.
+Models differ only in the hooks, which both ways run: ``tap_projection`` (how an encoder tap becomes a decoder
+feature), ``fuse_before`` (image embedding before the two-way transformer), ``class_tokens`` (the mask tokens),
+``extra_tokens`` (output tokens after them whose outputs no head reads), ``fuse_after`` (image tokens after the
+transformer), ``refine_upscaled`` (upscaled features before the hypernetwork product) and ``training_loss``.
+
+LoRA goes on the query and value projections of every encoder block (rank ``lora_rank``), as SAMed and HF-SAM.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from monai.losses import DiceCELoss
 from segment_anything.modeling.common import LayerNorm2d
 from torch import nn
 
-from .lora import apply_lora, mark_trainable
+from .lora import apply_lora, mark_trainable, split_qkv
 from .sam_backbone import (
     CheckpointError,
     SamEncoderSpec,
@@ -124,6 +127,8 @@ class SamSegmenter(nn.Module):
 
     #: parameter-name prefixes that train beside the LoRA weights; subclasses add their own modules
     trainable_prefixes: tuple[str, ...] = ("prompt_encoder.", "mask_decoder.", "tap_projections.")
+    #: LoRA rank when the server's ``lora_rank`` is not set
+    default_lora_rank: int = 4
 
     def __init__(self, spec: SamEncoderSpec, num_classes: int, tap_indexes: tuple[int, ...] = ()):
         super().__init__()
@@ -135,14 +140,15 @@ class SamSegmenter(nn.Module):
         self.image_encoder = build_image_encoder(spec)
         self.prompt_encoder = build_prompt_encoder(spec)
         self.mask_decoder = build_mask_decoder(spec, num_classes)
-        # Encoder taps are projected embed_dim -> prompt_dim like SAM's neck (1x1 conv + LayerNorm2d).
-        self.tap_projections = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(spec.embed_dim, spec.prompt_dim, 1, bias=False), LayerNorm2d(spec.prompt_dim)) for _ in self.tap_indexes
-        )
+        self.tap_projections = nn.ModuleList(self.tap_projection() for _ in self.tap_indexes)
         self.segmentation_loss = DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=0.1, lambda_dice=0.9)
         self.object_loss = DiceCELoss(sigmoid=True, lambda_ce=0.1, lambda_dice=0.9)
         # Monte-Carlo dropout on the decoder's image tokens, set only while estimating uncertainty.
         self.mc_dropout = 0.0
+
+    def tap_projection(self) -> nn.Module:
+        """(B, embed_dim, h, w) encoder tap -> (B, prompt_dim, h, w); like SAM's neck, a 1x1 conv + LayerNorm2d."""
+        return nn.Sequential(nn.Conv2d(self.spec.embed_dim, self.spec.prompt_dim, 1, bias=False), LayerNorm2d(self.spec.prompt_dim))
 
     def project_taps(self, taps: list[torch.Tensor]) -> list[torch.Tensor]:
         """Encoder taps (B, embed_dim, h, w) -> (B, prompt_dim, h, w)."""
@@ -155,6 +161,10 @@ class SamSegmenter(nn.Module):
     def class_tokens(self) -> torch.Tensor:
         """(K, C) mask tokens, one per class."""
         return self.mask_decoder.mask_tokens.weight
+
+    def extra_tokens(self) -> torch.Tensor:
+        """(E, C) output tokens after the mask tokens; the transformer attends to them, no head reads their output."""
+        return self.mask_decoder.mask_tokens.weight[:0]
 
     def fuse_after(self, tokens: torch.Tensor, features: SliceFeatures) -> torch.Tensor:
         """(B, C, h, w) image tokens after the two-way transformer."""
@@ -215,15 +225,17 @@ class SamSegmenter(nn.Module):
         image: torch.Tensor,
         prompts: Prompts | None = None,
         encode: Callable[[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]] | None = None,
+        decoder_resolution: bool = False,
     ) -> torch.Tensor:
         """(B, 1 or 3, H, W) -> class logits (B, K, H, W); with ``prompts`` the prompted decoding's follow (B, 2K,
-        H, W), both from one encoding (training runs both on every slice)."""
+        H, W), both from one encoding (training runs both on every slice). ``decoder_resolution``: the decoder's
+        logits as they are, (B, K or 2K, 4h, 4w), where SAMed's recipe computes its loss."""
         size = image.shape[-2:]
         embedding, features = self.prepare(image, encode)
         masks = self.decode(embedding, features)
         if prompts is not None:
             masks = torch.cat([masks, self.decode_prompted(embedding, features, prompts)], dim=1)
-        return F.interpolate(masks, size=size, mode="bilinear", align_corners=False)
+        return masks if decoder_resolution else F.interpolate(masks, size=size, mode="bilinear", align_corners=False)
 
     def decode(self, embedding: torch.Tensor, features: SliceFeatures) -> torch.Tensor:
         """Class logits (B, K, 4h, 4w) of a fused embedding, prompt-free (SAM's default prompt embeddings)."""
@@ -261,7 +273,7 @@ class SamSegmenter(nn.Module):
         """SAM's ``MaskDecoder.predict_masks`` with the hooks and one mask token per class; -> (B, K, 4h, 4w)."""
         decoder = self.mask_decoder
         b, c, h, w = embedding.shape
-        tokens = torch.cat([decoder.iou_token.weight, self.class_tokens()], dim=0)
+        tokens = torch.cat([decoder.iou_token.weight, self.class_tokens(), self.extra_tokens()], dim=0)
         tokens = torch.cat([tokens[None].expand(b, -1, -1), sparse.to(tokens.dtype)], dim=1)
         src = embedding + dense
         pos = self.prompt_encoder.get_dense_pe().expand(b, -1, -1, -1)
@@ -301,8 +313,10 @@ class SamSegmenter(nn.Module):
         self.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
 
     def add_lora(self, rank: int) -> None:
-        """LoRA on the encoder's attention qkv; afterwards only LoRA and ``trainable_prefixes`` train."""
-        apply_lora(self, rank=rank, target_modules=r"image_encoder\.blocks\.\d+\.attn\.qkv")
+        """LoRA on the query and value projections of every encoder block; afterwards only LoRA and
+        ``trainable_prefixes`` train."""
+        split_qkv(self, r"image_encoder\.blocks\.\d+\.attn\.qkv")
+        apply_lora(self, rank=rank, target_modules=r"image_encoder\.blocks\.\d+\.attn\.qkv\.[qv]")
         mark_trainable(self, self.trainable_prefixes)
 
 
@@ -310,12 +324,13 @@ def build_segmenter(
     model_cls: type[SamSegmenter],
     backbone: str,
     num_classes: int,
-    lora_rank: int = 4,
+    lora_rank: int | None = None,
     sam_state: dict[str, torch.Tensor] | None = None,
     **model_kwargs,
 ) -> SamSegmenter:
-    """Build ``model_cls(spec, num_classes, **model_kwargs)`` with LoRA, from an official SAM state dict adapted to the
-    backbone when given (``lib.weights.load_official_checkpoint`` reads one from its file).
+    """Build ``model_cls(spec, num_classes, **model_kwargs)`` with LoRA of rank ``lora_rank`` (default: the model's
+    ``default_lora_rank``), from an official SAM state dict adapted to the backbone when given
+    (``lib.weights.load_official_checkpoint`` reads one from its file).
 
     Random initialisation is seeded, so every process (server, training subprocess) builds the same
     frozen backbone and an adapter trained in one applies in another.
@@ -325,5 +340,5 @@ def build_segmenter(
         model = model_cls(spec, num_classes, **model_kwargs)
         if sam_state is not None:
             model.load_sam_state(sam_state)
-        model.add_lora(lora_rank)
+        model.add_lora(lora_rank or model_cls.default_lora_rank)
     return model
