@@ -15,9 +15,11 @@ from typing import Any
 from monai.utils import look_up_option
 from monailabel.utils.others.generic import strtobool
 
+from lib.networks.hf_sam import FUSIONS
 from lib.networks.sam2_backbone import HIERA_VARIANTS
 from lib.networks.sam_backbone import SAM_ENCODERS
 from lib.routes import ENDPOINT_GROUPS
+from lib.trainers.recipes import RECIPES
 
 MASG_MODULES = ("hae", "bfe", "dsf")
 
@@ -71,7 +73,11 @@ CONF_KEYS: dict[str, ConfKey] = {
         ConfKey("labels", "", 'label set as JSON {"name": id} (default: the brain-MRI sample\'s)'),
         ConfKey("auto_train", "false", "queue a training run after each saved final label", kind=_bool),
         ConfKey("device", "auto", "auto, cpu, cuda or cuda:N"),
-        ConfKey("lora_rank", "4", "rank of the SAM models' LoRA adapters", kind=int, minimum=1),
+        ConfKey(
+            "lora_rank", "", "rank of the SAM models' LoRA on q and v (default: HF-SAM 5, as published; MASG-SAM 4)", kind=int, minimum=1
+        ),
+        ConfKey("recipe", "fewshot", "how the SAM models' adapters train", choices=tuple(RECIPES)),
+        ConfKey("hf_sam_fusion", "official", "HF-SAM's decoder fusion", choices=FUSIONS),
         ConfKey("modality", "auto", "intensity normalisation: auto, CT, MR, ..."),
         ConfKey("preload", "false", "build the networks at start-up", kind=_bool),
         ConfKey("precision", "auto", "inference precision", choices=("auto", "fp32", "bf16")),

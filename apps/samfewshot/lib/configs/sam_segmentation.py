@@ -18,6 +18,7 @@ from lib.networks.sam_backbone import CheckpointError, get_encoder_spec
 from lib.networks.sam_segmenter import SamSegmenter, build_segmenter
 from lib.served_model import ServedModel, parse_labels
 from lib.trainers.adapter_trainer import AdapterTrainer
+from lib.trainers.recipes import RECIPES
 from lib.weights import load_official_checkpoint, resolve_sam_checkpoint
 
 # Label set of the brain-MRI sample datastore.
@@ -26,7 +27,7 @@ DEFAULT_LABELS = {"white matter": 1, "grey matter": 2}
 
 class SamSegmentationConfig(TaskConfig):
     """Reads the shared ``--conf`` keys (backbone, sam_checkpoint, labels, lora_rank, modality, device, preload,
-    precision, engine, embedding_cache_mb, max_epochs)."""
+    precision, engine, embedding_cache_mb, max_epochs, recipe)."""
 
     network_cls: type[SamSegmenter]
     scores_volumes = True  # uncertainty and embedding scores come from these models
@@ -49,7 +50,7 @@ class SamSegmentationConfig(TaskConfig):
             adapter_path=self.path,
             build_network=self.build_network,
             modality=conf["modality"],
-            lora_rank=conf["lora_rank"],
+            lora_rank=conf["lora_rank"] or self.network_cls.default_lora_rank,
         )
 
     def network_options(self) -> dict[str, Any]:
@@ -88,4 +89,4 @@ class SamSegmentationConfig(TaskConfig):
     def trainer(self) -> AdapterTrainer:
         config = {"device": self.device, "max_epochs": self.conf["max_epochs"]}
         # Half of the training slices are spent on simulated clicks, boxes and propagation (lib.trainers.interaction).
-        return AdapterTrainer(self.model, interactive_share=0.5, config=config)
+        return AdapterTrainer(self.model, recipe=RECIPES[self.conf["recipe"]], interactive_share=0.5, config=config)

@@ -41,6 +41,7 @@ from lib.monailabel_compat import HookedEngines
 from lib.networks.lora import adapter_state_dict
 from lib.served_model import ServedModel
 from lib.trainers.interaction import SimulatedInteraction, prepare_prompted_batch
+from lib.trainers.recipes import RECIPES, Recipe
 from lib.transforms import training_slice_transforms, volume_transforms
 
 logger = logging.getLogger(__name__)
@@ -76,9 +77,7 @@ class AdapterTrainer(HookedEngines, BasicTrainTask):
         model: the served model; runs resume from its published adapter, and its adapter file's folder holds the
             train/val split, the training stats and the adapters published.
         description: the task's description in MONAI Label; default "Incremental LoRA fine-tuning of <name>".
-        lr: AdamW's peak learning rate (after warm-up); a train request's ``lr`` overrides it.
-        weight_decay: AdamW's weight decay.
-        warmup_fraction: share of a run's steps with linear learning-rate warm-up before the polynomial decay to 0.
+        recipe: optimiser, schedule and loss (``lib.trainers.recipes``); a train request's ``lr`` overrides its rate.
         slices_per_volume: random axial slices drawn from each training volume per epoch.
         foreground_ratio: share of those slices centred on labelled voxels; the rest are centred on background.
         min_train_volumes: a new volume goes to validation only once at least this many volumes train.
@@ -87,15 +86,11 @@ class AdapterTrainer(HookedEngines, BasicTrainTask):
         config: MONAI Label train settings over the defaults (``max_epochs`` 50, ``val_split`` 0.2, batch sizes 1, ...).
     """
 
-    prepare_batch = staticmethod(prepare_prompted_batch)  # the simulated prompts reach the network
-
     def __init__(
         self,
         model: ServedModel,
         description: str = "",
-        lr: float = 1e-3,
-        weight_decay: float = 0.1,
-        warmup_fraction: float = 0.1,
+        recipe: Recipe = RECIPES["fewshot"],
         slices_per_volume: int = 8,
         foreground_ratio: float = 0.75,
         min_train_volumes: int = 2,
@@ -103,14 +98,15 @@ class AdapterTrainer(HookedEngines, BasicTrainTask):
         config: dict[str, Any] | None = None,
     ):
         self.model = model
-        self.weight_decay = weight_decay
-        self.warmup_fraction = warmup_fraction
+        self.recipe = recipe
+        # The simulated prompts reach the network; the paper recipe's loss reads the decoder's own logits.
+        self.prepare_batch = partial(prepare_prompted_batch, decoder_resolution=recipe.decoder_resolution)
         self.slices_per_volume = slices_per_volume
         self.foreground_ratio = foreground_ratio
         self.min_train_volumes = min_train_volumes
         defaults = {
             "max_epochs": 50,
-            "lr": lr,
+            "lr": recipe.lr,
             "val_split": 0.2,
             "train_batch_size": 1,
             "val_batch_size": 1,
@@ -252,11 +248,14 @@ class AdapterTrainer(HookedEngines, BasicTrainTask):
                 logger.info(f"{self.model.name}: resuming from adapter version {payload['version']}")
         except AdapterError as e:
             logger.warning(f"{self.model.name}: not resuming, starting a new adapter: {e}")
+        loss = self.recipe.segmentation_loss()
+        if loss is not None:
+            network.segmentation_loss = loss
         return network
 
     def optimizer(self, context: Context):
         params = [p for p in context.network.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=float(context.request["lr"]), weight_decay=self.weight_decay)
+        return self.recipe.make_optimizer(params, float(context.request["lr"]))
 
     def loss_function(self, context: Context):
         # The network owns its loss: 0.1*CE + 0.9*Dice, plus whatever auxiliary terms the model has.
@@ -265,7 +264,7 @@ class AdapterTrainer(HookedEngines, BasicTrainTask):
     def lr_scheduler_handler(self, context: Context):
         steps_per_epoch = math.ceil(self.process_share(context, len(context.train_datalist)) / context.train_batch_size)
         total = max(1, steps_per_epoch * context.max_epochs)
-        schedule = torch.optim.lr_scheduler.LambdaLR(context.optimizer, warmup_poly(total, max(1, int(self.warmup_fraction * total))))
+        schedule = torch.optim.lr_scheduler.LambdaLR(context.optimizer, warmup_poly(total, int(self.recipe.warmup_fraction * total)))
         return LrScheduleHandler(schedule, print_lr=False, epoch_level=False)
 
     def train_inferer(self, context: Context):

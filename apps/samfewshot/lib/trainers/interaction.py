@@ -160,12 +160,16 @@ def replay(clicks: np.ndarray, labels: np.ndarray, click_class: int) -> dict | N
     return {"class": target_class, "target": labels == target_class, "prompt": prompt}
 
 
-def prepare_prompted_batch(batchdata: dict[str, Any], device=None, non_blocking: bool = False, **kwargs):
+def prepare_prompted_batch(batchdata: dict[str, Any], device=None, non_blocking: bool = False, decoder_resolution: bool = False, **kwargs):
     """MONAI's ``default_prepare_batch``, plus the batch's prompts (when the iteration simulated some) passed to
-    the network as ``prompts``."""
+    the network as ``prompts``. ``decoder_resolution``: the network returns its decoder's logits (a quarter of the
+    slice's side) and the label is resized to them by nearest neighbour."""
     image, label = default_prepare_batch(batchdata, device, non_blocking, **kwargs)
-    if PROMPT_PREFIX + "points" not in batchdata:
-        return image, label
-    fields = {k: batchdata[PROMPT_PREFIX + k] for k in vars(Prompts())}
-    prompts = Prompts(**{k: None if v is None else v.to(device, non_blocking=non_blocking) for k, v in fields.items()})
-    return image, label, (), {"prompts": prompts}
+    options: dict[str, Any] = {}
+    if decoder_resolution:
+        label = F.interpolate(label.float(), size=(image.shape[-2] // 4, image.shape[-1] // 4), mode="nearest").to(label.dtype)
+        options["decoder_resolution"] = True
+    if PROMPT_PREFIX + "points" in batchdata:
+        fields = {k: batchdata[PROMPT_PREFIX + k] for k in vars(Prompts())}
+        options["prompts"] = Prompts(**{k: None if v is None else v.to(device, non_blocking=non_blocking) for k, v in fields.items()})
+    return (image, label, (), options) if options else (image, label)
