@@ -8,7 +8,11 @@ Two protocols, one per kind of model:
 * segmentation (HF-SAM, MASG-SAM, CT/MR classes): per class, Dice and the 95th-percentile symmetric Hausdorff
   distance in mm.
 
-Pure numpy/MONAI/scikit-image, so it runs without a server.
+The papers' tables use conventions of their own, reproduced here for scripts/evaluate.py's ``paper`` protocols:
+``percase_dice_hd95`` (SAMed / H-SAM / HF-SAM test code: medpy's Dice and HD95 in voxels) and ``cremi_scores``
+(the CREMI challenge's reference code, cremi_python).
+
+Pure numpy/SciPy/MONAI/scikit-image, so it runs without a server.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from scipy import ndimage
 
 
 def _check_shapes(pred: np.ndarray, gt: np.ndarray) -> None:
@@ -120,3 +125,95 @@ def clicks_to_reach(dices: Sequence[float], threshold: float) -> int:
         if value >= threshold:
             return n
     return len(dices)
+
+
+def hd95_voxels(result: np.ndarray, reference: np.ndarray) -> float:
+    """HD95 of two non-empty boolean masks in voxels, as ``medpy.metric.binary.hd95(result, reference)`` computes it
+    with its defaults (voxelspacing None, connectivity 1), which the SAMed / H-SAM / HF-SAM test code calls.
+
+    medpy's definition: a mask's surface is the mask minus its erosion by the face-connected cross (outside the
+    volume counts as background); every surface voxel of either mask gets its Euclidean distance to the nearest
+    surface voxel of the other; HD95 is numpy's (linearly interpolated) 95th percentile of both directions'
+    distances pooled. MONAI's ``compute_hausdorff_distance(percentile=95)`` differs: it takes the percentile of
+    each direction and then the larger one. medpy itself is not a dependency: this agreed with medpy 0.5.2 to 1e-9
+    on random 3D masks when written, and tests/unit/test_paper_protocols.py checks hand-computed cases.
+    """
+    result, reference = np.asarray(result, bool), np.asarray(reference, bool)
+    _check_shapes(result, reference)
+    if not (result.any() and reference.any()):
+        raise ValueError("hd95 needs two non-empty masks (medpy raises RuntimeError on an empty one)")
+    # Crop to both masks plus one voxel of background (or the volume edge): distances between surface voxels and
+    # each erosion are those of the whole volume, at a fraction of the distance transform's cost.
+    nonzero = np.nonzero(result | reference)
+    box = tuple(slice(max(int(i.min()) - 1, 0), int(i.max()) + 2) for i in nonzero)
+    result, reference = result[box], reference[box]
+    cross = ndimage.generate_binary_structure(result.ndim, 1)
+    surface = [m ^ ndimage.binary_erosion(m, structure=cross) for m in (result, reference)]
+    to_reference = ndimage.distance_transform_edt(~surface[1])[surface[0]]
+    to_result = ndimage.distance_transform_edt(~surface[0])[surface[1]]
+    return float(np.percentile(np.concatenate([to_reference, to_result]), 95))
+
+
+def percase_dice_hd95(pred: np.ndarray, gt: np.ndarray) -> tuple[float, float]:
+    """(Dice, HD95 in voxels) of one class in one case with the conventions of ``calculate_metric_percase`` in the
+    SAMed / H-SAM / HF-SAM test code (utils.py): both masks non-empty: medpy's Dice and ``hd95_voxels``; a
+    prediction where the ground truth is empty: (1, 0); an empty prediction, or both empty: (0, 0).
+
+    So a missed organ costs Dice but no HD95, and an organ absent from a case scores Dice 0 when the model (rightly)
+    predicts nothing: the papers' convention, kept so their tables can be reproduced. ``segmentation_scores`` is
+    the app's own protocol (nan and inf for those cases).
+    """
+    pred, gt = np.asarray(pred, bool), np.asarray(gt, bool)
+    _check_shapes(pred, gt)
+    if pred.any() and gt.any():
+        return dice(pred, gt), hd95_voxels(pred, gt)
+    if pred.any():
+        return 1.0, 0.0
+    return 0.0, 0.0
+
+
+def cremi_adapted_rand(pred: np.ndarray, gt: np.ndarray) -> tuple[float, float, float]:
+    """(arand, rand_split, rand_merge) as the CREMI reference code computes the adapted Rand error
+    (cremi_python's ``evaluation/rand.py``, SNEMI3D's formula). Ground-truth id 0 is ignored.
+
+    Two conventions differ from scikit-image's ``adapted_rand_error`` (``instance_scores``): voxel pairs are counted
+    as squared segment sizes (n^2, each voxel paired with itself too, not n(n-1)), and a voxel the prediction leaves
+    at id 0 is nearly a segment of its own (the reference code adds ``sum(c) / n`` for them, c their count per true
+    cell and n all voxels), where scikit-image makes predicted 0 one ordinary segment. On volumes of millions of
+    voxels without predicted 0 the two agree to about 1e-5; on small cases they differ (a 2-voxel merge below).
+    """
+    pred, gt = _as_ids(pred, "prediction").ravel(), _as_ids(gt, "ground truth").ravel()
+    if pred.shape != gt.shape:
+        raise ValueError(f"prediction has {pred.size} voxels, ground truth {gt.size}")
+    n = gt.size
+    labelled = gt != 0
+    if not labelled.any():
+        return math.nan, math.nan, math.nan
+    true = np.unique(gt[labelled], return_inverse=True)[1].ravel()
+    test = pred[labelled]
+    unsegmented = test == 0
+    singles = float(unsegmented.sum()) / n
+    true_seg, test_seg = true[~unsegmented], np.unique(test[~unsegmented], return_inverse=True)[1].ravel()
+    true_sizes = np.bincount(true).astype(np.float64)
+    test_sizes = np.bincount(test_seg).astype(np.float64)
+    overlaps = np.unique(true_seg * max(len(test_sizes), 1) + test_seg, return_counts=True)[1].astype(np.float64)
+    sum_true = true_sizes @ true_sizes
+    sum_test = test_sizes @ test_sizes + singles
+    sum_both = overlaps @ overlaps + singles
+    rand_merge, rand_split = sum_both / sum_test, sum_both / sum_true
+    return 1.0 - 2.0 * rand_merge * rand_split / (rand_merge + rand_split), rand_split, rand_merge
+
+
+def cremi_scores(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
+    """``instance_scores`` with the CREMI challenge's adapted Rand error (``cremi_adapted_rand``) and its CREMI
+    score sqrt((VOI split + VOI merge) x ARAND); 0 everywhere is a perfect score.
+
+    Ground-truth id 0 is ignored, as cremi_python ignores its background id 2^64 - 1 after adding 1 to every id (the
+    caller maps a CREMI file's ids that way). The VOI is the reference code's ``voi(segmentation, groundtruth,
+    ignore_groundtruth=[0])``: bits, predicted id 0 an ordinary segment, which is what ``instance_scores`` computes.
+    """
+    scores = instance_scores(pred, gt)
+    arand, rand_split, rand_merge = cremi_adapted_rand(pred, gt)
+    scores.update(arand=arand, rand_split=rand_split, rand_merge=rand_merge)
+    scores["cremi_score"] = math.sqrt(scores["voi"] * arand) if not math.isnan(arand) else math.nan
+    return scores
