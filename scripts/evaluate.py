@@ -553,11 +553,16 @@ def paper_main(argv: list[str]) -> int:
     except HTTPException as e:
         print(f"evaluate.py paper: error: {e.detail}", file=sys.stderr)
         return 1
-    print(paper_table(result))
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(result, indent=2) + "\n")
+    report(paper_table(result), result, args.output)
     return 0
+
+
+def report(text: str, result: dict, output: Path | None) -> None:
+    """Print the table; write the scores as JSON to ``output`` when given."""
+    print(text)
+    if output:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(result, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -582,10 +587,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 1
-    print(table(result))
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(result, indent=2) + "\n")
+    report(table(result), result, args.output)
     return 0
 
 

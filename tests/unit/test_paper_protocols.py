@@ -3,9 +3,9 @@ the tiny random models, and the metric conventions they use (lib.evaluation) aga
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 import h5py
@@ -18,18 +18,11 @@ from lib.configs import MODEL_CONFIGS
 from lib.evaluation import cremi_adapted_rand, cremi_scores, hd95_voxels, instance_scores, percase_dice_hd95
 from lib.networks.lora import adapter_state_dict
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "evaluate.py"
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+
+import evaluate  # noqa: E402
+
 SYNAPSE_ORGANS = ("spleen", "right kidney", "left kidney", "gallbladder", "liver", "stomach", "aorta", "pancreas")
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("evaluate_paper_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-evaluate = _load_script()
 
 
 def run(capsys, *args: str) -> tuple[int, str, str]:
