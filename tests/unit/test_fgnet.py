@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lib.infers.affinity_instances import affinity_watershed, agglomerate
-from lib.networks.affinities import boundary_map, instance_affinities
+from lib.networks.affinities import AFFINITY_AXES, boundary_map, instance_affinities
 from lib.networks.fgnet import (
     FeatureGuidedAttention,
     FGNet,
@@ -173,8 +173,9 @@ def test_watershed_dissolves_small_fragments_and_handles_no_seeds():
     instances = affinity_watershed(affinity, seed_affinity=0.9, min_fragment_size=50)
     assert np.bincount(instances.ravel())[1:].min() >= 50
     assert len(np.unique(instances)) == label.max()
-    # An unsure model still gets instances: seeds from its most interior voxels.
-    unsure = 0.3 + 0.4 * affinity
+    # An unsure model still gets instances: seeds from its most interior voxels (none reaches 0.9; its boundaries,
+    # at 0.2, stay below the default merge_affinity).
+    unsure = 0.2 + 0.5 * affinity
     assert len(np.unique(affinity_watershed(unsure, seed_affinity=0.9, min_fragment_size=50))) == label.max()
 
 
@@ -189,6 +190,29 @@ def test_agglomeration_joins_fragments_by_their_contact_affinity():
     weak = affinity.clone()
     weak[0] *= 0.4
     assert len(np.unique(agglomerate(per_section, weak, merge_affinity=0.5))) == len(np.unique(per_section))
+
+
+def test_agglomeration_pools_contacts_instead_of_chaining():
+    # Two cells, A (x < 4) and C (x >= 4, over-segmented into C1 and C2 at y = 4), with a weak common face; a small
+    # fragment B on that face (x 3..4, y 0..1) touches A and C1 strongly.
+    A, B, C1, C2 = 1, 2, 3, 4
+    fragments = np.full((8, 8, 2), A)
+    fragments[4:, :4], fragments[4:, 4:], fragments[3:5, :2] = C1, C2, B
+    pair_affinity = {(A, B): 0.9, (B, C1): 0.8, (C1, C2): 0.7, (A, C1): 0.1, (A, C2): 0.1}
+    labels = torch.as_tensor(fragments)
+    affinity = torch.ones((3, *labels.shape))
+    for channel, axis in enumerate(AFFINITY_AXES):
+        n = labels.shape[axis]
+        current, previous = labels.narrow(axis, 1, n - 1), labels.narrow(axis, 0, n - 1)
+        edges = affinity[channel].narrow(axis, 1, n - 1)  # a view: writes go into ``affinity``
+        for (a, b), value in pair_affinity.items():
+            edges[((current == a) & (previous == b)) | ((current == b) & (previous == a))] = value
+    # A-B, B-C1 and C1-C2 all average above 0.5, so merging every such pair at once (single linkage) joins all four.
+    # Iteratively: A+B first (0.9); then C1+C2 (0.7, above (A+B)-C1's 0.52); (A+B)-(C1+C2) then pools B's 6 strong
+    # edges with the 12 weak ones of the A-C face, (6 * 0.8 + 12 * 0.1) / 18 = 0.33, and the cells stay apart.
+    merged = agglomerate(fragments, affinity, merge_affinity=0.5)
+    assert merged[0, 0, 0] == merged[3, 0, 0] != merged[4, 2, 0] == merged[4, 7, 0]
+    assert len(np.unique(merged)) == 2
 
 
 def test_balanced_loss_ignores_unlabelled_edges():
