@@ -316,6 +316,7 @@ class AdapterTrainer(HookedEngines, BasicTrainTask):
                 "train_volumes": [d["id"] for d in context.train_datalist],
                 "val_volumes": [d["id"] for d in context.val_datalist],
                 "processes": context.world_size if context.multi_gpu else 1,
+                "recipe": self.recipe.name,
             }
             version = publish_adapter(self.model.adapter_path, best["state"], self.model.adapter_config(), info)
             logger.info(f"{self.model.name}: published adapter version {version} ({info['metric_name']} {info['metric']:.4f})")
