@@ -1,9 +1,9 @@
-"""Held-out Dice of HF-SAM's decoder variants under both training recipes, over several seeds, side by side.
+"""Held-out Dice of HF-SAM under both training recipes, over several seeds, side by side.
 
-    .venv/bin/python scripts/compare_training.py                               # tiny, 40 epochs, seeds 0 1 2
-    .venv/bin/python scripts/compare_training.py --epochs 2 --seeds 0 --fusions official --recipes fewshot
+    .venv/bin/python scripts/compare_training.py                               # tiny, 50 epochs, seeds 0 1 2
+    .venv/bin/python scripts/compare_training.py --epochs 2 --seeds 0 --recipes fewshot
 
-For every fusion (``--conf hf_sam_fusion``), recipe (``--conf recipe``) and seed, a private copy of the app and of the
+For every recipe (``--conf recipe``) and seed, a private copy of the app and of the
 sample brain-MRI datastore (its labelled volumes, brain_000 and brain_001) trains from the same start for --epochs
 with the recipe's own learning rate and the app's trainer as served (half of the slices with simulated clicks);
 the held-out volumes (--held-out, ground truth in sample-datasets/brain-mri-groundtruth) are then segmented through
@@ -26,10 +26,10 @@ import time
 import numpy as np
 from simulate_active_learning import APP, SAMPLES, held_out_dice
 
-COLUMNS = ["fusion", "recipe", "seed", "epochs", "dice_wm", "dice_gm", "dice_mean", "train_seconds", "adapter_tensors", "adapter_values"]
+COLUMNS = ["recipe", "seed", "epochs", "dice_wm", "dice_gm", "dice_mean", "train_seconds", "adapter_tensors", "adapter_values"]
 
 
-def run(fusion: str, recipe: str, seed: int, args, work: str) -> dict:
+def run(recipe: str, seed: int, args, work: str) -> dict:
     import torch
 
     from lib.adapters import read_adapter
@@ -46,7 +46,6 @@ def run(fusion: str, recipe: str, seed: int, args, work: str) -> dict:
         "engine": "torch",
         "device": "cpu",
         "auto_scoring": "false",
-        "hf_sam_fusion": fusion,
         "recipe": recipe,
     }
     app = SamFewShotApp(app_dir, studies, conf)
@@ -57,7 +56,6 @@ def run(fusion: str, recipe: str, seed: int, args, work: str) -> dict:
     wm, gm = held_out_dice(app, "hf_sam", images, os.path.join(SAMPLES, "brain-mri-groundtruth"), "cpu")
     state = read_adapter(os.path.join(app_dir, "model", "hf_sam.pt"))["state_dict"]
     return {
-        "fusion": fusion,
         "recipe": recipe,
         "seed": seed,
         "epochs": args.epochs,
@@ -77,21 +75,20 @@ def summary(values: list[float]) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| fusion | recipe | seeds | WM Dice | GM Dice | mean Dice | train s | adapter values |", "|---|---|---|---|---|---|---|---|"]
-    for key in dict.fromkeys((r["fusion"], r["recipe"]) for r in rows):
-        group = [r for r in rows if (r["fusion"], r["recipe"]) == key]
+    lines = ["| recipe | seeds | WM Dice | GM Dice | mean Dice | train s | adapter values |", "|---|---|---|---|---|---|---|"]
+    for recipe in dict.fromkeys(r["recipe"] for r in rows):
+        group = [r for r in rows if r["recipe"] == recipe]
         dice = " | ".join(summary([r[c] for r in group]) for c in ("dice_wm", "dice_gm", "dice_mean"))
         seconds = statistics.mean(r["train_seconds"] for r in group)
-        lines.append(f"| {key[0]} | {key[1]} | {len(group)} | {dice} | {seconds:.0f} | {group[0]['adapter_values']:,} |")
+        lines.append(f"| {recipe} | {len(group)} | {dice} | {seconds:.0f} | {group[0]['adapter_values']:,} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--fusions", default="official,two_step")
     parser.add_argument("--recipes", default="fewshot,paper")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--epochs", type=int, default=50)
     parser.add_argument("--backbone", default="tiny")
     parser.add_argument("--held-out", nargs="+", default=["brain_005", "brain_006", "brain_007"])
     parser.add_argument("--out-dir", default="compare_training")
@@ -100,15 +97,14 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.out_dir, exist_ok=True)
     rows = []
     for seed in args.seeds:
-        for fusion in args.fusions.split(","):
-            for recipe in args.recipes.split(","):
-                with tempfile.TemporaryDirectory(prefix="compare-") as work:
-                    rows.append(run(fusion, recipe, seed, args, work))
-                print(rows[-1], flush=True)
-                with open(os.path.join(args.out_dir, "results.csv"), "w", newline="") as f:
-                    writer = csv.DictWriter(f, fieldnames=COLUMNS)
-                    writer.writeheader()
-                    writer.writerows(rows)
+        for recipe in args.recipes.split(","):
+            with tempfile.TemporaryDirectory(prefix="compare-") as work:
+                rows.append(run(recipe, seed, args, work))
+            print(rows[-1], flush=True)
+            with open(os.path.join(args.out_dir, "results.csv"), "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=COLUMNS)
+                writer.writeheader()
+                writer.writerows(rows)
     text = table(rows)
     with open(os.path.join(args.out_dir, "table.md"), "w") as f:
         f.write(text + "\n")

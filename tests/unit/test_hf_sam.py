@@ -152,17 +152,3 @@ def test_gradients_reach_only_trainable_parameters(model, image):
         "mask_decoder.mask_tokens.weight",
     ):
         assert n in with_grad, n
-
-
-def test_two_step_variant_fuses_two_taps_before_and_after():
-    net = build_segmenter(HFSam, "tiny", K, fusion="two_step").eval()
-    assert net.tap_indexes == SPEC.global_attn_indexes[:2] and not hasattr(net, "hf_token")
-    x = torch.rand(1, 1, S, S, generator=torch.Generator().manual_seed(3))
-    base = _logits(net, x)
-    for step in ("fusion_before", "fusion_after"):
-        opened = copy.deepcopy(net)
-        with torch.no_grad():
-            getattr(opened, step).gate.fill_(0.5)
-        assert not torch.allclose(base, _logits(opened, x), atol=1e-4), step
-    with pytest.raises(ValueError, match="official"):
-        HFSam(SPEC, K, fusion="one_step")

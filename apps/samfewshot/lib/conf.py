@@ -15,7 +15,6 @@ from typing import Any
 from monai.utils import look_up_option
 from monailabel.utils.others.generic import strtobool
 
-from lib.networks.hf_sam import FUSIONS
 from lib.networks.sam2_backbone import HIERA_VARIANTS
 from lib.networks.sam_backbone import SAM_ENCODERS
 from lib.routes import ENDPOINT_GROUPS
@@ -77,7 +76,6 @@ CONF_KEYS: dict[str, ConfKey] = {
             "lora_rank", "", "rank of the SAM models' LoRA on q and v (default: HF-SAM 5, as published; MASG-SAM 4)", kind=int, minimum=1
         ),
         ConfKey("recipe", "fewshot", "how the SAM models' adapters train", choices=tuple(RECIPES)),
-        ConfKey("hf_sam_fusion", "official", "HF-SAM's decoder fusion", choices=FUSIONS),
         ConfKey("modality", "auto", "intensity normalisation: auto, CT, MR, ..."),
         ConfKey("preload", "false", "build the networks at start-up", kind=_bool),
         ConfKey("precision", "auto", "inference precision", choices=("auto", "fp32", "bf16")),

@@ -9,23 +9,15 @@
   built here.
 * An extra output token (``hf_token``, as HQ-SAM's) joins the iou and mask tokens in the transformer; no head reads
   its output.
-
-``fusion="two_step"`` is this app's earlier variant, kept for comparison (docs/models.md): a softmax-weighted
-concatenation of the embedding with the outputs of the first two global-attention blocks, CBAM, a projection and a
-zero-initialised gate, fused both before and after the transformer.
 """
 
 from __future__ import annotations
 
 import torch
-from monai.utils import look_up_option
-from segment_anything.modeling.common import LayerNorm2d
 from torch import nn
 
 from .sam_backbone import SamEncoderSpec
-from .sam_segmenter import ChannelSpatialAttention, SamSegmenter, SliceFeatures
-
-FUSIONS = ("official", "two_step")
+from .sam_segmenter import SamSegmenter, SliceFeatures
 
 
 class AWFFM(nn.Module):
@@ -56,69 +48,28 @@ class AWFFM(nn.Module):
         return tokens + low * torch.sigmoid(channel)
 
 
-class GatedFusion(nn.Module):
-    """The ``two_step`` variant's fusion: high: (B, C, h, w), lows: L x (B, C, h, w) -> (B, C, h, w).
-
-    Sources are scaled by learned weights (softmax over sources, mean 1), concatenated, re-weighted by CBAM,
-    projected back to C channels and added to ``high`` through a per-channel gate that starts at zero.
-
-    Args:
-        channels: C, the channels of ``high`` and of every low-level source.
-        num_low: L, how many low-level sources ``forward`` gets.
-        reduction: hidden-width divisor of the channel-attention MLP over the (1 + L) * C concatenated channels.
-    """
-
-    def __init__(self, channels: int, num_low: int, reduction: int = 4):
-        super().__init__()
-        self.source_logits = nn.Parameter(torch.zeros(1 + num_low))
-        self.attention = ChannelSpatialAttention(channels * (1 + num_low), reduction)
-        self.project = nn.Sequential(nn.Conv2d(channels * (1 + num_low), channels, 1, bias=False), LayerNorm2d(channels))
-        self.gate = nn.Parameter(torch.zeros(channels))
-
-    def forward(self, high: torch.Tensor, lows: list[torch.Tensor]) -> torch.Tensor:
-        weights = torch.softmax(self.source_logits, 0) * self.source_logits.numel()
-        x = torch.cat([w * f for w, f in zip(weights, [high, *lows])], dim=1)
-        return high + self.gate.view(1, -1, 1, 1) * self.project(self.attention(x))
-
-
 class HFSam(SamSegmenter):
     """HF-SAM; forward: (B, 1 or 3, S, S) in [0, 1] -> logits (B, num_classes, S, S).
 
     Args:
-        spec: SAM encoder geometry; its first global-attention block is tapped for the low-level feature (its first
-            two with ``fusion="two_step"``).
+        spec: SAM encoder geometry; its first global-attention block is tapped for the low-level feature.
         num_classes: classes including the background (>= 2).
-        fusion: ``official`` (the official code's decoder) or ``two_step`` (see the module's docstring).
     """
 
     #: the official code's LoRA rank (its ``--rank`` default)
     default_lora_rank = 5
+    trainable_prefixes = SamSegmenter.trainable_prefixes + ("awffm.", "hf_token.")
 
-    def __init__(self, spec: SamEncoderSpec, num_classes: int, fusion: str = "official"):
-        self.fusion = look_up_option(fusion, FUSIONS)
-        official = self.fusion == "official"
-        super().__init__(spec, num_classes, tap_indexes=spec.global_attn_indexes[: 1 if official else 2])
-        if official:
-            self.awffm = AWFFM(spec.prompt_dim)
-            self.hf_token = nn.Embedding(1, spec.prompt_dim)
-            self.trainable_prefixes = SamSegmenter.trainable_prefixes + ("awffm.", "hf_token.")
-        else:
-            self.fusion_before = GatedFusion(spec.prompt_dim, 2)
-            self.fusion_after = GatedFusion(spec.prompt_dim, 2)
-            self.trainable_prefixes = SamSegmenter.trainable_prefixes + ("fusion_before.", "fusion_after.")
+    def __init__(self, spec: SamEncoderSpec, num_classes: int):
+        super().__init__(spec, num_classes, tap_indexes=spec.global_attn_indexes[:1])
+        self.awffm = AWFFM(spec.prompt_dim)
+        self.hf_token = nn.Embedding(1, spec.prompt_dim)
 
     def tap_projection(self) -> nn.Module:
-        if self.fusion == "official":
-            return nn.Conv2d(self.spec.embed_dim, self.spec.prompt_dim, 1)
-        return super().tap_projection()
-
-    def fuse_before(self, embedding: torch.Tensor, features: SliceFeatures) -> torch.Tensor:
-        return embedding if self.fusion == "official" else self.fusion_before(embedding, features.taps)
+        return nn.Conv2d(self.spec.embed_dim, self.spec.prompt_dim, 1)
 
     def extra_tokens(self) -> torch.Tensor:
-        return self.hf_token.weight if self.fusion == "official" else super().extra_tokens()
+        return self.hf_token.weight
 
     def fuse_after(self, tokens: torch.Tensor, features: SliceFeatures) -> torch.Tensor:
-        if self.fusion == "official":
-            return self.awffm(tokens, features.taps[0])
-        return self.fusion_after(tokens, features.taps)
+        return self.awffm(tokens, features.taps[0])
