@@ -24,7 +24,15 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "apps", "samfewshot"))
 
-from lib.adapters import AdapterError, history_path, list_versions, publish_adapter, read_adapter, restore_adapter  # noqa: E402
+from lib.adapters import (  # noqa: E402
+    ADAPTER_FORMAT_VERSION,
+    AdapterError,
+    history_path,
+    list_versions,
+    publish_adapter,
+    read_adapter_record,
+    restore_adapter,
+)
 
 # Label orders of the official code's test scripts (Synapse's class_to_name; ACDC as TransUNet's).
 OFFICIAL_LABELS = {
@@ -35,13 +43,15 @@ OFFICIAL_LABELS = {
 
 def list_adapters(model: str, model_dir: str) -> None:
     path = os.path.join(model_dir, f"{model}.pt")
-    served = read_adapter(path)["version"] if os.path.exists(path) else 0
+    served = read_adapter_record(path)["version"] if os.path.exists(path) else 0
     for version in list_versions(path):
-        payload = read_adapter(history_path(path, version))
+        payload = read_adapter_record(history_path(path, version))
         info = payload.get("info", {})
         metric = f"{info.get('metric_name', '')} {info.get('metric', float('nan')):.4f}" if "metric" in info else ""
         origin = f" (restored from v{info['restored_from']})" if "restored_from" in info else ""
         origin += f" (imported from {info['imported_from']})" if "imported_from" in info else ""
+        if payload.get("format_version") != ADAPTER_FORMAT_VERSION:
+            origin += f" (format {payload.get('format_version')}: this version cannot serve it)"
         mark = "*" if version == served else " "
         print(f"{mark} v{version:04d}  {payload['created']}  {metric}{origin}")
     if served == 0:

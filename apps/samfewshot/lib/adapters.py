@@ -61,13 +61,20 @@ def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None
             params[name].copy_(value)
 
 
-def read_adapter(path: str) -> dict[str, Any]:
+def read_adapter_record(path: str) -> dict[str, Any]:
+    """An adapter file's payload of any format version: enough to number and list versions, not to load one."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise AdapterError(f"cannot read adapter '{path}': {e}") from e
     if not isinstance(payload, dict) or payload.get("format") != ADAPTER_FORMAT:
         raise AdapterError(f"'{path}' is not a samfewshot adapter file")
+    return payload
+
+
+def read_adapter(path: str) -> dict[str, Any]:
+    """An adapter file's payload, of the format this version loads."""
+    payload = read_adapter_record(path)
     version = payload.get("format_version")
     if version == 1:
         raise AdapterError(
@@ -117,7 +124,7 @@ def _atomic_save(obj: Any, path: str) -> None:
 
 def published_version(path: str) -> int:
     """Version of the adapter served at ``path``; 0 when none was published yet."""
-    return int(read_adapter(path)["version"]) if os.path.exists(path) else 0
+    return int(read_adapter_record(path)["version"]) if os.path.exists(path) else 0
 
 
 def publish_adapter(path: str, state: dict[str, torch.Tensor], config: dict[str, Any], info: dict[str, Any] | None = None) -> int:
