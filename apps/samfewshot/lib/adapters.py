@@ -157,6 +157,41 @@ def publish_adapter(path: str, state: dict[str, torch.Tensor], config: dict[str,
     return version
 
 
+def candidates_dir(path: str) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(path)), "candidates")
+
+
+def keep_candidate(path: str, state: dict[str, torch.Tensor], config: dict[str, Any], info: dict[str, Any], name: str) -> str:
+    """Keep a run's adapter that was not served (``candidates/<stem>.<name>.pt``, the adapter file format without a
+    version); ``serve_candidate`` publishes it if a person decides to. Returns its path."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    kept = os.path.join(candidates_dir(path), f"{stem}.{name}.pt")
+    payload = {
+        "format": ADAPTER_FORMAT,
+        "format_version": ADAPTER_FORMAT_VERSION,
+        "version": None,
+        "candidate": True,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(),
+        "config": dict(config),
+        "info": dict(info),
+        "state_dict": state,
+    }
+    try:
+        _atomic_save(payload, kept)
+    except OSError as e:
+        raise AdapterError(f"cannot keep the candidate adapter '{kept}': {e.strerror or e}") from e
+    return kept
+
+
+def serve_candidate(path: str, candidate: str) -> int:
+    """Publish a kept candidate (``keep_candidate``) as the next version of the adapter at ``path``."""
+    payload = read_adapter(candidate)
+    if not payload.get("candidate"):
+        raise AdapterError(f"'{candidate}' is not a kept candidate adapter")
+    info = dict(payload.get("info", {}), served_from_candidate=os.path.basename(candidate))
+    return publish_adapter(path, payload["state_dict"], payload["config"], info)
+
+
 def list_versions(path: str) -> list[int]:
     directory = history_dir(path)
     stem = os.path.splitext(os.path.basename(path))[0] + ".v"

@@ -2,10 +2,15 @@
 train in full; shared by every model (FGNet's subclass adds its EM data and metrics, at LoRA rank 0 by default).
 
 Training samples foreground-weighted axial slices; validation segments whole held-out volumes slice by slice.
-The train/val split is persisted so a volume that was ever trained on never becomes a validation volume. Each
-run resumes from the published adapter and publishes its best adapter (by validation Dice, or the last one
-when there is no validation volume) atomically at the end, as a new numbered version. No full-model
-checkpoints are written: the frozen backbone never leaves the base weights.
+The validation volumes are the **sentinel set**: the train/val split is persisted (``<model>_split.json``), so a
+volume never moves between training and sentinel, across runs and restarts, and every earlier training volume stays
+in training (replay). Each run resumes from the published adapter. The sentinel is scored once before the first
+epoch (the served adapter) and after each epoch; at the end the run's best adapter is published atomically, as a
+new numbered version, only if its sentinel score is at least the served adapter's minus ``SENTINEL_TOLERANCE`` (the
+first adapter is served in any case: the base weights' segmentation head is untrained).
+Otherwise it is kept under ``candidates/`` and the train stats (``publication``, also in ``/info/``) and the log
+say why. Without a sentinel volume the last epoch is published, and the stats say that nothing was checked. No
+full-model checkpoints are written: the frozen backbone never leaves the base weights.
 
 Scale-out runs through MONAI Label's ``multi_gpu`` request: one process per GPU (``gpus`` "all" or "0,1,..."),
 torch DDP, NCCL; with ``device`` cpu the same path runs ``len(gpus)`` processes over gloo. Each process trains on
@@ -26,7 +31,7 @@ from typing import Any
 
 import torch
 from ignite.engine import Events
-from monai.handlers import LrScheduleHandler, MeanDice, from_engine
+from monai.handlers import LrScheduleHandler, MeanDice, ValidationHandler, from_engine
 from monai.inferers import SimpleInferer, SliceInferer
 from monai.transforms import Activationsd, AsDiscreted, EnsureTyped, Lambdad
 from monailabel.datastore.dicom import DICOMWebDatastore
@@ -35,7 +40,7 @@ from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 from monailabel.utils.others.generic import strtobool
 
-from lib.adapters import AdapterError, publish_adapter
+from lib.adapters import AdapterError, keep_candidate, publish_adapter, published_version
 from lib.interactions import INTERACTIONS_KEY
 from lib.monailabel_compat import HookedEngines
 from lib.networks.lora import adapter_state_dict
@@ -45,6 +50,10 @@ from lib.trainers.recipes import RECIPES, Recipe
 from lib.transforms import training_slice_transforms, volume_transforms
 
 logger = logging.getLogger(__name__)
+
+# A run's adapter is served if its sentinel score is at least the served one's minus this: a candidate that also
+# learned the newest corrections is worth a loss inside the noise of a few sentinel volumes, not more.
+SENTINEL_TOLERANCE = 0.005
 
 
 def warmup_poly(total_steps: int, warmup_steps: int, power: float = 0.9):
@@ -267,6 +276,23 @@ class AdapterTrainer(HookedEngines, BasicTrainTask):
         schedule = torch.optim.lr_scheduler.LambdaLR(context.optimizer, warmup_poly(total, int(self.recipe.warmup_fraction * total)))
         return LrScheduleHandler(schedule, print_lr=False, epoch_level=False)
 
+    def train_handlers(self, context: Context):
+        """MONAI Label's, with the sentinel also scored before the first epoch: the served adapter's score, on the
+        same volumes the run's epochs are scored on."""
+        handlers = super().train_handlers(context)
+        for handler in handlers:
+            if isinstance(handler, ValidationHandler):
+                handler.exec_at_start = True
+        return handlers
+
+    def train(self, rank, world_size, request, datalist):
+        """MONAI Label's run, whose result also says whether its adapter was published (``publication``)."""
+        stats = super().train(rank, world_size, request, datalist)
+        publication = self.stats().get("publication") if rank == 0 else None
+        if publication and publication["run_id"] == request["run_id"]:
+            stats["publication"] = publication
+        return stats
+
     def train_inferer(self, context: Context):
         return SimpleInferer()
 
@@ -298,28 +324,82 @@ class AdapterTrainer(HookedEngines, BasicTrainTask):
     def _publish_best_on_completion(self, context: Context):
         watched = context.evaluator or context.trainer
         best = {"metric": -math.inf, "state": None, "epoch": 0}
+        served = {"metric": None, "version": published_version(self.model.adapter_path)}
 
         def remember(engine):
             metric = engine.state.metrics.get(engine.state.key_metric_name, -math.inf)
+            if context.trainer.state.epoch == 0:  # the sentinel scored before training: the served adapter
+                served["metric"] = float(metric)
             # Without validation the last epoch wins: later epochs have seen more slices.
-            if context.evaluator is None or metric >= best["metric"]:
+            elif context.evaluator is None or metric >= best["metric"]:
                 best.update(metric=metric, state=adapter_state_dict(unwrap(context.network)), epoch=context.trainer.state.epoch)
 
         def publish(engine):
             if best["state"] is None:
                 return
+            metric_name = watched.state.key_metric_name
             info = {
                 "run_id": context.run_id,
                 "epoch": best["epoch"],
                 "metric": float(best["metric"]),
-                "metric_name": watched.state.key_metric_name,
+                "metric_name": metric_name,
                 "train_volumes": [d["id"] for d in context.train_datalist],
                 "val_volumes": [d["id"] for d in context.val_datalist],
+                "served_metric": served["metric"],
                 "processes": context.world_size if context.multi_gpu else 1,
                 "recipe": self.recipe.name,
             }
-            version = publish_adapter(self.model.adapter_path, best["state"], self.model.adapter_config(), info)
-            logger.info(f"{self.model.name}: published adapter version {version} ({info['metric_name']} {info['metric']:.4f})")
+            decision = self.sentinel_decision(context, info, served)
+            if decision["served"]:
+                decision["version"] = publish_adapter(self.model.adapter_path, best["state"], self.model.adapter_config(), info)
+                logger.info(f"{self.model.name}: published adapter version {decision['version']}: {decision['reason']}")
+            else:
+                decision["candidate"] = keep_candidate(
+                    self.model.adapter_path, best["state"], self.model.adapter_config(), info, context.run_id
+                )
+                logger.warning(f"{self.model.name}: adapter of run {context.run_id} not served: {decision['reason']}")
+            self.record_publication(decision)
 
         watched.add_event_handler(Events.EPOCH_COMPLETED, remember)
         context.trainer.add_event_handler(Events.COMPLETED, publish)
+
+    def sentinel_decision(self, context: Context, info: dict[str, Any], served: dict[str, Any]) -> dict[str, Any]:
+        """Whether the run's best adapter may be served: {"served", "reason", the sentinel figures}."""
+        name, candidate, reference = info["metric_name"], info["metric"], served["metric"]
+        decision = {
+            "served": True,
+            "run_id": context.run_id,
+            "sentinel_volumes": info["val_volumes"],
+            "metric_name": name,
+            "candidate_metric": candidate,
+            "served_metric": reference,
+            "served_version": served["version"],
+            "tolerance": SENTINEL_TOLERANCE,
+        }
+        if context.evaluator is None:
+            decision["reason"] = (
+                "no sentinel volume yet, so nothing was checked: the run's last epoch is served. A new labelled volume "
+                f"joins the sentinel while it holds under val_split of the volumes and {self.min_train_volumes} train"
+            )
+            return decision
+        now = published_version(self.model.adapter_path)
+        if now == 0 == served["version"]:
+            # The base weights' segmentation head is untrained: their score (kept for the record) protects nothing.
+            decision["reason"] = f"no adapter was served yet (the base weights score {reference:.4f}): the first one is served"
+        elif now != served["version"]:
+            reason = f"adapter version {now} was published during the run, which compared against version {served['version']}"
+            decision.update(served=False, reason=reason)
+        elif candidate >= reference - SENTINEL_TOLERANCE:
+            decision["reason"] = f"sentinel {name} {candidate:.4f} >= served {reference:.4f} - {SENTINEL_TOLERANCE}"
+        else:
+            decision.update(served=False, reason=f"sentinel {name} {candidate:.4f} < served {reference:.4f} - {SENTINEL_TOLERANCE}")
+        return decision
+
+    def record_publication(self, decision: dict[str, Any]) -> None:
+        """The decision into this run's train stats (``publication``), which ``/info/`` shows."""
+        stats = self.stats()
+        stats["publication"] = decision
+        tmp = self._stats_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(stats, f, indent=2)
+        os.replace(tmp, self._stats_path)
