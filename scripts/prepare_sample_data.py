@@ -21,6 +21,8 @@ Output (``--output-dir``, default ``<repo>/sample-datasets``):
     em-neurons/labels/final/em_000.nii.gz ...      instance ids carry no names)
     em-neurons-groundtruth/em_000.nii.gz ...
     em-neurons-groundtruth/manifest.json
+    brain-mri-cohort/, brain-mri-cohort-groundtruth/   --dataset cohort (not part of "all"): a varied synthetic
+                                                       cohort for active-learning studies, see COHORT_* below
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ class Layout(NamedTuple):
 
 BRAIN = Layout("brain-mri", "brain-mri-groundtruth", "brain", ("labels.json",))
 EM = Layout("em-neurons", "em-neurons-groundtruth", "em")
+COHORT = Layout("brain-mri-cohort", "brain-mri-cohort-groundtruth", "mr", ("labels.json",))
 
 GENERATOR_VERSION = 1
 LABELS = {"white matter": 1, "grey matter": 2}
@@ -79,6 +82,26 @@ ROTATE_DEG = 4.0
 SCALE_FRACTION = 0.05
 BIAS_COEFF = 0.15  # Legendre coefficients in [-c, c]: gain varies ~15-30 % over the brain
 NOISE_STD_MAX = 30.0  # Rician sigma drawn from [0, 30]: white-matter SNR >= ~25
+
+# The cohort: each volume draws one value per axis of variation, the way a clinical MR cohort differs. Tissue means
+# (arbitrary units, like the int16 T1 set) per contrast for white matter, grey matter, CSF and lesion; T1 keeps the
+# template's own image and darkens lesions to the lesion value.
+COHORT_GENERATOR_VERSION = 1
+COHORT_LABELS = {"white matter": 1, "grey matter": 2, "lesion": 3}
+COHORT_CONTRASTS = {
+    "T1": None,
+    "T2": {"wm": 330.0, "gm": 560.0, "csf": 950.0, "lesion": 820.0},
+    "FLAIR": {"wm": 420.0, "gm": 600.0, "csf": 90.0, "lesion": 960.0},
+}
+COHORT_T1_LESION = 430.0
+COHORT_SPACINGS_MM = ((1.5, 1.5, 1.5), (2.0, 2.0, 2.0), (1.2, 1.2, 3.0))  # the last: thick axial slices
+COHORT_ORIENTATIONS = ("RAS", "LPS", "PIL")  # PIL: a sagittal acquisition stored slice-first
+COHORT_AXIAL_COVERAGE = (0.6, 1.0)  # share of the brain's axial extent inside the field of view
+COHORT_LESION_SHARE = 0.4  # volumes with lesions
+COHORT_LESIONS = (2, 6)  # lesions per volume with lesions
+COHORT_LESION_RADIUS_MM = (4.0, 11.0)
+COHORT_NOISE_STD = (5.0, 45.0)  # Rician sigma
+COHORT_BIAS_COEFF = (0.05, 0.3)
 
 EM_GENERATOR_VERSION = 1
 EM_SPACING_NM = (4.0, 4.0, 40.0)  # x, y, z: 40 nm sections imaged at 4 nm per pixel
@@ -163,6 +186,158 @@ def make_subject_transform(spacing: float):
             RandRicianNoised("image", prob=1.0, std=NOISE_STD_MAX, sample_std=True),
         ]
     )
+
+
+def make_cohort_deformation(spacing: float):
+    """The subjects' elastic + affine deformation of ``make_subject_transform``, applied to the image, both tissue
+    maps and the brain mask, without the acquisition effects (each cohort volume draws its own)."""
+    transform = make_subject_transform(spacing).transforms[0]
+    transform.keys = ("image", "gm", "wm", "brain")
+    transform.mode = ("bilinear",) * 4
+    transform.padding_mode = ("zeros",) * 4
+    return transform
+
+
+def draw_lesions(wm: np.ndarray, spacing: float, rng: np.random.Generator) -> np.ndarray:
+    """A boolean mask of 2-6 ellipsoidal white-matter lesions (inside voxels at least half white matter)."""
+    lesion = np.zeros(wm.shape, bool)
+    centres = np.argwhere(wm > 0.9)
+    grid = np.indices(wm.shape, sparse=True)
+    for _ in range(rng.integers(COHORT_LESIONS[0], COHORT_LESIONS[1] + 1)):
+        centre = centres[rng.integers(len(centres))]
+        radii = rng.uniform(*COHORT_LESION_RADIUS_MM, size=3) / spacing
+        lesion |= sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii)) <= 1.0
+    return lesion & (wm >= 0.5)
+
+
+def cohort_volume(template, deformation, spacing: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """One cohort volume: (int16 image, uint8 label, affine, description), in its own grid and orientation."""
+    import nibabel as nib
+    import torch
+    from monai.data import MetaTensor
+    from monai.transforms import Compose, RandBiasFieldd, RandRicianNoised, Spacingd
+
+    rng = np.random.default_rng(seed)
+    deformation.set_random_state(seed=seed)
+    out = deformation({k: v.clone() for k, v in template.items()})
+    gm, wm = (np.clip(out[k][0].numpy(), 0.0, 1.0) for k in ("gm", "wm"))
+    csf = np.clip(out["brain"][0].numpy() - gm - wm, 0.0, 1.0)
+    has_lesions = bool(rng.random() < COHORT_LESION_SHARE)
+    lesion = draw_lesions(wm, spacing, rng) if has_lesions else np.zeros(wm.shape, bool)
+    contrast = str(rng.choice(list(COHORT_CONTRASTS)))
+    means = COHORT_CONTRASTS[contrast]
+    if means is None:
+        image = np.where(lesion, COHORT_T1_LESION, out["image"][0].numpy())
+    else:
+        image = wm * means["wm"] + gm * means["gm"] + csf * means["csf"]
+        image = np.where(lesion, means["lesion"], image)
+    label = np.argmax(np.stack([1.0 - wm - gm, wm, gm]), axis=0).astype(np.uint8)
+    label[lesion] = COHORT_LABELS["lesion"]
+
+    pixdim = COHORT_SPACINGS_MM[rng.integers(len(COHORT_SPACINGS_MM))]
+    noise, bias = rng.uniform(*COHORT_NOISE_STD), rng.uniform(*COHORT_BIAS_COEFF)
+    affine = template["image"].affine
+    data = {
+        "image": MetaTensor(torch.from_numpy(image.astype(np.float32))[None], affine=affine),
+        "label": MetaTensor(torch.from_numpy(label)[None].float(), affine=affine),
+    }
+    acquire = Compose(
+        [
+            Spacingd(("image", "label"), pixdim=pixdim, mode=("bilinear", "nearest")),
+            RandBiasFieldd("image", degree=3, coeff_range=(-bias, bias), prob=1.0),
+            RandRicianNoised("image", prob=1.0, std=noise),
+        ]
+    )
+    acquire.set_random_state(seed=seed)
+    out = acquire(data)
+    image = np.clip(np.rint(out["image"][0].numpy()), 0, np.iinfo(np.int16).max).astype(np.int16)
+    label = np.rint(out["label"][0].numpy()).astype(np.uint8)
+    affine = out["image"].affine.numpy().astype(np.float64)
+
+    # Field of view: a contiguous share of the axial slices that hold brain, placed at random.
+    brain_z = np.flatnonzero(label.any(axis=(0, 1)))
+    keep = max(1, round(rng.uniform(*COHORT_AXIAL_COVERAGE) * len(brain_z)))
+    first = brain_z[0] + rng.integers(0, len(brain_z) - keep + 1)
+    low, high = max(0, first - 2), min(label.shape[2], first + keep + 2)
+    image, label = image[..., low:high], label[..., low:high]
+    affine = affine @ nib.affines.from_matvec(np.eye(3), [0, 0, low])
+
+    orientation = str(rng.choice(COHORT_ORIENTATIONS))
+    ornt = nib.orientations.ornt_transform(nib.orientations.io_orientation(affine), nib.orientations.axcodes2ornt(tuple(orientation)))
+    image = nib.orientations.apply_orientation(image, ornt)
+    label = nib.orientations.apply_orientation(label, ornt)
+    affine = affine @ nib.orientations.inv_ornt_aff(ornt, out["image"].shape[1:3] + (high - low,))
+    description = {
+        "contrast": contrast,
+        "lesions": has_lesions,
+        "spacing_mm": list(pixdim),
+        "orientation": orientation,
+        "axial_coverage": round(keep / len(brain_z), 3),
+        "noise_std": round(float(noise), 1),
+        "bias_coeff": round(float(bias), 3),
+    }
+    return np.ascontiguousarray(image), np.ascontiguousarray(label), affine, description
+
+
+def generate_cohort(
+    output_dir: str | os.PathLike = REPO_ROOT / "sample-datasets",
+    seed: int = 0,
+    count: int = 24,
+    labelled: int = 0,
+    spacing: float = 1.5,
+    skip_existing: bool = False,
+) -> dict:
+    """Generate the varied brain-MRI cohort (``COHORT_*``) under `output_dir`; returns the manifest. ``spacing`` is
+    the grid the template is deformed on before each volume is resampled to its own voxel size."""
+    error = check_args(count, labelled, spacing=spacing)
+    if error:
+        raise ValueError(error)
+    output_dir = Path(output_dir)
+    params = {
+        "generator_version": COHORT_GENERATOR_VERSION,
+        "seed": int(seed),
+        "count": int(count),
+        "labelled": int(labelled),
+        "spacing_mm": float(spacing),
+    }
+    manifest = existing_manifest(COHORT, output_dir, params) if skip_existing else None
+    if manifest is not None:
+        return manifest
+
+    start = time.perf_counter()
+    import nilearn
+    from tqdm import tqdm
+
+    ds_dir, gt_dir = start_fresh(COHORT, output_dir)
+    template = load_template(spacing)
+    # The template is skull-stripped with an exact-zero background: whatever is above it is brain (CSF included).
+    template["brain"] = (template["image"] > 0.02 * MAX_INTENSITY).float()
+    deformation = make_cohort_deformation(spacing)
+    volumes = []
+    for i in tqdm(range(count), desc="brain-mri-cohort", unit="vol"):
+        sseed = subject_seed(seed, i)
+        image, label, affine, description = cohort_volume(template, deformation, spacing, sseed)
+        write_case(COHORT, output_dir, i, i < labelled, image, label, affine)
+        volumes.append(
+            {
+                "id": COHORT.case_id(i),
+                "seed": sseed,
+                "labelled_in_datastore": i < labelled,
+                **description,
+                "shape": [int(s) for s in image.shape],
+                "label_fraction": {k: round(float(np.mean(label == v)), 5) for k, v in COHORT_LABELS.items()},
+            }
+        )
+    write_json(COHORT_LABELS, gt_dir / "labels.json")
+    manifest = {
+        **params,
+        "labels": COHORT_LABELS,
+        "source": f"synthetic cohort from the MNI ICBM152 2009a template and its GM/WM maps (bundled with nilearn {nilearn.__version__})",
+        "volumes": volumes,
+    }
+    write_json(manifest, gt_dir / "manifest.json")  # last: marks the output complete
+    print(f"[sample-data] wrote {count} cohort volumes to {ds_dir} in {time.perf_counter() - start:.1f} s")
+    return manifest
 
 
 def deform_subject(template, transform, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -535,14 +710,24 @@ def generate_em(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "sample-datasets")
-    parser.add_argument("--dataset", choices=("brain", "em", "all"), default="all", help="which sample set to build")
+    parser.add_argument(
+        "--dataset", choices=("brain", "em", "all", "cohort"), default="all", help="which sample set to build ('all': brain and em)"
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--count", type=int, help="number of volumes (default: 8 brain, 6 EM)")
-    parser.add_argument("--labelled", type=int, default=2, help="volumes whose label is put in the datastore")
+    parser.add_argument("--count", type=int, help="number of volumes (default: 8 brain, 6 EM, 24 cohort)")
+    parser.add_argument("--labelled", type=int, help="volumes whose label is put in the datastore (default 2; cohort 0)")
     parser.add_argument("--spacing", type=float, default=1.5, help="brain: isotropic voxel size in mm")
     parser.add_argument("--em-shape", type=int, nargs=3, default=(160, 160, 32), metavar=("X", "Y", "Z"), help="EM: voxels per volume")
     parser.add_argument("--skip-existing", action="store_true", help="do nothing if a complete run with these parameters exists")
     args = parser.parse_args(argv)
+    if args.dataset == "cohort":
+        count, labelled = 24 if args.count is None else args.count, args.labelled or 0
+        error = check_args(count, labelled, spacing=args.spacing)
+        if error:
+            parser.error(error)
+        generate_cohort(args.output_dir, args.seed, count, labelled, args.spacing, args.skip_existing)
+        return 0
+    args.labelled = 2 if args.labelled is None else args.labelled
     brain_count = 8 if args.count is None else args.count
     em_count = 6 if args.count is None else args.count
     brain, em = args.dataset in ("brain", "all"), args.dataset in ("em", "all")
