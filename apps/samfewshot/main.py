@@ -20,7 +20,7 @@ from monailabel.utils.async_tasks.task import AsyncTask
 from monailabel.utils.async_tasks.utils import tasks
 
 from lib import monailabel_compat, routes
-from lib.activelearning import Diversity, First, Handouts, Hybrid, RandomChoice, Uncertainty
+from lib.activelearning import ClaspPE, Diversity, First, Handouts, Hybrid, RandomChoice, Typicality, Uncertainty
 from lib.conf import one_line, parse_conf
 from lib.configs import MODEL_CONFIGS
 from lib.datastore import CheckedDatastore
@@ -115,6 +115,8 @@ class SamFewShotApp(AppFixes, MONAILabelApp):
             "first": First(**kwargs),
             "uncertainty": Uncertainty(**kwargs),
             "diversity": Diversity(**kwargs),
+            "typicality": Typicality(**kwargs),
+            "clasp_pe": ClaspPE(**kwargs),
             "hybrid": Hybrid(**kwargs),
         }
 

@@ -17,7 +17,7 @@ import pytest
 LABELLED = {"brain_000", "brain_001"}
 UNLABELLED = {"brain_002", "brain_003", "brain_004", "brain_005", "brain_006", "brain_007"}
 ALL = LABELLED | UNLABELLED
-STRATEGIES = ["random", "first", "uncertainty", "diversity", "hybrid"]
+STRATEGIES = ["random", "first", "uncertainty", "diversity", "typicality", "clasp_pe", "hybrid"]
 PROMPT_DIM = 64  # tiny backbone
 
 
@@ -55,6 +55,8 @@ def _check_entries(app, key: str, version: int) -> None:
         assert entry["adapter_version"] == version
         if key == "uncertainty":
             assert 0.0 <= entry["score"] <= 1.0
+            assert set(entry["per_class"]) == {"white matter", "grey matter"}
+            assert all(0.0 <= v <= 1.0 for v in entry["per_class"].values())
         else:
             vector = np.asarray(entry["vector"])
             assert vector.shape == (PROMPT_DIM,)
@@ -95,14 +97,17 @@ def test_scores_are_written_once_per_adapter_version(make_app):
     _check_entries(app, "embedding", 1)
     assert app.scoring({"method": "uncertainty", "model": "hf_sam"}) == {"scored": 0, "skipped": 8}
 
-    # every strategy, now with real scores, hands out a distinct volume without a final label
+    # every strategy, now with real scores, hands out a distinct volume without a final label, until none is left
     given = []
     for strategy in STRATEGIES:
         result = app.next_sample({"strategy": strategy})
+        if len(given) == len(UNLABELLED):
+            assert result == {}, strategy
+            continue
         assert result["id"] in UNLABELLED, (strategy, result)
         assert os.path.isfile(result["path"])
         given.append(result["id"])
-    assert len(set(given)) == len(STRATEGIES)
+    assert sorted(given) == sorted(UNLABELLED)
 
 
 def test_training_triggers_scoring_with_the_new_adapter(make_app):
@@ -115,11 +120,12 @@ def test_training_triggers_scoring_with_the_new_adapter(make_app):
     _check_entries(app, "embedding", 1)
 
 
-def _set_scores(app, scores: dict[str, float] | None = None, vectors: dict[str, list[float]] | None = None, model="hf_sam"):
+def _set_scores(app, scores=None, vectors=None, model="hf_sam", per_class: dict[str, dict[str, float]] | None = None):
     datastore = app.datastore()
-    for image_id, score in (scores or {}).items():
+    for image_id in set(scores or {}) | set(per_class or {}):
         info = datastore.get_image_info(image_id).get("uncertainty", {})
-        datastore.update_image_info(image_id, {"uncertainty": {**info, model: {"score": score, "adapter_version": 0}}})
+        entry = {"score": (scores or {}).get(image_id, 0.5), "per_class": (per_class or {}).get(image_id, {}), "adapter_version": 0}
+        datastore.update_image_info(image_id, {"uncertainty": {**info, model: entry}})
     for image_id, vector in (vectors or {}).items():
         info = datastore.get_image_info(image_id).get("embedding", {})
         datastore.update_image_info(image_id, {"embedding": {**info, model: {"vector": vector, "adapter_version": 0}}})
@@ -154,11 +160,40 @@ def test_strategies_pick_the_expected_volume(make_app):
 
     assert app.next_sample({"strategy": "uncertainty"})["id"] == "brain_003"
     assert app.next_sample({"strategy": "diversity"})["id"] == "brain_005"
+    # three clusters: around each labelled volume, and brain_004/005 between them, the one not covered (a tie in
+    # typicality goes to the first id); hybrid is typicality while fewer than 3 volumes are labelled
+    assert app.next_sample({"strategy": "typicality"})["id"] == "brain_004"
     assert app.next_sample({"strategy": "hybrid"})["id"] == "brain_004"
     assert app.next_sample({"strategy": "first"})["id"] == "brain_002"
 
     # the request's model selects whose scores are read
     assert app.next_sample({"strategy": "uncertainty", "model": "masg_sam"})["id"] == "brain_002"
+
+
+def test_clasp_pe_targets_one_class_per_pick(make_app):
+    """Two labelled volumes: the first pick targets 'grey matter' (classes in name order, by the covered count), the
+    next one, with that volume handed out, 'white matter'."""
+    app = make_app(handout_timeout="3600")
+    low = {"white matter": 0.01, "grey matter": 0.01}
+    per_class = {i: dict(low) for i in UNLABELLED}
+    per_class["brain_003"] = {"white matter": 0.9, "grey matter": 0.01}
+    per_class["brain_005"] = {"white matter": 0.01, "grey matter": 0.9}
+    _set_scores(app, per_class=per_class)
+    assert [app.next_sample({"strategy": "clasp_pe", "seed": 0})["id"] for _ in range(2)] == ["brain_005", "brain_003"]
+
+
+def test_clasp_pe_keeps_a_second_annotator_off_a_near_duplicate(make_app):
+    app = make_app(handout_timeout="3600")
+    both = {"white matter": 0.9, "grey matter": 0.9}
+    per_class = {i: {"white matter": 0.05, "grey matter": 0.05} for i in UNLABELLED}
+    per_class.update(brain_005=both, brain_006=dict(both))  # the two most uncertain ones look the same
+    vectors = {"brain_002": [0.0, 1.0], "brain_003": [1.0, 0.0], "brain_004": [-1.0, 0.0], "brain_007": [0.0, -1.0]}
+    vectors.update(brain_005=[0.6, 0.6], brain_006=[0.6, 0.6])
+    _set_scores(app, vectors=vectors, per_class=per_class)
+    first = app.next_sample({"strategy": "clasp_pe", "seed": 1})["id"]
+    second = app.next_sample({"strategy": "clasp_pe", "seed": 1})["id"]
+    assert first in ("brain_005", "brain_006")
+    assert second not in ("brain_005", "brain_006")
 
 
 def test_diversity_treats_handed_out_volumes_as_covered(make_app):
@@ -180,7 +215,7 @@ def test_diversity_treats_handed_out_volumes_as_covered(make_app):
 
 def test_strategies_fall_back_to_random_without_scores(make_app):
     app = make_app(handout_timeout="0")
-    for strategy in ("uncertainty", "diversity", "hybrid"):
+    for strategy in ("uncertainty", "diversity", "typicality", "clasp_pe", "hybrid"):
         picks = {app.next_sample({"strategy": strategy, "seed": seed})["id"] for seed in range(12)}
         for seed in range(12):
             assert app.next_sample({"strategy": strategy, "seed": seed}) == app.next_sample({"strategy": "random", "seed": seed})

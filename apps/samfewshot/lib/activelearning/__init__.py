@@ -1,1 +1,1 @@
-from .strategies import Diversity, First, Handouts, Hybrid, RandomChoice, Uncertainty
+from .strategies import ClaspPE, Diversity, First, Handouts, Hybrid, RandomChoice, Typicality, Uncertainty

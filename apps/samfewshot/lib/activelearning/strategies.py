@@ -2,8 +2,13 @@
 
 Every strategy draws from the volumes without a final label that were not handed out within the last
 ``handout_timeout`` seconds, under one lock shared by all strategies: two annotators asking at the same time never
-get the same volume, and a volume someone is working on is not offered again until the timeout. Scores come from
-the datastore image info written by ``lib.scoring`` (model named by the request's ``model``, else the first).
+get the same volume, and a volume someone is working on is not offered again until the timeout. The strategies that
+read embeddings also keep a second annotator off a near-duplicate of a volume being labelled (a handed-out volume
+counts as covered). Scores come from the datastore image info written by ``lib.scoring`` (model named by the
+request's ``model``, else the first).
+
+Typicality (TypiClust, arXiv 2202.02794) and ClaSP PE (arXiv 2601.13677) follow their papers' descriptions at the
+volume level; docs/architecture.md says how.
 """
 
 from __future__ import annotations
@@ -112,6 +117,85 @@ class Uncertainty(ExclusiveStrategy):
         return max(scores, key=lambda i: (scores[i], i))
 
 
+class Typicality(ExclusiveStrategy):
+    """Cold start without a trained model (TypiClust): k-means (k = covered volumes + 1) on the embeddings, then the
+    most typical volume (densest: smallest mean distance to its nearest neighbours) of the largest cluster that holds
+    no covered volume."""
+
+    def __init__(self, handouts: Handouts, neighbours: int = 20, **kwargs):
+        super().__init__("Most typical volume of the largest cluster not yet covered (cold start)", handouts, **kwargs)
+        self.neighbours = neighbours
+
+    def select(self, candidates, covered, request, datastore):
+        embeddings = self.scores(candidates + covered, datastore, "embedding", "vector", request)
+        pool = [i for i in candidates if i in embeddings]
+        if not pool:
+            return self.fallback(candidates, request, "embedding")
+        known = [i for i in covered if i in embeddings]
+        return typical_uncovered(pool, known, embeddings, self.neighbours)
+
+
+def typical_uncovered(pool: list[str], covered: list[str], embeddings: dict[str, list[float]], neighbours: int = 20) -> str:
+    """TypiClust's pick among ``pool`` given the ``covered`` volumes (see ``Typicality``)."""
+    from sklearn.cluster import KMeans
+
+    ids = pool + covered
+    x = np.asarray([embeddings[i] for i in ids], dtype=np.float64)
+    k = min(len(covered) + 1, len(np.unique(x, axis=0)))
+    clusters = KMeans(n_clusters=k, n_init=10, random_state=0).fit_predict(x) if k > 1 else np.zeros(len(ids), int)
+    taken = {clusters[ids.index(i)] for i in covered}
+    sizes = {c: int((clusters == c).sum()) for c in set(clusters[: len(pool)])}
+    free = [c for c in sizes if c not in taken] or list(sizes)
+    chosen = max(free, key=lambda c: (sizes[c], -c))
+    members = np.flatnonzero(clusters == chosen)
+    if len(members) == 1:
+        return ids[members[0]]
+    distance = np.linalg.norm(x[members, None] - x[None, members], axis=-1)
+    nearest = np.sort(distance, axis=1)[:, 1 : min(neighbours, len(members) - 1) + 1]
+    typicality = 1.0 / (nearest.mean(1) + 1e-12)
+    in_pool = [j for j, m in enumerate(members) if m < len(pool)]
+    return ids[members[max(in_pool, key=lambda j: (typicality[j], -members[j]))]]
+
+
+class ClaspPE(ExclusiveStrategy):
+    """Class-stratified scheduled power predictive entropy (ClaSP PE): each pick targets one foreground class in
+    turn (by the number of covered volumes) and ranks volumes by that class's entropy; the ranking is noised as power
+    sampling (argmax of log score + Gumbel / beta), with beta = 1 + labelled volumes, so early picks spread and later
+    ones exploit. Candidates near a handed-out volume (embedding distance under half the pool's median
+    nearest-neighbour distance) are passed over while others remain."""
+
+    def __init__(self, handouts: Handouts, **kwargs):
+        super().__init__("Class-stratified predictive entropy with decaying power noise (ClaSP PE)", handouts, **kwargs)
+
+    def select(self, candidates, covered, request, datastore):
+        per_class = self.scores(candidates, datastore, "uncertainty", "per_class", request)
+        if not per_class:
+            return self.fallback(candidates, request, "uncertainty")
+        pool = self.distinct_from_held(sorted(per_class), covered, request, datastore)
+        classes = sorted({c for scores in per_class.values() for c in scores})
+        target = classes[len(covered) % len(classes)]
+        labelled = len(datastore.get_labeled_images())
+        rng = np.random.default_rng(request.get("seed"))
+        score = np.asarray([per_class[i].get(target) or 0.0 for i in pool])
+        keys = np.log(np.maximum(score, 1e-12)) + rng.gumbel(size=len(pool)) / (1.0 + labelled)
+        logger.info(f"ClaSP PE: target class '{target}', noise scale 1/{1 + labelled}")
+        return pool[int(keys.argmax())]
+
+    def distinct_from_held(self, pool: list[str], covered: list[str], request: dict, datastore: Datastore) -> list[str]:
+        labelled = set(datastore.get_labeled_images())
+        held = [i for i in self.handouts.held(covered) if i not in labelled]
+        embeddings = self.scores(pool + held, datastore, "embedding", "vector", request)
+        held = [i for i in held if i in embeddings]
+        if not held or len([i for i in pool if i in embeddings]) < 2:
+            return pool
+        x = {i: np.asarray(embeddings[i]) for i in pool if i in embeddings}
+        vectors = np.stack(list(x.values()))
+        nn = np.sort(np.linalg.norm(vectors[:, None] - vectors[None], axis=-1), axis=1)[:, 1]
+        threshold = 0.5 * float(np.median(nn))
+        kept = [i for i in pool if i not in x or min(np.linalg.norm(x[i] - np.asarray(embeddings[h])) for h in held) >= threshold]
+        return kept or pool
+
+
 def k_center_greedy(candidates: dict[str, list[float]], centres: list[list[float]]) -> str:
     """The candidate farthest (Euclidean) from its nearest centre; with no centre, the one farthest from the mean."""
     ids = sorted(candidates)
@@ -136,18 +220,15 @@ class Diversity(ExclusiveStrategy):
 
 
 class Hybrid(ExclusiveStrategy):
-    """Diverse among the most uncertain: k-center greedy over the top ``top_fraction`` by uncertainty."""
+    """Typicality while fewer than ``cold_start`` volumes are labelled (the model's uncertainty means little yet),
+    ClaSP PE after."""
 
-    def __init__(self, handouts: Handouts, top_fraction: float = 0.5, min_top: int = 2, **kwargs):
-        super().__init__("Most different volume among the most uncertain ones", handouts, **kwargs)
-        self.top_fraction = top_fraction
-        self.min_top = min_top
+    def __init__(self, handouts: Handouts, cold_start: int = 3, **kwargs):
+        super().__init__(f"Typical volumes for the first {cold_start} labels, then ClaSP PE", handouts, **kwargs)
+        self.cold_start = cold_start
+        self.typicality = Typicality(handouts, **kwargs)
+        self.clasp = ClaspPE(handouts, **kwargs)
 
     def select(self, candidates, covered, request, datastore):
-        scores = self.scores(candidates, datastore, "uncertainty", "score", request)
-        embeddings = self.scores(candidates + covered, datastore, "embedding", "vector", request)
-        ranked = sorted((i for i in candidates if i in scores and i in embeddings), key=lambda i: (-scores[i], i))
-        if not ranked:
-            return self.fallback(candidates, request, "uncertainty and embedding")
-        top = ranked[: max(self.min_top, int(np.ceil(self.top_fraction * len(ranked))))]
-        return k_center_greedy({i: embeddings[i] for i in top}, [embeddings[i] for i in covered if i in embeddings])
+        early = len(datastore.get_labeled_images()) < self.cold_start
+        return (self.typicality if early else self.clasp).select(candidates, covered, request, datastore)

@@ -50,3 +50,11 @@ def foreground_uncertainty(probabilities: torch.Tensor) -> float:
     entropy = normalised_entropy(probabilities)
     foreground = argmax_labels(probabilities, 1).squeeze(1) > 0
     return float(entropy[foreground].mean() if foreground.any() else entropy.mean())
+
+
+def class_entropies(probabilities: torch.Tensor) -> list[float]:
+    """Per foreground class k, the normalised entropy averaged with the class's own probability as weight:
+    defined for every class, also one the model does not predict anywhere yet (ClaSP PE's class stratification)."""
+    entropy = normalised_entropy(probabilities)
+    weights = probabilities[:, 1:].flatten(2).transpose(0, 1).flatten(1)  # (K-1, N*H*W)
+    return ((weights * entropy.flatten()[None]).sum(1) / weights.sum(1).clamp_min(1e-8)).tolist()

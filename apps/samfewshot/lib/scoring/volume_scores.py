@@ -1,6 +1,6 @@
 """Per-volume active-learning scores, written into the datastore's image info.
 
-``info[<method>][<model>] = {<value key>: ..., "adapter_version": v, "ts": t}``. A volume is scored again only when
+``info[<method>][<model>] = {<value key>: ..., <other fields>, "adapter_version": v, "ts": t}``. A volume is scored again only when
 the model's served adapter changed since its stored score, so re-running a scoring method after nothing was
 trained is cheap. Both methods look at up to ``max_slices`` axial slices evenly spread over the slices that show
 anything (the body), at the model size.
@@ -20,7 +20,7 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 
 from lib.networks.sam_backbone import encode_with_taps
-from lib.scoring.uncertainty import foreground_uncertainty, tta_probabilities
+from lib.scoring.uncertainty import class_entropies, foreground_uncertainty, tta_probabilities
 from lib.served_model import ServedModel
 from lib.transforms import content_slices, volume_transforms
 
@@ -49,7 +49,8 @@ class VolumeScoring(ScoringMethod):
         self.device = device
         self.max_slices = max_slices
 
-    def value(self, network: torch.nn.Module, slices: torch.Tensor) -> Any:
+    def value(self, model: ServedModel, network: torch.nn.Module, slices: torch.Tensor) -> dict[str, Any]:
+        """The fields stored for one volume (``value_key`` among them)."""
         raise NotImplementedError
 
     def __call__(self, request, datastore: Datastore):
@@ -67,7 +68,7 @@ class VolumeScoring(ScoringMethod):
                     result["skipped"] += 1
                     continue
                 slices = body_slices(model, datastore.get_image_uri(image_id), self.max_slices).to(self.device)
-                entry = {self.value_key: self.value(network, slices), "adapter_version": version, "ts": int(time.time())}
+                entry = {**self.value(model, network, slices), "adapter_version": version, "ts": int(time.time())}
                 datastore.update_image_info(image_id, {self.key: {**stored, name: entry}})
                 result["scored"] += 1
         logger.info(f"scoring '{self.key}' for {names}: {result}")
@@ -75,7 +76,8 @@ class VolumeScoring(ScoringMethod):
 
 
 class UncertaintyScoring(VolumeScoring):
-    """Mean voxel entropy of the softmax under flips and MC dropout, over the predicted foreground."""
+    """Mean voxel entropy of the softmax under flips and MC dropout over the predicted foreground (``score``), and per
+    class weighted by the class probability (``per_class``, {label name: entropy})."""
 
     key = "uncertainty"
     value_key = "score"
@@ -85,8 +87,10 @@ class UncertaintyScoring(VolumeScoring):
         self.mc_samples = mc_samples
         self.dropout = dropout
 
-    def value(self, network, slices):
-        return foreground_uncertainty(tta_probabilities(network, slices, self.mc_samples, self.dropout))
+    def value(self, model, network, slices):
+        probabilities = tta_probabilities(network, slices, self.mc_samples, self.dropout)
+        per_class = dict(zip(model.labels, class_entropies(probabilities)))
+        return {"score": foreground_uncertainty(probabilities), "per_class": per_class}
 
 
 class EmbeddingScoring(VolumeScoring):
@@ -99,6 +103,6 @@ class EmbeddingScoring(VolumeScoring):
         super().__init__(models, device, "Pooled SAM image-encoder features of sampled slices (for diversity)", **kwargs)
 
     @torch.no_grad()
-    def value(self, network, slices):
+    def value(self, model, network, slices):
         embedding, _ = encode_with_taps(network.image_encoder, slices.expand(-1, 3, -1, -1), ())
-        return F.normalize(embedding.mean((0, 2, 3)), dim=0).cpu().tolist()
+        return {"vector": F.normalize(embedding.mean((0, 2, 3)), dim=0).cpu().tolist()}
