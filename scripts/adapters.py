@@ -1,12 +1,13 @@
-"""List the published adapter versions of a model, serve an earlier one again, or import a checkpoint of the official
-HF-SAM / SAMed / H-SAM training code as a new version.
+"""List the published adapter versions of a model (and the candidates the sentinel guard kept back), serve an earlier
+one or a candidate, or import a checkpoint of the official HF-SAM / SAMed / H-SAM training code as a new version.
 
     .venv/bin/python scripts/adapters.py list hf_sam
     .venv/bin/python scripts/adapters.py restore hf_sam 3
+    .venv/bin/python scripts/adapters.py restore hf_sam --candidate apps/samfewshot/model/candidates/hf_sam.20261203_101500.pt
     .venv/bin/python scripts/adapters.py import --format samed --model hf_sam epoch_299.pth
     .venv/bin/python scripts/adapters.py import --format samed --model hf_sam --labels '{"RV": 1, "Myo": 2, "LV": 3}' acdc.pth
 
-A restore publishes the old tensors as a new version (atomically), so a running server picks it up at its
+A restore publishes the old (or kept) tensors as a new version (atomically), so a running server picks it up at its
 next request without a restart, and the history keeps every version, the restored one included.
 
 An import reads the LoRA rank and the class count from the file (mask tokens = classes + background) and names
@@ -27,11 +28,13 @@ sys.path.insert(0, os.path.join(REPO, "apps", "samfewshot"))
 from lib.adapters import (  # noqa: E402
     ADAPTER_FORMAT_VERSION,
     AdapterError,
+    candidates_dir,
     history_path,
     list_versions,
     publish_adapter,
     read_adapter_record,
     restore_adapter,
+    serve_candidate,
 )
 
 # Label orders of the official code's test scripts (Synapse's class_to_name; ACDC as TransUNet's).
@@ -56,6 +59,14 @@ def list_adapters(model: str, model_dir: str) -> None:
         print(f"{mark} v{version:04d}  {payload['created']}  {metric}{origin}")
     if served == 0:
         print(f"no adapter published for {model} in {model_dir}: the base weights are served")
+    folder = candidates_dir(path)
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if name.startswith(f"{model}.") and name.endswith(".pt"):
+            info = read_adapter_record(os.path.join(folder, name)).get("info", {})
+            print(
+                f"  candidate {os.path.join(folder, name)}: {info.get('metric_name')} {info.get('metric', float('nan')):.4f}, "
+                f"served then {info.get('served_metric') or float('nan'):.4f} (not served)"
+            )
 
 
 def import_samed(path: str, model: str, model_dir: str, backbone: str, labels_json: str | None) -> int:
@@ -107,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     listing.add_argument("--model-dir", **model_dir)
     restore = actions.add_parser("restore", help="serve an earlier version again")
     restore.add_argument("model")
-    restore.add_argument("version", type=int, help="version to restore (see: list)")
+    restore.add_argument("version", type=int, nargs="?", help="version to restore (see: list)")
+    restore.add_argument("--candidate", help="a candidate the sentinel guard kept back (see: list), instead of a version")
     restore.add_argument("--model-dir", **model_dir)
     imports = actions.add_parser("import", help="publish an official checkpoint as a new version")
     imports.add_argument("file", help="checkpoint saved by the official training code (save_lora_parameters)")
@@ -121,8 +133,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.action == "list":
             list_adapters(args.model, args.model_dir)
         elif args.action == "restore":
-            version = restore_adapter(os.path.join(args.model_dir, f"{args.model}.pt"), args.version)
-            print(f"{args.model}: version {args.version} is served again as version {version}")
+            path = os.path.join(args.model_dir, f"{args.model}.pt")
+            if (args.version is None) == (args.candidate is None):
+                parser.error("restore takes a version or --candidate FILE, one of them")
+            if args.candidate:
+                print(f"{args.model}: {args.candidate} is served as version {serve_candidate(path, args.candidate)}")
+            else:
+                version = restore_adapter(path, args.version)
+                print(f"{args.model}: version {args.version} is served again as version {version}")
         else:
             import_samed(args.file, args.model, args.model_dir, args.backbone, args.labels)
     except (AdapterError, ValueError) as e:
