@@ -238,10 +238,13 @@ def test_handouts_are_exclusive_until_all_are_given(make_app):
         assert app.next_sample({"strategy": strategy}) == {}
 
 
-def test_simultaneous_requests_get_distinct_volumes(make_app, monkeypatch):
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_simultaneous_requests_get_distinct_volumes(make_app, monkeypatch, name):
     app = make_app()  # default hand-out timeout
+    per_class = {i: {"white matter": s, "grey matter": 1 - s} for i, s in SCORES.items()}
+    _set_scores(app, SCORES, VECTORS, per_class=per_class)  # each strategy runs its own selection, not a fallback
     # a slow selection (as with many scores to read) widens the window in which unlocked requests would collide
-    strategy = app._strategies["first"]
+    strategy = app._strategies[name]
     select = strategy.select
 
     def slow_select(*args, **kwargs):
@@ -257,7 +260,7 @@ def test_simultaneous_requests_get_distinct_volumes(make_app, monkeypatch):
     def ask(k):
         try:
             barrier.wait(timeout=30)
-            results[k] = app.next_sample({"strategy": "first"})["id"]
+            results[k] = app.next_sample({"strategy": name, "seed": k})["id"]
         except Exception as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
