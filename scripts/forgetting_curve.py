@@ -4,6 +4,7 @@ the adapter served after each (the sentinel guard of lib/trainers/adapter_traine
     .venv/bin/python scripts/prepare_sample_data.py --dataset cohort      # the varied pool (once)
     .venv/bin/python scripts/forgetting_curve.py                          # 6 updates after the first run
     .venv/bin/python scripts/forgetting_curve.py --updates 1 --epochs 1 --initial 3 --out-dir /tmp/curve
+    .venv/bin/python scripts/forgetting_curve.py --wrong-label 3 --out-dir docs/forgetting_curve/wrong_label
 
 A private copy of the app and of the pool starts with ``--initial`` labelled volumes (a seeded draw); the first run
 puts ``--sentinel-share`` of them in the sentinel, and the later runs add none (val_split 0), so every update is
@@ -11,6 +12,7 @@ scored on the same sentinel volumes. Each update labels the next volume (ground 
 from the served adapter on every label so far. Per update the CSV records the guard's decision and figures (the
 served adapter's sentinel Dice before, the run's candidate's, the served one's after) and the served adapter's Dice
 on the held-out volumes (never in the datastore); the PNG draws them, with what an unguarded server would have served.
+``--wrong-label K`` makes update K an annotator's mistake: its volume is saved with white and grey matter swapped.
 """
 
 from __future__ import annotations
@@ -32,6 +34,19 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from simulate_active_learning import APP, COHORT, held_out_dice, set_seeds  # noqa: E402 (sets MONAI Label's env first)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def swapped_label(path: str, labels: dict[str, int], directory: str) -> str:
+    """A copy of the label at ``path`` with the first two labels' ids swapped: a plausible annotator mistake."""
+    import nibabel as nib
+
+    image = nib.load(path)
+    data = np.asarray(image.dataobj).copy()
+    a, b = list(labels.values())[:2]
+    data[np.asarray(image.dataobj) == a], data[np.asarray(image.dataobj) == b] = b, a
+    out = os.path.join(directory, "wrong_" + os.path.basename(path))
+    nib.save(nib.Nifti1Image(data, image.affine, image.header), out)
+    return out
 
 
 def run_sequence(args, labels: dict[str, int], pool: list[str], held_out: list[str]) -> list[dict]:
@@ -62,7 +77,10 @@ def run_sequence(args, labels: dict[str, int], pool: list[str], held_out: list[s
         for update in range(args.updates + 1):
             added = order[: args.initial] if update == 0 else [order[args.initial + update - 1]]
             for image_id in added:
-                datastore.save_label(image_id, os.path.join(args.truth, f"{image_id}.nii.gz"), "final", dict(label_info))
+                truth = os.path.join(args.truth, f"{image_id}.nii.gz")
+                if update == args.wrong_label:
+                    truth = swapped_label(truth, labels, work)
+                datastore.save_label(image_id, truth, "final", dict(label_info))
             set_seeds(args.seed * 1000 + update)
             start = time.perf_counter()
             request = {"model": args.model, "max_epochs": args.epochs, "lr": args.lr, "device": args.device}
@@ -75,7 +93,7 @@ def run_sequence(args, labels: dict[str, int], pool: list[str], held_out: list[s
                 {
                     "update": update,
                     "labelled_volumes": len(datastore.get_labeled_images("final")),
-                    "added": ",".join(added),
+                    "added": ",".join(added) + (" (wrong label)" if update == args.wrong_label else ""),
                     "sentinel_volumes": ",".join(decision["sentinel_volumes"]),
                     "served": decision["served"],
                     "served_version": app.models[args.model].model.served_version(),
@@ -136,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sentinel-share", type=float, default=0.4, help="val_split of the first run: the sentinel's share")
     parser.add_argument("--updates", type=int, default=6, help="updates after the first run, one labelled volume each")
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--wrong-label", type=int, default=None, metavar="K", help="update K saves a label with two labels swapped")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
