@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
@@ -37,7 +38,17 @@ class SplitQKV(nn.Module):
         self.requires_grad_(fused.weight.requires_grad)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.q(x), self.k(x), self.v(x)], dim=-1)
+        """The three frozen projections in one matmul, then each part's LoRA update added to its slice: the same
+        result as ``cat([q(x), k(x), v(x)])``, which ran up to a third slower under bf16 autocast."""
+        bases = [part.get_base_layer() if isinstance(part, LoraLayer) else part for part in (self.q, self.k, self.v)]
+        bias = torch.cat([b.bias for b in bases]) if bases[0].bias is not None else None
+        out = F.linear(x, torch.cat([b.weight for b in bases]), bias)
+        dim = bases[0].out_features
+        for i, part in enumerate((self.q, self.k, self.v)):
+            update = lora_update(part, x)
+            if update is not None:
+                out.narrow(-1, i * dim, dim).add_(update.to(out.dtype))  # in place: linear's backward never reads out
+        return out
 
     def fused(self) -> nn.Linear:
         """The three projections as one Linear again (after ``merge_lora``, for an inference engine)."""
@@ -48,6 +59,19 @@ class SplitQKV(nn.Module):
             if layer.bias is not None:
                 layer.bias.copy_(torch.cat([q.bias, k.bias, v.bias]))
         return layer.requires_grad_(False)
+
+
+def lora_update(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """What a peft LoRA layer adds to its base layer's output for ``x`` (its active adapters, plain LoRA as
+    ``apply_lora`` configures it); None for a plain layer, a merged one or one with its adapters disabled."""
+    if not isinstance(layer, LoraLayer) or layer.disable_adapters or layer.merged:
+        return None
+    update = None
+    for name in layer.active_adapters:
+        if name in layer.lora_A:
+            part = layer.lora_B[name](layer.lora_A[name](layer.lora_dropout[name](x))) * layer.scaling[name]
+            update = part if update is None else update + part
+    return update
 
 
 def split_qkv(model: nn.Module, pattern: str) -> None:
