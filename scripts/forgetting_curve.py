@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import logging
 import os
 import random
@@ -31,7 +30,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from simulate_active_learning import APP, COHORT, held_out_dice, set_seeds  # noqa: E402 (sets MONAI Label's env first)
+from simulate_active_learning import add_data_arguments, held_out_dice, private_app, resolve_data, set_seeds  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,28 +49,13 @@ def swapped_label(path: str, labels: dict[str, int], directory: str) -> str:
 
 
 def run_sequence(args, labels: dict[str, int], pool: list[str], held_out: list[str]) -> list[dict]:
-    from main import SamFewShotApp
-
     set_seeds(args.seed)
     order = random.Random(args.seed).sample(pool, args.initial + args.updates)
     label_info = {"label_info": [{"name": name, "idx": idx} for name, idx in labels.items()]}
     held_paths = [os.path.join(args.images, f"{i}.nii.gz") for i in held_out]
     work = tempfile.mkdtemp(prefix="samfewshot-forgetting-")
     try:
-        app_dir, studies = os.path.join(work, "app"), os.path.join(work, "studies")
-        shutil.copytree(APP, app_dir, ignore=shutil.ignore_patterns("model", "logs", "__pycache__"))
-        os.makedirs(studies)
-        for image_id in pool:
-            shutil.copy(os.path.join(args.images, f"{image_id}.nii.gz"), studies)
-        conf = {
-            "models": args.model,
-            "backbone": args.backbone,
-            "labels": json.dumps(labels),
-            "engine": "torch",
-            "device": args.device,
-            "auto_scoring": "false",
-        }
-        app = SamFewShotApp(app_dir, studies, conf)
+        app = private_app(args, labels, pool, work)
         datastore = app.datastore()
         rows = []
         for update in range(args.updates + 1):
@@ -144,33 +128,17 @@ def plot(rows: list[dict], path: str, title: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", default=COHORT, help="folder of the pool and held-out images (NIfTI)")
-    parser.add_argument("--truth", default=None, help="their ground-truth labels (default: <images>-groundtruth)")
-    parser.add_argument("--labels", default=None, help='label set as JSON {"name": id} (default: <truth>/labels.json)')
-    parser.add_argument("--model", default="hf_sam")
-    parser.add_argument("--backbone", default="tiny")
-    parser.add_argument("--held-out", nargs="+", default=None, help="image ids used only for Dice (default: every 4th image)")
+    add_data_arguments(parser)
     parser.add_argument("--initial", type=int, default=5, help="labelled volumes of the first run")
     parser.add_argument("--sentinel-share", type=float, default=0.4, help="val_split of the first run: the sentinel's share")
     parser.add_argument("--updates", type=int, default=6, help="updates after the first run, one labelled volume each")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--wrong-label", type=int, default=None, metavar="K", help="update K saves a label with two labels swapped")
-    parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
     parser.add_argument("--out-dir", default=os.path.join(REPO, "docs", "forgetting_curve"))
     args = parser.parse_args(argv)
 
-    args.truth = args.truth or args.images.rstrip("/") + "-groundtruth"
-    if not os.path.isdir(args.images) or not os.path.isdir(args.truth):
-        parser.error(f"{args.images} or {args.truth} is missing (scripts/prepare_sample_data.py --dataset cohort builds them)")
-    try:
-        labels = json.loads(args.labels) if args.labels else json.load(open(os.path.join(args.truth, "labels.json")))
-    except (OSError, ValueError) as e:
-        parser.error(f"no label set: {e}")
-    images = sorted(f[: -len(".nii.gz")] for f in os.listdir(args.images) if f.endswith(".nii.gz"))
-    held_out = args.held_out if args.held_out is not None else images[::4]
-    pool = [i for i in images if i not in held_out]
+    labels, pool, held_out = resolve_data(parser, args)
     if args.initial < 3 or args.initial + args.updates > len(pool):
         parser.error(f"--initial {args.initial} (>= 3: two train, one sentinel) + --updates {args.updates} exceed the pool of {len(pool)}")
 

@@ -115,10 +115,52 @@ def set_seeds(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that name the data, the model and the device (shared with scripts/forgetting_curve.py)."""
+    parser.add_argument("--images", default=COHORT, help="folder of the pool and held-out images (NIfTI)")
+    parser.add_argument("--truth", default=None, help="their ground-truth labels (default: <images>-groundtruth)")
+    parser.add_argument("--labels", default=None, help='label set as JSON {"name": id} (default: <truth>/labels.json)')
+    parser.add_argument("--held-out", nargs="+", default=None, help="image ids used only for Dice (default: every 4th image)")
+    parser.add_argument("--model", default="hf_sam")
+    parser.add_argument("--backbone", default="tiny")
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--device", default="cpu")
+
+
+def resolve_data(parser: argparse.ArgumentParser, args) -> tuple[dict[str, int], list[str], list[str]]:
+    """(label set, pool, held-out ids) from the data options; a missing folder, label set or file is a usage error."""
+    args.truth = args.truth or args.images.rstrip("/") + "-groundtruth"
+    if not os.path.isdir(args.images) or not os.path.isdir(args.truth):
+        parser.error(f"{args.images} or {args.truth} is missing (scripts/prepare_sample_data.py --dataset cohort builds them)")
+    try:
+        labels = json.loads(args.labels) if args.labels else json.load(open(os.path.join(args.truth, "labels.json")))
+    except (OSError, ValueError) as e:
+        parser.error(f"no label set: {e}")
+    images = sorted(f[: -len(".nii.gz")] for f in os.listdir(args.images) if f.endswith(".nii.gz"))
+    held_out = args.held_out if args.held_out is not None else images[::4]
+    pool = [i for i in images if i not in held_out]
+    missing = [i for i in held_out if i not in images] + [i for i in pool if not os.path.exists(os.path.join(args.truth, f"{i}.nii.gz"))]
+    if missing:
+        parser.error(f"{missing}: no image in --images or no label in --truth")
+    return labels, pool, held_out
+
+
+def private_app(args, labels: dict[str, int], pool: list[str], work: str, **conf):
+    """The app on a copy of itself and of the pool images (nothing labelled) under ``work``, with ``conf`` added."""
+    from main import SamFewShotApp
+
+    app_dir, studies = os.path.join(work, "app"), os.path.join(work, "studies")
+    shutil.copytree(APP, app_dir, ignore=shutil.ignore_patterns("model", "logs", "__pycache__"))
+    os.makedirs(studies)
+    for image_id in pool:
+        shutil.copy(os.path.join(args.images, f"{image_id}.nii.gz"), studies)
+    base = {"models": args.model, "backbone": args.backbone, "labels": json.dumps(labels), "engine": "torch", "device": args.device}
+    return SamFewShotApp(app_dir, studies, {**base, "auto_scoring": "false", **conf})
+
+
 def simulate_run(strategy: str, seed: int, pool: list[str], held_out: list[str], labels: dict[str, int], args, progress) -> list[dict]:
     """One strategy and seed on a private app and datastore copy; one row per round."""
     from lib import monailabel_compat
-    from main import SamFewShotApp
 
     set_seeds(seed)
     # Seeded independently of the strategy, so every strategy of a seed starts from the same labelled volumes.
@@ -128,21 +170,7 @@ def simulate_run(strategy: str, seed: int, pool: list[str], held_out: list[str],
 
     work = tempfile.mkdtemp(prefix="samfewshot-al-")
     try:
-        app_dir, studies = os.path.join(work, "app"), os.path.join(work, "studies")
-        shutil.copytree(APP, app_dir, ignore=shutil.ignore_patterns("model", "logs", "__pycache__"))
-        os.makedirs(studies)
-        for image_id in pool:  # only the pool: no held-out image and no pre-existing final label
-            shutil.copy(os.path.join(args.images, f"{image_id}.nii.gz"), studies)
-        conf = {
-            "models": args.model,
-            "backbone": args.backbone,
-            "labels": json.dumps(labels),
-            "engine": "torch",
-            "device": args.device,
-            "handout_timeout": "0",
-            "auto_scoring": "false",
-        }
-        app = SamFewShotApp(app_dir, studies, conf)
+        app = private_app(args, labels, pool, work, handout_timeout="0")  # only the pool: no held-out image
         for method in monailabel_compat.scoring_methods(app).values():
             method.max_slices = args.score_slices
             if hasattr(method, "mc_samples"):
@@ -299,40 +327,21 @@ def plot(rows: list[dict], strategies: list[str], path: str, title: str) -> None
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", default=COHORT, help="folder of the pool and held-out images (NIfTI)")
-    parser.add_argument("--truth", default=None, help="their ground-truth labels (default: <images>-groundtruth)")
-    parser.add_argument("--labels", default=None, help='label set as JSON {"name": id} (default: <truth>/labels.json)')
-    parser.add_argument("--model", default="hf_sam")
-    parser.add_argument("--backbone", default="tiny")
+    add_data_arguments(parser)
     parser.add_argument("--strategies", default=DEFAULT_STRATEGIES, help=f"comma-separated, of {', '.join(SCORES_NEEDED)}")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--held-out", nargs="+", default=None, help="image ids used only for Dice (default: every 4th image)")
     parser.add_argument("--initial", type=int, default=1, help="labelled volumes before the first pick (chosen by the seed)")
     parser.add_argument("--budget", type=int, default=5, help="volumes picked by the strategy, one per round")
     parser.add_argument("--epochs", type=int, default=10, help="epochs of each incremental training run")
-    parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--score-slices", type=int, default=8, help="slices per volume the scoring methods look at")
-    parser.add_argument("--device", default="cpu")
     parser.add_argument("--out-dir", default=os.path.join(REPO, "docs", "al_simulation"))
     args = parser.parse_args(argv)
 
-    args.truth = args.truth or args.images.rstrip("/") + "-groundtruth"
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     unknown = [s for s in strategies if s not in SCORES_NEEDED]
     if unknown or not strategies:
         parser.error(f"unknown strategies {unknown}; valid: {', '.join(SCORES_NEEDED)}")
-    if not os.path.isdir(args.images) or not os.path.isdir(args.truth):
-        parser.error(f"{args.images} or {args.truth} is missing (scripts/prepare_sample_data.py --dataset cohort builds them)")
-    try:
-        labels = json.loads(args.labels) if args.labels else json.load(open(os.path.join(args.truth, "labels.json")))
-    except (OSError, ValueError) as e:
-        parser.error(f"no label set: {e}")
-    images = sorted(f[: -len(".nii.gz")] for f in os.listdir(args.images) if f.endswith(".nii.gz"))
-    held_out = args.held_out if args.held_out is not None else images[::4]
-    pool = [i for i in images if i not in held_out]
-    missing = [i for i in held_out if i not in images] + [i for i in pool if not os.path.exists(os.path.join(args.truth, f"{i}.nii.gz"))]
-    if missing:
-        parser.error(f"{missing}: no image in --images or no label in --truth")
+    labels, pool, held_out = resolve_data(parser, args)
     if args.initial < 1 or args.initial + args.budget > len(pool):
         parser.error(f"--initial {args.initial} + --budget {args.budget} must be between 1 and the pool size {len(pool)}")
 
