@@ -43,16 +43,21 @@ def test_simulation_writes_rounds_curves_and_intervals(cohort, tmp_path, monkeyp
     rows = list(csv.DictReader(open(out / "al_simulation.csv")))
     assert len(rows) == 2 * 2 * 2  # strategies x seeds x (initial + 1 pick)
     assert {"strategy", "seed", "round", "labelled_volumes", "dice_mean", "dice_lesion"} <= set(rows[0])
-    assert {r["labelled_volumes"] for r in rows} == {"1", "2"}
+    pool = {f"mr_00{i}" for i in range(6)} - {"mr_005"}
     for seed in ("0", "1"):  # every strategy of a seed starts from the same volume and trains alike on it
         first = [r for r in rows if r["seed"] == seed and r["round"] == "0"]
         assert len({(r["picked"], r["dice_mean"]) for r in first}) == 1
+        for strategy in ("random-fg", "hybrid"):
+            run = sorted((r for r in rows if r["strategy"] == strategy and r["seed"] == seed), key=lambda r: int(r["round"]))
+            assert [(r["round"], r["labelled_volumes"]) for r in run] == [("0", "1"), ("1", "2")]
+            assert run[1]["picked"] in pool - {run[0]["picked"]}  # never held out, never labelled already
+            assert all(0.0 <= float(r["dice_mean"]) <= 1.0 and float(r["train_seconds"]) > 0 for r in run)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["baseline"] == "random-fg" and "mr_005" in summary["held_out"]
     hybrid = summary["strategies"]["hybrid"]
     low, high = hybrid["saving_vs_baseline"][1:]
     assert low <= hybrid["saving_vs_baseline"][0] <= high
-    assert (out / "learning_curve.png").stat().st_size > 0
+    assert (out / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_forgetting_curve_records_the_guard_per_update(cohort, tmp_path, monkeypatch):

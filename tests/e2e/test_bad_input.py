@@ -430,7 +430,7 @@ CASES = [
         "POST /activelearning/{strategy}",
         "/activelearning/nosuch",
         404,
-        "unknown strategy 'nosuch'; valid: diversity, first",
+        "unknown strategy 'nosuch'; valid: clasp_pe, diversity, first",
         body={},
     ),
     Case("al-json-malformed", "POST /activelearning/{strategy}", "/activelearning/random", 422, "JSON decode error", body="{bad"),
