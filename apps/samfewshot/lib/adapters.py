@@ -122,6 +122,20 @@ def _atomic_save(obj: Any, path: str) -> None:
         raise
 
 
+def adapter_payload(version: int | None, state: dict[str, torch.Tensor], config: dict[str, Any], info: dict[str, Any] | None) -> dict:
+    """What an adapter file holds: the tensors, the config they belong to, the run's info, a version (None: a kept
+    candidate)."""
+    return {
+        "format": ADAPTER_FORMAT,
+        "format_version": ADAPTER_FORMAT_VERSION,
+        "version": version,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(),
+        "config": dict(config),
+        "info": dict(info or {}),
+        "state_dict": state,
+    }
+
+
 def published_version(path: str) -> int:
     """Version of the adapter served at ``path``; 0 when none was published yet."""
     return int(read_adapter_record(path)["version"]) if os.path.exists(path) else 0
@@ -132,15 +146,7 @@ def publish_adapter(path: str, state: dict[str, torch.Tensor], config: dict[str,
     # After the next version of both the served file and the history: a withdrawn adapter (DELETE /model/{model})
     # leaves no served file, and its numbers must not be given out again over the kept copies.
     version = max([published_version(path), *list_versions(path)]) + 1
-    payload = {
-        "format": ADAPTER_FORMAT,
-        "format_version": ADAPTER_FORMAT_VERSION,
-        "version": version,
-        "created": datetime.datetime.now(datetime.UTC).isoformat(),
-        "config": dict(config),
-        "info": dict(info or {}),
-        "state_dict": state,
-    }
+    payload = adapter_payload(version, state, config, info)
     kept = history_path(path, version)
     try:
         _atomic_save(payload, kept)
@@ -166,18 +172,8 @@ def keep_candidate(path: str, state: dict[str, torch.Tensor], config: dict[str, 
     version); ``serve_candidate`` publishes it if a person decides to. Returns its path."""
     stem = os.path.splitext(os.path.basename(path))[0]
     kept = os.path.join(candidates_dir(path), f"{stem}.{name}.pt")
-    payload = {
-        "format": ADAPTER_FORMAT,
-        "format_version": ADAPTER_FORMAT_VERSION,
-        "version": None,
-        "candidate": True,
-        "created": datetime.datetime.now(datetime.UTC).isoformat(),
-        "config": dict(config),
-        "info": dict(info),
-        "state_dict": state,
-    }
     try:
-        _atomic_save(payload, kept)
+        _atomic_save({**adapter_payload(None, state, config, info), "candidate": True}, kept)
     except OSError as e:
         raise AdapterError(f"cannot keep the candidate adapter '{kept}': {e.strerror or e}") from e
     return kept
