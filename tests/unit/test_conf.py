@@ -35,7 +35,7 @@ def test_defaults_are_typed():
     conf = parse_conf({})
     assert conf["lora_rank"] is None and parse_conf({"lora_rank": "8"})["lora_rank"] == 8  # None: the model's own
     assert conf["recipe"] == "fewshot" and conf["auto_scoring"] is True and conf["handout_timeout"] == 900.0
-    assert conf["backbone"] == "vit_b" and conf["masg_modules"] == "hae,bfe,dsf"
+    assert conf["backbone"] == "litemedsam" and conf["masg_modules"] == "hae,bfe,dsf"
     assert parse_conf(conf) == conf  # parsed values parse to themselves
     assert parse_conf({"preload": "1", "masg_modules": " hae , dsf "})["masg_modules"] == "hae,dsf"
 

