@@ -78,6 +78,11 @@ class ServedModel(ProcessLocal):
         return len(self.labels) + 1
 
     @property
+    def pretrained(self) -> bool:
+        """Whether the base weights are pretrained (every backbone but ``tiny``, random by design)."""
+        return self.backbone != "tiny"
+
+    @property
     def img_size(self) -> int:
         return get_encoder_spec(self.backbone).img_size
 

@@ -6,11 +6,17 @@ gets back; OHIF sends the points without a label and puts the mask on the segmen
 fits SAM: positive and negative clicks (and a box) point at one structure, which SAM's prompt decoder segments. The
 task shares the model's resident network, adapter and image-embedding cache with its segmentation task.
 
-One interaction gives a 3D result (``propagate``): the prompted slices are segmented with their points and box
-through SAM's prompt encoder, starting from the automatic segmentation with the clicks drawn in as mask prompt; from
-there the structure is followed slice by slice in both directions with SAM's own mask prompt (the previous slice's
-logits) and a box around the previous mask, until it vanishes. An ``roi`` also bounds the result: its slices and
-its box.
+One interaction gives a 3D result (``propagate``), decoded one of two ways (the result's ``prompt_path``):
+
+* ``object``, while no adapter has been trained: SAM's own class-agnostic decoding (``SamSegmenter.decode_object``)
+  of the pretrained backbone answers the box and clicks, and the structure is followed slice by slice with a box
+  around the previous slice's mask, as LiteMedSAM's official 3D inference does (no mask prompt: it was trained
+  without one);
+* ``class``, once an adapter is served: the prompted slices are decoded for the segment's class, starting from the
+  automatic segmentation with the clicks drawn in as mask prompt; from there the structure is followed with SAM's
+  mask prompt (the previous slice's logits) and a box around the previous mask.
+
+Either way a walk goes on until the mask vanishes. An ``roi`` also bounds the result: its slices and its box.
 """
 
 from __future__ import annotations
@@ -52,12 +58,15 @@ def propagate(
     encode: Callable | None = None,
     batch_size: int = 2,
     bounds: tuple[int, int] | None = None,
-) -> tuple[torch.Tensor, list[int], int]:
+    by_class: bool = True,
+) -> tuple[torch.Tensor, list[int], int | None]:
     """(1, S, S, D) volume, the prompts of some of its slices -> (S, S, D) probabilities of the prompted structure,
     the slices it was found on, and its class.
 
-    The structure is class ``target_class``, or when None the foreground class the automatic segmentation gives
-    the first foreground point of the lowest prompted slice (or the inside of its box). That slice is decoded first,
+    Without ``by_class`` the structure is whatever the prompts point at, decoded by ``decode_object`` (the class
+    returned is ``target_class`` as given). Otherwise it is class ``target_class``, or when None the foreground class
+    the automatic segmentation gives the first foreground point of the lowest prompted slice (or the inside of its
+    box). That slice is decoded first,
     then two walks leave it, upwards and downwards, side by side in one decoder batch: a prompted slice is decoded
     with its own prompts and, as mask prompt, the automatic segmentation of the class with the clicks drawn in
     (``draw_clicks``, also drawn over its answer); any other slice with the previous slice's logits as mask prompt
@@ -77,7 +86,7 @@ def propagate(
             ks = [j for j in range(k, k + step * batch_size, step) if first <= j <= last and j not in prepared]
             embedding, f = network.prepare(volume[..., ks].permute(3, 0, 1, 2), encode)
             for i, j in enumerate(ks):
-                prepared[j] = (embedding[i : i + 1], SliceFeatures(f.image[i : i + 1], [t[i : i + 1] for t in f.taps]))
+                prepared[j] = (embedding[i : i + 1], f.select(i))
         return prepared[k]
 
     def kept(out: torch.Tensor) -> torch.Tensor | None:
@@ -90,7 +99,11 @@ def propagate(
         """(slice, prompt, mask prompt) of slice ``k``: its own prompts, or following the previous slice."""
         nonlocal target_class
         if k not in prompted:
-            return k, _follow(previous, size), previous
+            return k, _follow(previous, size), previous if by_class else None
+        if not by_class:
+            if not any(label == 1 for *_, label in prompted[k]["points"]) and prompted[k]["box"] is None:
+                raise ValueError("background points alone do not say which structure to segment: add a foreground point, a box or a label")
+            return k, prompted[k], None
         embedding, f = features(k, step)
         automatic = network.decode(embedding, f)
         if target_class is None:
@@ -102,7 +115,9 @@ def propagate(
     def decode(items: list[tuple], steps: list[int]) -> list[torch.Tensor]:
         encoded = [features(k, step) for (k, _, _), step in zip(items, steps)]
         embedding = torch.cat([e for e, _ in encoded])
-        f = SliceFeatures(torch.cat([x.image for _, x in encoded]), [torch.cat(t) for t in zip(*(x.taps for _, x in encoded))])
+        f = SliceFeatures.cat([x for _, x in encoded])
+        if not by_class:
+            return [out[None] for out in network.decode_object(f, batch_prompts([p for _, p, _ in items], embedding.device))]
         prompts = batch_prompts([p for _, p, _ in items], embedding.device, masks=torch.cat([m for *_, m in items]))
         chosen = torch.full((len(items),), target_class, device=embedding.device)
         outs = network.object_logit(network.decode_prompted(embedding, f, prompts), chosen)
@@ -177,6 +192,23 @@ def click_session(
     return dices
 
 
+def object_prompt_dice(network: SamSegmenter, image: torch.Tensor, target: np.ndarray, encode: Callable | None = None) -> dict[str, float]:
+    """What the object decoding (``decode_object``, no class, no training needed) makes of one prompt on one slice
+    (1, S, S) whose structure is ``target`` (S, S): Dice after a box around it, after one click at its centre, and
+    after both."""
+    _, features = network.prepare(image[None], encode)
+    box, click = box_of(target), error_click(np.zeros_like(target), target)
+    answers = {}
+    for kind, prompt in (
+        ("box", {"points": [], "box": box}),
+        ("click", {"points": [click], "box": None}),
+        ("box_click", {"points": [click], "box": box}),
+    ):
+        logits = network.decode_object(features, batch_prompts([prompt], features.image.device))
+        answers[kind] = dice(_upsampled(logits, target.shape) > 0, target)
+    return answers
+
+
 def _upsampled(logits: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     return F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)[0, 0].cpu().numpy()
 
@@ -247,6 +279,7 @@ class SliceInteraction(SamSliceInfer):
             raise HTTPException(status_code=422, detail="send foreground or background points ([[i, j, k], ...]) or an roi to segment")
         cached = self._get_network(device, data)
         network, encode = (cached.network, cached.encode) if isinstance(cached, CachedEncoding) else (cached, cached.encode)
+        by_class = data["adapter_version"] > 0  # before any training only the pretrained object decoding knows anything
         boxed = sorted(k for k, p in prompted.items() if p["box"] is not None)
         bounds = (min(boxed[0], min(prompted)), max(boxed[-1], max(prompted))) if data.get("roi") else None
         volume = image.as_tensor().to(device)
@@ -257,7 +290,9 @@ class SliceInteraction(SamSliceInfer):
         try:
             with torch.no_grad(), torch_threads(1 if str(device).startswith("cpu") else threads):
                 encode = float_encoding(encode, self.precision, device, threads)
-                probabilities, found, target_class = propagate(network, volume, prompted, target_class, encode, self.batch_size, bounds)
+                probabilities, found, target_class = propagate(
+                    network, volume, prompted, target_class, encode, self.batch_size, bounds, by_class=by_class
+                )
         except ValueError as e:
             raise HTTPException(status_code=422, detail=str(e)) from e
         if bounds:
@@ -267,16 +302,18 @@ class SliceInteraction(SamSliceInfer):
             probabilities = probabilities * inside[..., None]
         data["pred"] = MetaTensor(probabilities[None].cpu(), meta=image.meta, applied_operations=image.applied_operations)
         data["prompted_slices"], data["found_slices"], data["target_class"] = sorted(prompted), found, target_class
+        data["prompt_path"] = "class" if by_class else "object"
         return data
 
     def __call__(self, request, callbacks=None):
         result_file, result_json = super().__call__(request, callbacks)
         names = {i: n for n, i in self.model.labels.items()}
-        result_json["label_names"] = {names[result_json["target_class"]]: 1}  # MONAI Label sets the model's labels
+        # MONAI Label sets the model's labels; the answer is one segment: its class, or the object the prompts chose
+        result_json["label_names"] = {names.get(result_json["target_class"], "object"): 1}
         return result_file, result_json
 
     def writer(self, data: dict[str, Any], extension=None, dtype=None):
         result_file, result_json = super().writer(data, extension, dtype)
-        for key in ("prompted_slices", "found_slices", "target_class"):
+        for key in ("prompted_slices", "found_slices", "target_class", "prompt_path"):
             result_json[key] = data[key]
         return result_file, result_json

@@ -25,6 +25,16 @@ from lib.transforms import argmax_labels, content_slices, inference_transforms
 BACKGROUND_LOGIT_GAP = 1e4
 
 
+def untrained_message(name: str) -> str:
+    """What the automatic task answers before any adapter was trained: what to do instead."""
+    return (
+        f"{name} has not been trained on this label set yet: its class heads start untrained, so an automatic "
+        f"segmentation now would be noise. Segment with a box or clicks on {name}_interactive, which the pretrained "
+        f"backbone already answers; save one or two volumes as final labels and train {name} (Train in 3D Slicer or "
+        f"OHIF, POST /train/{name}, or --conf auto_train true), then run it again."
+    )
+
+
 class SamSliceInfer(ResidentModelInfer):
     """What the SAM models' tasks share: the resident network behind an image-embedding cache (one per model, passed
     to each of its tasks, so a click on a volume just segmented runs only the decoder), the inference transforms,
@@ -123,6 +133,9 @@ class SliceSegmentation(SamSliceInfer):
                 status_code=422,
                 detail=f"{self.model.name} segments without prompts; send {', '.join(prompts)} to {self.model.name}_interactive",
             )
+        if self.model.pretrained and self.model.served_version() == 0:
+            self._get_network(device, data)  # missing base weights answer first (503, naming the file)
+            raise HTTPException(status_code=409, detail=untrained_message(self.model.name))
         with autocast(self.precision, device):
             data = self._segment_content(data, convert_to_batch, device)
             if strtobool(data.get("uncertainty", False)):
