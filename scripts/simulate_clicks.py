@@ -1,6 +1,8 @@
 """Simulated annotators clicking on held-out volumes: what clicks and boxes buy, before and after prompt-aware training.
 
-    .venv/bin/python scripts/simulate_clicks.py                                  # tiny backbone, 30 epochs, hf_sam
+    .venv/bin/python scripts/simulate_clicks.py                                  # LiteMedSAM, 60 epochs, hf_sam
+    .venv/bin/python scripts/simulate_clicks.py --backbone tiny                  # the random test backbone
+    .venv/bin/python scripts/simulate_clicks.py --epochs 0 --out-dir /tmp/zero   # zero-shot figures only
     .venv/bin/python scripts/simulate_clicks.py --epochs 2 --slices 2 --clicks 5 --out-dir /tmp/clicks   # a quick look
 
 Two private copies of the app and of the sample brain-MRI datastore (its two labelled volumes) are trained for
@@ -15,6 +17,10 @@ sample-datasets/brain-mri-groundtruth), in the model's own slices, per structure
   --clicks);
 * one box on the structure's largest slice, propagated through the volume (``propagate``): 3D Dice;
 * the latency of one click on a volume already segmented (through the app's infer, embeddings cached).
+
+Before any training (zero-shot), on the same slices, the object decoding of the pretrained backbone
+(``object_prompt_dice``): Dice of a box around the structure, of one click at its centre, and of both; and one box
+on the structure's largest slice propagated through the volume by the object decoding (3D Dice).
 
 Writes results.json, a Markdown table and a Dice-vs-clicks plot (PNG) to --out-dir and prints the table.
 """
@@ -43,8 +49,8 @@ os.environ["MONAI_LABEL_TRACKING_ENABLED"] = "false"
 STRUCTURES = {1: "white matter", 2: "grey matter"}
 
 
-def trained_app(work: str, model: str, share: float, args):
-    """A private app and datastore copy, trained for ``args.epochs`` with ``interactive_share`` = ``share``."""
+def private_app(work: str, model: str, args):
+    """A private app and datastore copy, untrained."""
     import torch
 
     from main import SamFewShotApp
@@ -55,14 +61,60 @@ def trained_app(work: str, model: str, share: float, args):
     shutil.copytree(APP, app_dir, ignore=shutil.ignore_patterns("model", "logs", "__pycache__"))
     shutil.copytree(os.path.join(SAMPLES, "brain-mri"), studies, ignore=shutil.ignore_patterns("datastore_v2.json", ".lock"))
     conf = {"models": model, "backbone": args.backbone, "engine": "torch", "device": args.device, "auto_scoring": "false"}
-    app = SamFewShotApp(app_dir, studies, conf)
+    return SamFewShotApp(app_dir, studies, conf)
+
+
+def train(app, model: str, share: float, args) -> None:
+    """Train ``app``'s model for ``args.epochs`` with ``interactive_share`` = ``share``."""
     if args.epochs:
         start = time.perf_counter()
         app.train(
             {"model": model, "max_epochs": args.epochs, "lr": args.lr, "val_split": 0, "device": args.device, "interactive_share": share}
         )
         logging.info(f"trained interactive_share={share} in {time.perf_counter() - start:.0f} s")
-    return app
+
+
+def held_out_slices(truth: np.ndarray, c: int, args) -> np.ndarray:
+    """--slices slice indices spread over the slices where class ``c`` covers at least --min-area pixels."""
+    present = np.nonzero((truth == c).sum((0, 1)) >= args.min_area)[0]
+    return present[np.linspace(0, len(present) - 1, args.slices).round().astype(int)]
+
+
+def zero_shot(app, model: str, args) -> dict:
+    """The untrained model's object decoding on the held-out volumes: per structure, the mean 2D Dice of a box, a
+    centre click and both (``object_prompt_dice``), and the 3D Dice of one box propagated (``propagate``)."""
+    import torch
+
+    from lib.evaluation import dice
+    from lib.infers.interactive import object_prompt_dice, propagate
+    from lib.transforms.clicks import box_of
+
+    served = app.models[model].model
+    network, _ = served.resident(args.device)
+    per_structure = {c: {"2d": [], "box_3d": []} for c in STRUCTURES}
+    for image_id in args.held_out:
+        volume, truth = model_space(
+            os.path.join(SAMPLES, "brain-mri", f"{image_id}.nii.gz"),
+            os.path.join(SAMPLES, "brain-mri-groundtruth", f"{image_id}.nii.gz"),
+            served.img_size,
+            served.modality,
+        )
+        with torch.no_grad():
+            for c in STRUCTURES:
+                for k in held_out_slices(truth, c, args):
+                    per_structure[c]["2d"].append(object_prompt_dice(network, volume[..., k], truth[..., k] == c))
+                k = int(np.argmax((truth == c).sum((0, 1))))
+                prompt = {k: {"points": [], "box": box_of(truth[..., k] == c)}}
+                probabilities, _, _ = propagate(network, volume, prompt, c, batch_size=2, by_class=False)
+                per_structure[c]["box_3d"].append(dice(probabilities.numpy() > 0.5, truth == c))
+    return {
+        name: {
+            **{f"{kind}_dice": float(np.mean([d[kind] for d in per_structure[c]["2d"]])) for kind in ("box", "click", "box_click")},
+            "box_propagated_3d_dice": float(np.mean(per_structure[c]["box_3d"])),
+            "slices": len(per_structure[c]["2d"]),
+        }
+        for c, name in STRUCTURES.items()
+    }
 
 
 def model_space(path: str, truth: str, network_size: int, modality: str):
@@ -93,8 +145,7 @@ def evaluate(app, model: str, args) -> dict:
         with torch.no_grad():
             for c in STRUCTURES:
                 areas = (truth == c).sum((0, 1))
-                present = np.nonzero(areas >= args.min_area)[0]
-                for k in present[np.linspace(0, len(present) - 1, args.slices).round().astype(int)]:
+                for k in held_out_slices(truth, c, args):
                     image = volume[..., k]
                     classes = network(image[None]).argmax(1)[0].numpy()
                     per_structure[c]["prompt_free"].append(dice(classes == c, truth[..., k] == c))
@@ -135,6 +186,17 @@ def click_latency(app, model: str, args) -> dict:
 
 def table(results: dict) -> str:
     lines = [
+        "| structure | zero-shot: box, 2D Dice | one centre click | box + click | box + propagation, 3D Dice |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {name} | {s['box_dice']:.3f} | {s['click_dice']:.3f} | {s['box_click_dice']:.3f} | {s['box_propagated_3d_dice']:.3f} |"
+            for name, s in results["zero_shot"].items()
+        ),
+    ]
+    if not results["variants"]:
+        return "\n".join(lines)
+    lines += [
+        "",
         "| structure | training | prompt-free Dice | Dice @1 | @3 | @5 click(s) | NoC@85 | NoC@90 | box + propagation, 3D Dice |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -173,7 +235,7 @@ def plot(results: dict, path: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="hf_sam", choices=["hf_sam", "masg_sam"])
-    parser.add_argument("--backbone", default="tiny")
+    parser.add_argument("--backbone", default="litemedsam")
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--interactive-share", type=float, default=0.5, help="of the prompt-aware run (the trainer's default)")
@@ -194,7 +256,12 @@ def main() -> None:
     for variant, share in (("before", 0.0), ("after", args.interactive_share)):
         work = tempfile.mkdtemp(prefix=f"samfewshot-clicks-{variant}-")
         try:
-            app = trained_app(work, args.model, share, args)
+            app = private_app(work, args.model, args)
+            if variant == "before":
+                results["zero_shot"] = zero_shot(app, args.model, args)
+                if not args.epochs:
+                    break
+            train(app, args.model, share, args)
             results["variants"][variant] = evaluate(app, args.model, args)
             if variant == "after":
                 results["click_latency"] = click_latency(app, args.model, args)
@@ -206,9 +273,10 @@ def main() -> None:
     text = table(results)
     with open(os.path.join(args.out_dir, "results.md"), "w") as f:
         f.write(text + "\n")
-    plot(results, os.path.join(args.out_dir, "dice_vs_clicks.png"))
     print(text)
-    print(f"click on an inferred volume: {results['click_latency']}")
+    if results["variants"]:
+        plot(results, os.path.join(args.out_dir, "dice_vs_clicks.png"))
+        print(f"click on an inferred volume: {results['click_latency']}")
 
 
 if __name__ == "__main__":
