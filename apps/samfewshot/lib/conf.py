@@ -88,7 +88,12 @@ CONF_KEYS: dict[str, ConfKey] = {
         ConfKey("embedding_cache_mb", "1024", "memory for SAM image embeddings of slices seen before", kind=int, minimum=0),
         ConfKey("masg_modules", ",".join(MASG_MODULES), "MASG-SAM modules to build", choices=MASG_MODULES, listed=True),
         ConfKey("clip_model", "ViT-B-16", "open_clip model of MASG-SAM's class prompts"),
-        ConfKey("clip_checkpoint", "openai", "open_clip pretrained tag or weights file"),
+        ConfKey(
+            "clip_checkpoint",
+            "",
+            "open_clip weights file, or pretrained tag downloaded once (e.g. openai); empty: none (no CLIP weights install "
+            "offline), so MASG-SAM runs without DSF, as /info/ says",
+        ),
         ConfKey("auto_scoring", "true", "compute the active-learning scores at start-up and after training", kind=_bool),
         ConfKey("handout_timeout", "900", "seconds before a handed-out volume may be handed out again", kind=float, minimum=0),
         ConfKey("sam2_variant", "hiera_t", "FGNet's SAM2 image encoder", choices=tuple(v for v in HIERA_VARIANTS if v != "tiny")),

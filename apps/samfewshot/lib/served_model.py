@@ -56,6 +56,7 @@ class ServedModel(ProcessLocal):
         modality: ``auto`` or a DICOM modality code: picks the intensity normalisation, and words MASG-SAM's class prompts.
         lora_rank: LoRA rank of the network and its adapter (FGNet: SAM2's, 0 keeps the encoder frozen).
         options: model-specific settings an adapter must agree with to be loaded (``adapter_config``).
+        notes: what the model runs without, and why (shown in ``/info/``).
     """
 
     name: str
@@ -66,6 +67,7 @@ class ServedModel(ProcessLocal):
     modality: str = "auto"
     lora_rank: int = 4
     options: dict[str, Any] = field(default_factory=dict)  # model-specific settings an adapter must agree with
+    notes: list[str] = field(default_factory=list)
     _resident: dict[str, tuple[nn.Module, tuple | None, int]] = field(default_factory=dict, repr=False)
     _version: int = field(default=0, repr=False)
     _version_stamp: tuple | None = field(default=None, repr=False)

@@ -13,7 +13,8 @@ class MASGSamConfig(SamSegmentationConfig):
     """MASG-SAM: hierarchical attention (HAE), boundary enhancement (BFE), CLIP-guided semantic fusion (DSF).
 
     ``--conf masg_modules`` (default ``hae,bfe,dsf``) switches modules off for ablation; ``clip_model`` and
-    ``clip_checkpoint`` choose the open_clip text encoder (``backbone tiny``: a small random one).
+    ``clip_checkpoint`` choose the open_clip text encoder (``backbone tiny``: a small random one). No CLIP weights
+    install offline, so without a ``clip_checkpoint`` DSF is not built, and the model's ``notes`` (in ``/info/``) say so.
     """
 
     network_cls = MASGSam
@@ -21,6 +22,13 @@ class MASGSamConfig(SamSegmentationConfig):
     def init(self, name, model_dir, conf, planner, **kwargs):
         super().init(name, model_dir, conf, planner, **kwargs)
         self.modules = [m for m in self.conf["masg_modules"].split(",") if m]
+        if "dsf" in self.modules and self.model.pretrained and not self.conf["clip_checkpoint"]:
+            self.modules.remove("dsf")
+            self.model.notes.append(
+                "DSF is off: it needs an open_clip text encoder, and no CLIP weights install offline; set --conf "
+                "clip_checkpoint to a weights file for --conf clip_model (or to an open_clip tag such as openai, "
+                "downloaded once) to build it"
+            )
         self.text = ClassTextEmbedder(
             clip_model=self.conf["clip_model"],
             clip_checkpoint=self.conf["clip_checkpoint"],

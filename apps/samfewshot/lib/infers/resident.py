@@ -72,6 +72,8 @@ class ResidentModelInfer(BasicInferTask):
         info = super().info()
         info["adapter_version"] = self.model.served_version()
         info["engine"] = self.engine.status() if self.engine else {"engine": "torch"}
+        if self.model.notes:
+            info["notes"] = self.model.notes
         return info
 
     def encoding_graph(self, network: nn.Module) -> nn.Module:
