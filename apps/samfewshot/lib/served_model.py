@@ -88,6 +88,12 @@ class ServedModel(ProcessLocal):
     def img_size(self) -> int:
         return get_encoder_spec(self.backbone).img_size
 
+    @property
+    def intensity(self) -> dict[str, Any]:
+        """Options of the intensity normalisation that the backbone was pretrained with (``NormalizeIntensityByModalityd``)."""
+        spec = get_encoder_spec(self.backbone)
+        return {"ct_window": spec.ct_window, "nonzero_percentiles": spec.nonzero_percentiles}
+
     def adapter_config(self) -> dict[str, Any]:
         """What an adapter must agree with to be loaded into this model."""
         return {"model": self.name, "backbone": self.backbone, "labels": self.labels, "lora_rank": self.lora_rank, **self.options}

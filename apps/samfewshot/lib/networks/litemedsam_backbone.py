@@ -54,6 +54,9 @@ class TinyViTSpec:
     pretrained_mask_tokens: int = 1
     #: the official pipeline min-max normalises every slice to [0, 1] before the encoder
     minmax_per_slice: bool = True
+    #: ``pre_CT_MR.py``: CT window W400/L40, MR percentiles of the non-zero voxels
+    ct_window: tuple[float, float] = (-160.0, 240.0)
+    nonzero_percentiles: bool = True
 
     @property
     def depth(self) -> int:

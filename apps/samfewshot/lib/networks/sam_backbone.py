@@ -48,6 +48,9 @@ class SamEncoderSpec:
     qkv_per_head: bool = False
     pretrained_mask_tokens: int = 4
     minmax_per_slice: bool = False
+    #: intensity normalisation of the pretraining: SAMed's CT window, percentiles of all voxels
+    ct_window: tuple[float, float] = (-125.0, 275.0)
+    nonzero_percentiles: bool = False
 
     @property
     def embedding_size(self) -> int:

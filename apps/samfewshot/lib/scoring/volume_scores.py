@@ -29,7 +29,9 @@ logger = logging.getLogger(__name__)
 
 def body_slices(model: ServedModel, image_path: str, max_slices: int) -> torch.Tensor:
     """(N, 1, S, S) normalised axial slices of the volume, evenly spread over the non-empty ones."""
-    volume = Compose(volume_transforms(model.img_size, model.modality))({"image": image_path})["image"].as_tensor()
+    volume = Compose(volume_transforms(model.img_size, model.modality, intensity=model.intensity))({"image": image_path})[
+        "image"
+    ].as_tensor()
     indexes = torch.nonzero(content_slices(volume)).flatten()
     if len(indexes) == 0:
         indexes = torch.arange(volume.shape[-1])

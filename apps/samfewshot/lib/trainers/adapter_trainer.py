@@ -232,11 +232,18 @@ class AdapterTrainer(HookedEngines, BasicTrainTask):
 
     def train_pre_transforms(self, context: Context):
         return training_slice_transforms(
-            self.model.img_size, self.model.modality, self.model.labels, self.slices_per_volume, self.foreground_ratio
+            self.model.img_size,
+            self.model.modality,
+            self.model.labels,
+            self.slices_per_volume,
+            self.foreground_ratio,
+            self.model.intensity,
         )
 
     def val_pre_transforms(self, context: Context):
-        return volume_transforms(self.model.img_size, self.model.modality, self.model.labels) + [EnsureTyped(keys=["image", "label"])]
+        return volume_transforms(self.model.img_size, self.model.modality, self.model.labels, self.model.intensity) + [
+            EnsureTyped(keys=["image", "label"])
+        ]
 
     def train_post_transforms(self, context: Context):
         classes = self.model.num_classes

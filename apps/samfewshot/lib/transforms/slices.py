@@ -8,6 +8,7 @@ input's own geometry with ``Invertd``.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,15 +46,18 @@ class NrrdSpaceToKeysd(MapTransform):
         return d
 
 
-def volume_transforms(img_size: int, modality: str, model_labels: Mapping[str, int] | None = None) -> list:
-    """Image (and label, when ``model_labels`` is given) -> RAS, normalised, (1, S, S, D) volumes."""
+def volume_transforms(
+    img_size: int, modality: str, model_labels: Mapping[str, int] | None = None, intensity: Mapping[str, Any] | None = None
+) -> list:
+    """Image (and label, when ``model_labels`` is given) -> RAS, normalised, (1, S, S, D) volumes; ``intensity``: the
+    normalisation's options (``ServedModel.intensity``)."""
     keys = ["image", "label"] if model_labels is not None else ["image"]
     transforms = [
         LoadImaged(keys=keys, image_only=True),
         NrrdSpaceToKeysd(keys=keys),
         EnsureChannelFirstd(keys=keys),
         Orientationd(keys=keys, axcodes="RAS"),
-        NormalizeIntensityByModalityd(keys="image", modality=modality),
+        NormalizeIntensityByModalityd(keys="image", modality=modality, **(intensity or {})),
     ]
     if model_labels is not None:
         transforms.append(RemapLabelsByNamed(keys="label", model_labels=model_labels))
@@ -61,19 +65,24 @@ def volume_transforms(img_size: int, modality: str, model_labels: Mapping[str, i
     return transforms
 
 
-def inference_transforms(img_size: int, modality: str) -> list:
-    return volume_transforms(img_size, modality) + [EnsureTyped(keys="image", dtype=np.float32)]
+def inference_transforms(img_size: int, modality: str, intensity: Mapping[str, Any] | None = None) -> list:
+    return volume_transforms(img_size, modality, intensity=intensity) + [EnsureTyped(keys="image", dtype=np.float32)]
 
 
 def training_slice_transforms(
-    img_size: int, modality: str, model_labels: Mapping[str, int], slices_per_volume: int, foreground_ratio: float
+    img_size: int,
+    modality: str,
+    model_labels: Mapping[str, int],
+    slices_per_volume: int,
+    foreground_ratio: float,
+    intensity: Mapping[str, Any] | None = None,
 ) -> list:
     """Volumes -> ``slices_per_volume`` random axial slices (1, S, S), ``foreground_ratio`` of them centred on
     labelled voxels so that slices showing the structures dominate, one of them an annotator's interaction slice
     when the volume has any (``InteractionPromptsd``, ``InteractionMapd``); light 2D augmentation, the interaction map
     moving with the label."""
     keys = ["image", "label", "click_map"]
-    return volume_transforms(img_size, modality, model_labels) + [
+    return volume_transforms(img_size, modality, model_labels, intensity) + [
         InteractionPromptsd(model_labels),
         InteractionMapd(),
         WithInteractionSliced(
