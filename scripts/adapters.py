@@ -76,7 +76,14 @@ def import_samed(path: str, model: str, model_dir: str, backbone: str, labels_js
     from lib.checkpoint_import import samed_adapter, samed_layout
     from lib.configs import MODEL_CONFIGS
     from lib.networks.lora import adapter_state_dict
+    from lib.networks.sam_backbone import VIT_ENCODERS
     from lib.networks.sam_segmenter import build_segmenter
+
+    if backbone not in VIT_ENCODERS:
+        raise AdapterError(
+            f"SAMed, H-SAM and HF-SAM checkpoints hold LoRA for SAM's ViT; --backbone {backbone} is not one of "
+            f"{', '.join(VIT_ENCODERS)}"
+        )
 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)

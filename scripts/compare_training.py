@@ -1,14 +1,16 @@
-"""Held-out Dice of HF-SAM under both training recipes, over several seeds, side by side.
+"""Held-out Dice of HF-SAM after few-shot training: backbones, labelled volumes and recipes side by side, several seeds.
 
-    .venv/bin/python scripts/compare_training.py                               # tiny, 50 epochs, seeds 0 1 2
+    .venv/bin/python scripts/compare_training.py --backbones tiny              # 50 epochs, seeds 0 1 2, both recipes
+    .venv/bin/python scripts/compare_training.py --backbones litemedsam,tiny --labelled 1 2 --recipes fewshot
     .venv/bin/python scripts/compare_training.py --epochs 2 --seeds 0 --recipes fewshot
 
-For every recipe (``--conf recipe``) and seed, a private copy of the app and of the
-sample brain-MRI datastore (its labelled volumes, brain_000 and brain_001) trains from the same start for --epochs
-with the recipe's own learning rate and the app's trainer as served (half of the slices with simulated clicks);
-the held-out volumes (--held-out, ground truth in sample-datasets/brain-mri-groundtruth) are then segmented through
-the app's infer. Writes results.csv and a Markdown table (mean and standard deviation over the seeds) to --out-dir
-and prints the table.
+For every backbone, number of labelled volumes (--labelled: the first N of the sample's labelled volumes, brain_000
+and brain_001, keep their final label), recipe (``--conf recipe``) and seed, a private copy of the app and of the
+sample brain-MRI datastore trains from the same start for --epochs with the recipe's own learning rate and the app's
+trainer as served (half of the slices with simulated clicks); the held-out volumes (--held-out, ground truth in
+sample-datasets/brain-mri-groundtruth) are then segmented through the app's infer. --hf-tap moves HF-SAM's tap to
+another of the backbone's tap-able blocks (the alternative docs/models.md rejects). Writes results.csv and a
+Markdown table (mean and standard deviation over the seeds) to --out-dir and prints the table.
 """
 
 from __future__ import annotations
@@ -24,12 +26,26 @@ import tempfile
 import time
 
 import numpy as np
-from simulate_active_learning import APP, SAMPLES, held_out_dice
+from simulate_active_learning import APP, REPO, held_out_dice
 
-COLUMNS = ["recipe", "seed", "epochs", "dice_wm", "dice_gm", "dice_mean", "train_seconds", "adapter_tensors", "adapter_values"]
+SAMPLES = os.path.join(REPO, "sample-datasets")
+
+COLUMNS = [
+    "backbone",
+    "labelled",
+    "recipe",
+    "seed",
+    "epochs",
+    "dice_wm",
+    "dice_gm",
+    "dice_mean",
+    "train_seconds",
+    "adapter_tensors",
+    "adapter_values",
+]
 
 
-def run(recipe: str, seed: int, args, work: str) -> dict:
+def run(backbone: str, labelled: int, recipe: str, seed: int, args, work: str) -> dict:
     import torch
 
     from lib.adapters import read_adapter
@@ -40,9 +56,12 @@ def run(recipe: str, seed: int, args, work: str) -> dict:
     app_dir, studies = os.path.join(work, "app"), os.path.join(work, "studies")
     shutil.copytree(APP, app_dir, ignore=shutil.ignore_patterns("model", "logs", "__pycache__"))
     shutil.copytree(os.path.join(SAMPLES, "brain-mri"), studies, ignore=shutil.ignore_patterns("datastore_v2.json", ".lock"))
+    final = os.path.join(studies, "labels", "final")
+    for name in sorted(os.listdir(final))[labelled:]:
+        os.remove(os.path.join(final, name))
     conf = {
         "models": "hf_sam",
-        "backbone": args.backbone,
+        "backbone": backbone,
         "engine": "torch",
         "device": "cpu",
         "auto_scoring": "false",
@@ -53,9 +72,13 @@ def run(recipe: str, seed: int, args, work: str) -> dict:
     app.train({"model": "hf_sam", "max_epochs": args.epochs, "val_split": 0, "device": "cpu"})
     seconds = time.perf_counter() - start
     images = [os.path.join(SAMPLES, "brain-mri", f"{name}.nii.gz") for name in args.held_out]
-    wm, gm = held_out_dice(app, "hf_sam", images, os.path.join(SAMPLES, "brain-mri-groundtruth"), "cpu")
+    labels = app.models["hf_sam"].model.labels
+    scores = held_out_dice(app, "hf_sam", images, os.path.join(SAMPLES, "brain-mri-groundtruth"), labels, "cpu")
+    wm, gm = scores["white matter"], scores["grey matter"]
     state = read_adapter(os.path.join(app_dir, "model", "hf_sam.pt"))["state_dict"]
     return {
+        "backbone": backbone,
+        "labelled": labelled,
         "recipe": recipe,
         "seed": seed,
         "epochs": args.epochs,
@@ -75,13 +98,28 @@ def summary(values: list[float]) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| recipe | seeds | WM Dice | GM Dice | mean Dice | train s | adapter values |", "|---|---|---|---|---|---|---|"]
-    for recipe in dict.fromkeys(r["recipe"] for r in rows):
-        group = [r for r in rows if r["recipe"] == recipe]
+    lines = [
+        "| backbone | labelled volumes | recipe | seeds | WM Dice | GM Dice | mean Dice | train s | adapter values |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key in dict.fromkeys((r["backbone"], r["labelled"], r["recipe"]) for r in rows):
+        group = [r for r in rows if (r["backbone"], r["labelled"], r["recipe"]) == key]
         dice = " | ".join(summary([r[c] for r in group]) for c in ("dice_wm", "dice_gm", "dice_mean"))
         seconds = statistics.mean(r["train_seconds"] for r in group)
-        lines.append(f"| {recipe} | {len(group)} | {dice} | {seconds:.0f} | {group[0]['adapter_values']:,} |")
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {len(group)} | {dice} | {seconds:.0f} | {group[0]['adapter_values']:,} |")
     return "\n".join(lines)
+
+
+def move_hf_tap(backbone: str, tap: int) -> None:
+    """Serve HF-SAM with its low-level feature from tap-able block ``tap`` of ``backbone`` (this process only)."""
+    import dataclasses
+
+    from lib.networks import sam_backbone
+
+    spec = sam_backbone.SAM_ENCODERS[backbone]
+    if not 0 <= tap < spec.depth:
+        raise SystemExit(f"--hf-tap {tap}: {backbone} has tap-able blocks 0..{spec.depth - 1}")
+    sam_backbone.SAM_ENCODERS[backbone] = dataclasses.replace(spec, hf_tap=tap)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,17 +127,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipes", default="fewshot,paper")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=50)
-    parser.add_argument("--backbone", default="tiny")
+    parser.add_argument("--backbones", default="tiny", help="comma-separated")
+    parser.add_argument("--labelled", type=int, nargs="+", default=[2], help="labelled volumes to train on (1 or 2)")
+    parser.add_argument("--hf-tap", type=int, help="HF-SAM's tap-able block (default: the backbone's hf_tap)")
     parser.add_argument("--held-out", nargs="+", default=["brain_005", "brain_006", "brain_007"])
     parser.add_argument("--out-dir", default="compare_training")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     os.makedirs(args.out_dir, exist_ok=True)
     rows = []
+    backbones = args.backbones.split(",")
+    if args.hf_tap is not None:
+        for backbone in backbones:
+            move_hf_tap(backbone, args.hf_tap)
+    runs = [(b, n, r) for b in backbones for n in args.labelled for r in args.recipes.split(",")]
     for seed in args.seeds:
-        for recipe in args.recipes.split(","):
+        for backbone, labelled, recipe in runs:
             with tempfile.TemporaryDirectory(prefix="compare-") as work:
-                rows.append(run(recipe, seed, args, work))
+                rows.append(run(backbone, labelled, recipe, seed, args, work))
             print(rows[-1], flush=True)
             with open(os.path.join(args.out_dir, "results.csv"), "w", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=COLUMNS)

@@ -51,3 +51,11 @@ def test_a_box_segments_grey_matter_before_any_training(client, sample_data, tmp
     mask = np.asarray(nib.load(path).dataobj) > 0
     assert not mask[..., :k].any() and not mask[..., k + 1 :].any()
     assert dice(mask[..., k], truth[..., k]) > 0.5  # the untrained class heads would give nothing of the kind
+
+
+def test_uncertainty_is_not_scored_from_untrained_heads(client):
+    from monailabel.interfaces.utils.app import app_instance
+
+    app = app_instance()
+    assert app._scoring_methods["uncertainty"]({"model": "hf_sam"}, app.datastore()) == {"scored": 0, "skipped": 0}
+    assert all("uncertainty" not in app.datastore().get_image_info(i) for i in app.datastore().list_images())

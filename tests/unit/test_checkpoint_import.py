@@ -150,6 +150,9 @@ def test_bad_checkpoints_are_named(tmp_path, capsys):
         adapters.main(["import", "--format", "samed", "--model", "hf_sam", "--backbone", "tiny", "--model-dir", model_dir, str(other)]) == 1
     )
     assert "not a checkpoint of the SAMed/H-SAM/HF-SAM training code" in capsys.readouterr().err
+    lite = ["import", "--format", "samed", "--model", "hf_sam", "--backbone", "litemedsam", "--model-dir", model_dir, str(nine)]
+    assert adapters.main(lite) == 1
+    assert "hold LoRA for SAM's ViT; --backbone litemedsam is not one of vit_b" in capsys.readouterr().err
     vit_b = official_checkpoint()
     vit_b["w_a_000"] = torch.zeros(RANK, 768)
     with pytest.raises(AdapterError, match="does not fit HF-SAM"):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lib.adapters import publish_adapter
-from lib.configs import MODEL_CONFIGS
+from lib.configs import MODEL_CONFIGS, SAM_MODELS
 from lib.networks.fgnet import FGNet
 from lib.networks.lora import adapter_state_dict
 from lib.networks.sam_segmenter import SamSegmenter
@@ -28,10 +28,15 @@ def example(config, network, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor
     raise AssertionError(f"no example input for {type(network).__name__}: add its kind here")
 
 
-@pytest.fixture(scope="module", params=list(MODEL_CONFIGS))
+# Every model on the test backbone, and the SAM models on the default one (LiteMedSAM, pretrained, in the fast tier too).
+CASES = [(name, "tiny") for name in MODEL_CONFIGS] + [(name, "litemedsam") for name in SAM_MODELS]
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[f"{name}-{backbone}" for name, backbone in CASES])
 def config(request, tmp_path_factory):
-    config = MODEL_CONFIGS[request.param]()
-    config.init(request.param, str(tmp_path_factory.mktemp(request.param)), {"backbone": "tiny", "engine": "torch"}, None)
+    name, backbone = request.param
+    config = MODEL_CONFIGS[name]()
+    config.init(name, str(tmp_path_factory.mktemp(name)), {"backbone": backbone, "engine": "torch"}, None)
     return config
 
 

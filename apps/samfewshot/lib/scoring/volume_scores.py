@@ -44,6 +44,8 @@ class VolumeScoring(ScoringMethod):
 
     key: str = ""
     value_key: str = ""
+    #: the value reads the class heads, which a pretrained backbone has untrained until its first adapter
+    needs_trained_heads: bool = False
 
     def __init__(self, models: dict[str, ServedModel], device: str, description: str, max_slices: int = 24):
         super().__init__(description)
@@ -64,6 +66,9 @@ class VolumeScoring(ScoringMethod):
         for name in names:
             model = self.models[name]
             network, version = model.resident(self.device)
+            if self.needs_trained_heads and model.pretrained and version == 0:
+                logger.info(f"scoring '{self.key}' for {name}: not before its first adapter (its class heads are untrained)")
+                continue
             for image_id in datastore.list_images():
                 stored = datastore.get_image_info(image_id).get(self.key, {})
                 if stored.get(name, {}).get("adapter_version") == version:
@@ -83,6 +88,7 @@ class UncertaintyScoring(VolumeScoring):
 
     key = "uncertainty"
     value_key = "score"
+    needs_trained_heads = True
 
     def __init__(self, models, device, mc_samples: int = 2, dropout: float = 0.1, **kwargs):
         super().__init__(models, device, "Predictive entropy under test-time flips and MC dropout (foreground)", **kwargs)
