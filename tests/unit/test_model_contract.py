@@ -28,11 +28,13 @@ def example(config, network, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor
     raise AssertionError(f"no example input for {type(network).__name__}: add its kind here")
 
 
-# Every model on the test backbone, and the SAM models on the default one (LiteMedSAM, pretrained, in the fast tier too).
-CASES = [(name, "tiny") for name in MODEL_CONFIGS] + [(name, "litemedsam") for name in SAM_MODELS]
+# Every model on the test backbone; the SAM models also on the default one (LiteMedSAM: seconds per step, slow tier).
+CASES = [pytest.param((name, "tiny"), id=f"{name}-tiny") for name in MODEL_CONFIGS] + [
+    pytest.param((name, "litemedsam"), id=f"{name}-litemedsam", marks=pytest.mark.slow) for name in SAM_MODELS
+]
 
 
-@pytest.fixture(scope="module", params=CASES, ids=[f"{name}-{backbone}" for name, backbone in CASES])
+@pytest.fixture(scope="module", params=CASES)
 def config(request, tmp_path_factory):
     name, backbone = request.param
     config = MODEL_CONFIGS[name]()
