@@ -81,8 +81,7 @@ def import_samed(path: str, model: str, model_dir: str, backbone: str, labels_js
 
     if backbone not in VIT_ENCODERS:
         raise AdapterError(
-            f"SAMed, H-SAM and HF-SAM checkpoints hold LoRA for SAM's ViT; --backbone {backbone} is not one of "
-            f"{', '.join(VIT_ENCODERS)}"
+            f"SAMed, H-SAM and HF-SAM checkpoints hold LoRA for SAM's ViT; --backbone {backbone} is not one of {', '.join(VIT_ENCODERS)}"
         )
 
     try:
