@@ -8,7 +8,7 @@ task shares the model's resident network, adapter and image-embedding cache with
 
 One interaction gives a 3D result (``propagate``), decoded one of two ways (the result's ``prompt_path``):
 
-* ``object``, while no adapter has been trained: SAM's own class-agnostic decoding (``SamSegmenter.decode_object``)
+* ``object``, while a pretrained backbone has no adapter yet: SAM's own class-agnostic decoding (``SamSegmenter.decode_object``)
   of the pretrained backbone answers the box and clicks, and the structure is followed slice by slice with a box
   around the previous slice's mask, as LiteMedSAM's official 3D inference does (no mask prompt: it was trained
   without one);
@@ -279,7 +279,9 @@ class SliceInteraction(SamSliceInfer):
             raise HTTPException(status_code=422, detail="send foreground or background points ([[i, j, k], ...]) or an roi to segment")
         cached = self._get_network(device, data)
         network, encode = (cached.network, cached.encode) if isinstance(cached, CachedEncoding) else (cached, cached.encode)
-        by_class = data["adapter_version"] > 0  # before any training only the pretrained object decoding knows anything
+        # Before a pretrained model's first adapter only its object decoding knows anything; `tiny` is random either way
+        # and keeps the class path, whose click regions are kept in the answer.
+        by_class = not self.model.pretrained or data["adapter_version"] > 0
         boxed = sorted(k for k, p in prompted.items() if p["box"] is not None)
         bounds = (min(boxed[0], min(prompted)), max(boxed[-1], max(prompted))) if data.get("roi") else None
         volume = image.as_tensor().to(device)
