@@ -321,9 +321,11 @@ def main(argv: list[str] | None = None) -> int:
         app.infer(request)
         results["infer_cold_s"] = time.perf_counter() - start
         engine = task.engine
-        results["engine"] = engine.label if engine else f"torch-{results['precision']}"
+        results["engine"] = f"torch-{results['precision']}"
         if engine:
             engine.wait()
+            results["engine"] = engine.label
+            results["engine_choice"] = engine.status().get("choice", {})
             results["engine_conversion_s"] = engine.last_build_s
             results["engine_failure"] = engine.failure or ""
             with torch_only(task):

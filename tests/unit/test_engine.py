@@ -4,12 +4,13 @@ a failed conversion leaves torch serving."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
 
 from lib.engines import openvino_engine
-from lib.engines.openvino_engine import EncoderEngine, resolve_engine
+from lib.engines.openvino_engine import EncoderEngine, EngineChoice, engine_from_conf
 from lib.networks.fgnet import build_fgnet
 from lib.networks.hf_sam import HFSam
 from lib.networks.sam_segmenter import build_segmenter
@@ -36,12 +37,14 @@ def built(engine: EncoderEngine, stamp, graph) -> openvino_engine.CompiledEncode
     return compiled
 
 
-@pytest.mark.parametrize("precision, bound", [("fp32", 1e-4), ("bf16", 0.05)])
-def test_sam_encoder_matches_torch_with_lora_merged(tmp_path, precision, bound):
-    network = random_lora(build_segmenter(HFSam, "tiny", 3, 4), seed=1).eval()
+@pytest.mark.parametrize("backbone, precision, bound", [("tiny", "fp32", 1e-4), ("tiny", "bf16", 0.05), ("litemedsam", "fp32", 1e-4)])
+def test_sam_encoder_matches_torch_with_lora_merged(tmp_path, backbone, precision, bound):
+    network = random_lora(build_segmenter(HFSam, backbone, 3, 4), seed=1).eval()
     engine = EncoderEngine("hf_sam", str(tmp_path), precision)
     compiled = built(engine, "v1", copy.deepcopy(network.image_encoding()))
-    image = torch.rand(3, 3, 256, 256)  # another batch size than the traced one
+    size = network.spec.img_size
+    # three slices: TinyViT reads its batch size as a number, which a graph traced with a free batch froze at one
+    image = torch.rand(3, 3, size, size)
     with torch.no_grad():
         embedding, taps = network.encode(image)
         base_embedding, _ = network.image_encoding().network.encode(image)
@@ -112,19 +115,74 @@ def test_failed_conversion_leaves_torch_serving(tmp_path, monkeypatch, caplog):
     assert engine.status() == {"engine": "openvino-fp32", "ready": False, "failure": engine.failure}
 
 
-def test_engine_choice():
-    assert resolve_engine("torch", "cpu", "fp32", "auto") == ("torch", None)
-    assert resolve_engine("auto", "cuda", "bf16", "auto") == ("torch", None)
-    assert resolve_engine("openvino", "cpu", "fp32", "fp32") == ("openvino", "fp32")
+def test_engine_from_conf(tmp_path):
+    def conf(engine, precision="auto"):
+        return {"engine": engine, "precision": precision}
+
+    assert engine_from_conf("m", str(tmp_path), conf("torch"), "cpu", "fp32") is None
+    assert engine_from_conf("m", str(tmp_path), conf("auto"), "cuda", "bf16") is None
+    forced = engine_from_conf("m", str(tmp_path), conf("openvino", "fp32"), "cpu", "fp32")
+    assert forced.label == "openvino-fp32" and forced.compare_torch is None
+    auto = engine_from_conf("m", str(tmp_path), conf("auto"), "cpu", "bf16")
+    assert auto.label == "auto" and auto.compare_torch == "bf16" and auto.precision == "auto"
     with pytest.raises(ValueError, match="valid values are auto, torch, openvino"):
-        resolve_engine("onnx", "cpu", "fp32", "auto")
+        engine_from_conf("m", str(tmp_path), conf("onnx"), "cpu", "fp32")
     with pytest.raises(ValueError, match="runs on the CPU"):
-        resolve_engine("openvino", "cuda", "fp32", "auto")
+        engine_from_conf("m", str(tmp_path), conf("openvino"), "cuda", "fp32")
 
 
-def test_auto_follows_the_measurement(monkeypatch):
-    monkeypatch.setattr(openvino_engine, "block_seconds_torch", lambda precision: 1.0)
-    monkeypatch.setattr(openvino_engine, "block_seconds_openvino", lambda precision: 0.5)
-    assert resolve_engine("auto", "cpu", "fp32", "fp32") == ("openvino", "fp32")
-    monkeypatch.setattr(openvino_engine, "block_seconds_openvino", lambda precision: 0.95)
-    assert resolve_engine("auto", "cpu", "fp32", "fp32") == ("torch", None)
+def choice_from(monkeypatch, *rounds: dict[str, float]) -> EngineChoice:
+    """The choice made from these medians (seconds per call of a 2-slice batch; a tie's run after them)."""
+    answers = iter(rounds)
+    monkeypatch.setattr(openvino_engine, "_seconds_in_turns", lambda runners, image, repeats: next(answers))
+    labels = {label: None for r in rounds for label in r}
+    return EngineChoice.measure(labels, torch.zeros(2, 1), key={}, tie_slices=4)
+
+
+def test_choice_needs_a_margin_and_a_tie_goes_to_the_longer_run(monkeypatch):
+    clear = choice_from(monkeypatch, {"torch-fp32": 2.0, "openvino-fp32": 1.0})
+    assert clear.engine == "openvino-fp32" and clear.seconds_per_slice == {"torch-fp32": 1.0, "openvino-fp32": 0.5}
+    assert clear.tie == {} and clear.source == "measured"
+    assert choice_from(monkeypatch, {"torch-fp32": 1.0, "openvino-fp32": 2.0}).engine == "torch-fp32"
+    # 5 % apart is a tie: the run on 4 slices settles it, whichever way it goes
+    tie = choice_from(monkeypatch, {"torch-fp32": 2.0, "openvino-fp32": 1.9}, {"torch-fp32": 3.6, "openvino-fp32": 4.0})
+    assert tie.engine == "torch-fp32" and tie.tie == {"torch-fp32": 0.9, "openvino-fp32": 1.0}
+    # bf16 must beat OpenVINO's fp32 by the margin too, and the better of the two meets torch
+    bf16 = choice_from(monkeypatch, {"torch-bf16": 2.0, "openvino-fp32": 1.0, "openvino-bf16": 0.6})
+    assert bf16.engine == "openvino-bf16" and bf16.tie == {}
+    close = choice_from(monkeypatch, {"openvino-fp32": 1.0, "openvino-bf16": 0.95}, {"openvino-fp32": 1.6, "openvino-bf16": 2.0})
+    assert close.engine == "openvino-fp32"
+
+
+def test_choice_is_measured_once_per_host_and_shown(tmp_path, monkeypatch):
+    network = build_segmenter(HFSam, "tiny", 3, 4).eval()
+    engine = EncoderEngine("hf_sam", str(tmp_path), "fp32", compare_torch="fp32")
+    engine.claim("v1")
+    engine.prepare("v1", copy.deepcopy(network.image_encoding()))
+    engine.wait(120)
+    assert engine.choice.source == "measured" and set(engine.choice.seconds_per_slice) == {"torch-fp32", "openvino-fp32"}
+    status = engine.status()
+    assert status["engine"] == engine.choice.engine and status["choice"]["source"] == "measured"
+    assert (engine.encoder("v1") is not None) == engine.choice.engine.startswith("openvino")
+
+    # a restart on this host reads the choice back; torch chosen, nothing is converted for a new adapter
+    stored = json.loads((tmp_path / "choice-hf_sam.json").read_text())
+    (tmp_path / "choice-hf_sam.json").write_text(json.dumps({**stored, "engine": "torch-fp32"}))
+
+    def measured_again(*args, **kwargs):
+        raise RuntimeError("measured again")
+
+    monkeypatch.setattr(EngineChoice, "measure", measured_again)
+    again = EncoderEngine("hf_sam", str(tmp_path), "fp32", compare_torch="fp32")
+    again.claim("v2")
+    again.prepare("v2", copy.deepcopy(random_lora(network, seed=4).image_encoding()))
+    again.wait(120)
+    assert again.choice.source == "cached" and again.status()["engine"] == "torch-fp32"
+    assert again.encoder("v2") is None and again.conversions == 0 and again.failure is None
+
+    # another thread count is another host: measured again
+    other = EncoderEngine("hf_sam", str(tmp_path), "fp32", compare_torch="fp32", threads=engine.threads + 1)
+    other.claim("v2")
+    other.prepare("v2", copy.deepcopy(network.image_encoding()))
+    other.wait(120)
+    assert "measured again" in other.failure

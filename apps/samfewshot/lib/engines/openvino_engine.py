@@ -7,8 +7,15 @@ the image and the weights. On a CPU, OpenVINO's compiled graph runs it several t
 ``EncoderEngine`` keeps one model's compiled encoder for the adapter its resident network serves. A newly served
 adapter is converted in a background thread while torch keeps answering; the engine is used only once its graph
 was built from exactly that adapter, so no request is served by a stale one. Converted graphs are cached on disk
-under a digest of what they compute (weights with the adapter merged, network source, input shape, precision,
-OpenVINO version): a restart reads them back instead of converting, and older entries of the model are removed.
+under a digest of what they compute (weights with the adapter merged, network source, input shape, OpenVINO
+version): a restart reads them back instead of converting, and older entries of the model are removed.
+
+Graphs take one slice (or section) per call, batch dimension fixed at 1: the encoders' code may read the batch size
+as a Python number (TinyViT's ``len(x)``), which tracing freezes, and one stream on a few cores gains nothing from
+larger batches. ``CompiledEncoder`` runs a batch slice by slice.
+
+``engine auto`` is decided by ``EngineChoice``: the model's whole encoder, timed in turns on this host, cached per
+host and library versions (a restart and a new adapter keep the decision).
 """
 
 from __future__ import annotations
@@ -19,17 +26,20 @@ import inspect
 import json
 import logging
 import os
+import statistics
 import threading
 import time
 import warnings
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import openvino as ov
 import torch
 from torch import nn
 
+from lib.compute import autocast, torch_threads
 from lib.networks.lora import merge_lora
 
 logger = logging.getLogger(__name__)
@@ -37,7 +47,8 @@ logger = logging.getLogger(__name__)
 ENGINES = ("auto", "torch", "openvino")
 # --conf precision -> OpenVINO's INFERENCE_PRECISION_HINT
 OPENVINO_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
-# 'auto' picks OpenVINO (and, within it, bf16) only when it takes less than this share of the other's time.
+# 'auto' picks OpenVINO (and, within it, bf16) only when it takes less than this share of the other's time; closer
+# than that is a tie, settled on a longer run of slices (``EngineChoice``).
 MIN_GAIN = 0.9
 _NOT_CLAIMED = object()
 
@@ -65,10 +76,10 @@ def compile_for_cpu(model: ov.Model, precision: str, threads: int) -> ov.Compile
 
 
 def convert(graph: nn.Module, input_shape: tuple[int, ...]) -> ov.Model:
-    """Trace ``graph`` (one input, batch dimension dynamic) into an OpenVINO model."""
+    """Trace ``graph`` (one input of one slice, shape ``(1, *input_shape)``) into an OpenVINO model."""
     with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer notes on shape arithmetic: shapes other than the batch are fixed
-        return ov.convert_model(graph, example_input=torch.zeros(1, *input_shape), input=[ov.PartialShape([-1, *input_shape])])
+        warnings.simplefilter("ignore")  # tracer notes on shape arithmetic: every shape is fixed
+        return ov.convert_model(graph, example_input=torch.zeros(1, *input_shape), input=[ov.PartialShape([1, *input_shape])])
 
 
 class CompiledEncoder:
@@ -81,16 +92,19 @@ class CompiledEncoder:
 
     def __call__(self, image: torch.Tensor):
         request = self.compiled.create_infer_request()  # one per call: requests may come from several threads
-        request.infer([image.detach().float().cpu().contiguous().numpy()])
         count = len(self.compiled.outputs)
-        return self.unflatten(tuple(torch.from_numpy(request.get_output_tensor(i).data.copy()) for i in range(count)))
+        per_slice = []
+        for item in image.detach().float().cpu().contiguous():
+            request.infer([item[None].numpy()])
+            per_slice.append([torch.from_numpy(request.get_output_tensor(i).data.copy()) for i in range(count)])
+        return self.unflatten(tuple(torch.cat(outputs) for outputs in zip(*per_slice)))
 
 
-def graph_digest(graph: nn.Module, input_shape: tuple[int, ...], precision: str) -> str:
-    """What a converted graph computes: its tensors, the source of its modules' classes, its input shape, the
-    precision and the OpenVINO version."""
+def graph_digest(graph: nn.Module, input_shape: tuple[int, ...], values: bool = True) -> str:
+    """What a converted graph computes: its tensors (their names and shapes only when not ``values``: what its speed
+    depends on), the source of its modules' classes, its input shape and the OpenVINO version."""
     h = hashlib.blake2b(digest_size=16)
-    h.update(json.dumps([ov.get_version(), precision, list(input_shape)]).encode())
+    h.update(json.dumps([ov.get_version(), [1, *input_shape]]).encode())
     sources = sorted({inspect.getsourcefile(type(m)) or "" for m in graph.modules()})
     for path in sources:
         if os.path.isfile(path):
@@ -98,8 +112,108 @@ def graph_digest(graph: nn.Module, input_shape: tuple[int, ...], precision: str)
                 h.update(f.read())
     for name, tensor in graph.state_dict().items():
         h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        if values:
+            h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def host_key(graph: nn.Module, input_shape: tuple[int, ...], threads: int, candidates: list[str]) -> dict[str, Any]:
+    """What an engine choice depends on: the CPU, threads, library versions, the encoder's structure, the candidates."""
+    return {
+        "cpu": core().get_property("CPU", "FULL_DEVICE_NAME"),
+        "capabilities": sorted(core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")),
+        "threads": threads,
+        "torch": torch.__version__,
+        "openvino": ov.get_version(),
+        "encoder": graph_digest(graph, input_shape, values=False),
+        "candidates": candidates,
+    }
+
+
+@dataclass(frozen=True)
+class EngineChoice:
+    """What ``engine auto`` (or a precision ``auto``) chose on this host, and the figures it chose from.
+
+    Every candidate runs the whole encoder on ``batch`` random slices per call, in turns (so a neighbour's load falls
+    on all of them alike), ``repeats`` rounds after one warm-up round; the medians give seconds per slice. OpenVINO
+    bf16 must beat its fp32, and OpenVINO torch, by the margin ``MIN_GAIN``; a pair closer than that is a tie, run again
+    on ``tie_slices`` slices (a stretch of a volume) and won by the faster, as on a full volume.
+
+    Attributes:
+        engine: the winner: ``torch-<precision>`` or ``openvino-<precision>``.
+        seconds_per_slice: median seconds per slice of every candidate.
+        tie: the pair the longer run settled, with its seconds per slice; empty when no tie.
+        source: ``measured`` now, or ``cached`` (read back from an earlier measurement on this host).
+        key: what the choice holds for (``host_key``).
+    """
+
+    engine: str
+    seconds_per_slice: dict[str, float]
+    tie: dict[str, float]
+    source: str
+    key: dict[str, Any]
+
+    @classmethod
+    def read(cls, path: str, key: dict[str, Any]) -> EngineChoice | None:
+        """The choice stored at ``path`` when it was made for ``key``, else None."""
+        try:
+            with open(path) as f:
+                stored = json.load(f)
+            return cls(**{**stored, "source": "cached"}) if stored.get("key") == key else None
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def write(self, path: str) -> None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(asdict(self), f, indent=1)
+        os.replace(tmp, path)
+
+    @classmethod
+    def measure(
+        cls,
+        runners: dict[str, Callable[[torch.Tensor], Any]],
+        image: torch.Tensor,
+        key: dict[str, Any],
+        repeats: int = 5,
+        tie_slices: int = 16,
+    ) -> EngineChoice:
+        """Time ``runners`` (label -> encoder; labels ``torch-*`` and ``openvino-*``) on ``image`` (B, ...) and choose."""
+        seconds = {label: s / len(image) for label, s in _seconds_in_turns(runners, image, repeats).items()}
+        tie: dict[str, float] = {}
+
+        def better(a: str, b: str) -> str:
+            """``a`` unless ``b`` beats it by the margin; a tie goes to the faster on ``tie_slices`` slices."""
+            if seconds[b] < MIN_GAIN * seconds[a]:
+                return b
+            if seconds[a] < MIN_GAIN * seconds[b]:
+                return a
+            stretch = image[torch.arange(tie_slices) % len(image)]
+            longer = {label: s / tie_slices for label, s in _seconds_in_turns({k: runners[k] for k in (a, b)}, stretch, 1).items()}
+            tie.update(longer)
+            return min(longer, key=longer.get)
+
+        openvino = [label for label in runners if label.startswith("openvino")]
+        best = functools.reduce(better, openvino)
+        torch_label = next((label for label in runners if label.startswith("torch")), None)
+        engine = better(torch_label, best) if torch_label else best
+        return cls(engine=engine, seconds_per_slice=seconds, tie=tie, source="measured", key=key)
+
+
+def _seconds_in_turns(runners: dict[str, Callable[[torch.Tensor], Any]], image: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Median seconds of each runner on ``image`` over ``repeats`` rounds, the order rotated every round, after one
+    warm-up round."""
+    labels = list(runners)
+    times: dict[str, list[float]] = {label: [] for label in labels}
+    with torch.no_grad():
+        for round_ in range(repeats + 1):
+            for label in labels[round_ % len(labels) :] + labels[: round_ % len(labels)]:
+                start = time.perf_counter()
+                runners[label](image)
+                if round_:
+                    times[label].append(time.perf_counter() - start)
+    return {label: statistics.median(t) for label, t in times.items()}
 
 
 class EncoderEngine:
@@ -109,23 +223,34 @@ class EncoderEngine:
     identity, ``ServedModel.loaded_stamp``); otherwise the caller runs torch. ``claim(stamp)`` tells whether a
     build for ``stamp`` is yet to start, ``prepare(stamp, graph)`` starts it in the background from ``graph``, a copy
     of the network's ``image_encoding()`` taken with that adapter loaded. A failed build leaves torch serving, its
-    reason logged and kept in ``failure``.
+    reason logged and kept in ``failure``. The first build makes the engine's choice (``EngineChoice``) when there
+    is one to make; a choice of torch leaves torch serving every adapter.
 
     Args:
-        name: the model's name; its cache entries are ``<cache_dir>/<name>-<digest>.xml/.bin/.json``.
+        name: the model's name; its cache entries are ``<cache_dir>/<name>-<digest>.xml/.bin/.json``, its choice
+            ``<cache_dir>/choice-<name>.json``.
         cache_dir: where converted graphs are kept (the model folder's ``engines``).
-        precision: ``fp32`` or ``bf16`` (OpenVINO's inference precision hint).
+        precision: OpenVINO's inference precision: ``fp32``, ``bf16``, or ``auto`` (bf16 where the CPU has it
+            natively and it measures faster than fp32).
+        compare_torch: torch's precision for ``engine auto``: OpenVINO then serves only where it measures faster
+            than torch at that precision; None: OpenVINO serves.
         threads: CPU threads of a request; default torch's.
+        batch: slices per call while measuring (the server's CPU batch).
     """
 
-    def __init__(self, name: str, cache_dir: str, precision: str, threads: int | None = None):
-        if precision not in OPENVINO_PRECISIONS:
-            raise ValueError(f"OpenVINO precision {precision!r}: valid values are {', '.join(OPENVINO_PRECISIONS)}")
+    def __init__(
+        self, name: str, cache_dir: str, precision: str, compare_torch: str | None = None, threads: int | None = None, batch: int = 2
+    ):
+        if precision not in (*OPENVINO_PRECISIONS, "auto"):
+            raise ValueError(f"OpenVINO precision {precision!r}: valid values are {', '.join(OPENVINO_PRECISIONS)}, auto")
         self.name = name
         self.cache_dir = cache_dir
         self.precision = precision
+        self.compare_torch = compare_torch
         self.threads = threads or torch.get_num_threads()
-        self.label = f"openvino-{precision}"
+        self.batch = batch
+        self.choice: EngineChoice | None = None
+        self.label = "auto" if compare_torch or precision == "auto" else f"openvino-{precision}"
         self.failure: str | None = None
         self.conversions = 0  # graphs converted by this process (the others were read from the disk cache)
         self.last_build_s: float | None = None  # seconds of the last finished build: conversion or read, and compilation
@@ -155,7 +280,10 @@ class EncoderEngine:
 
     def status(self) -> dict[str, Any]:
         with self._lock:
-            return {"engine": self.label, "ready": self._ready is not None, "failure": self.failure}
+            status = {"engine": self.label, "ready": self._ready is not None, "failure": self.failure}
+            if self.choice is not None and self.choice.source != "given":
+                status["choice"] = {k: v for k, v in asdict(self.choice).items() if k != "key"}
+            return status
 
     def _build(self, stamp: Hashable, graph: nn.Module) -> CompiledEncoder | None:
         with self._lock:
@@ -165,13 +293,12 @@ class EncoderEngine:
         try:
             graph = merge_lora(graph).eval()
             input_shape = tuple(graph.input_shape)
-            digest = graph_digest(graph, input_shape, self.precision)
-            xml = os.path.join(self.cache_dir, f"{self.name}-{digest}.xml")
-            converted = not os.path.isfile(xml)
-            if converted:
-                self._save(convert(graph, input_shape), xml, input_shape)
-                self.conversions += 1
-            compiled = CompiledEncoder(compile_for_cpu(core().read_model(xml), self.precision, self.threads), graph.unflatten, self.label)
+            choice = self._choose(graph, input_shape)
+            if not choice.engine.startswith("openvino"):
+                return None
+            xml, converted = self._converted(graph, input_shape)
+            precision = choice.engine.split("-", 1)[1]
+            compiled = CompiledEncoder(compile_for_cpu(core().read_model(xml), precision, self.threads), graph.unflatten, choice.engine)
         except Exception as e:  # any failure of a conversion leaves the model on torch
             logger.error(f"{self.name}: OpenVINO could not build the image encoder, torch keeps serving: {type(e).__name__}: {e}")
             with self._lock:
@@ -184,8 +311,52 @@ class EncoderEngine:
         self._remove_stale(keep=xml)
         self.last_build_s = time.perf_counter() - start
         how = "converted" if converted else "read from the cache"
-        logger.info(f"{self.name}: image encoder on OpenVINO {self.precision} ({how} in {self.last_build_s:.1f} s)")
+        logger.info(f"{self.name}: image encoder on OpenVINO {precision} ({how} in {self.last_build_s:.1f} s)")
         return compiled
+
+    def _converted(self, graph: nn.Module, input_shape: tuple[int, ...]) -> tuple[str, bool]:
+        """The cache entry of ``graph`` (its .xml), converted now (True) or found."""
+        xml = os.path.join(self.cache_dir, f"{self.name}-{graph_digest(graph, input_shape)}.xml")
+        if os.path.isfile(xml):
+            return xml, False
+        self._save(convert(graph, input_shape), xml, input_shape)
+        self.conversions += 1
+        return xml, True
+
+    def _choose(self, graph: nn.Module, input_shape: tuple[int, ...]) -> EngineChoice:
+        """The engine's choice, made once: given by the configuration, read back for this host, or measured."""
+        if self.choice is not None:
+            return self.choice
+        precisions = [self.precision] if self.precision != "auto" else ["fp32", "bf16"] if native_bf16() else ["fp32"]
+        labels = [f"torch-{self.compare_torch}"] * bool(self.compare_torch) + [f"openvino-{p}" for p in precisions]
+        if len(labels) == 1:
+            choice = EngineChoice(engine=labels[0], seconds_per_slice={}, tie={}, source="given", key={})
+        else:
+            key = host_key(graph, input_shape, self.threads, labels)
+            path = os.path.join(self.cache_dir, f"choice-{self.name}.json")
+            choice = EngineChoice.read(path, key)
+            if choice is None:
+                model = core().read_model(self._converted(graph, input_shape)[0])
+                runners = {label: self._runner(label, graph, model) for label in labels}
+                image = torch.rand(self.batch, *input_shape, generator=torch.Generator().manual_seed(0))
+                choice = EngineChoice.measure(runners, image, key)
+                choice.write(path)
+            figures = ", ".join(f"{label} {s:.3f}" for label, s in choice.seconds_per_slice.items())
+            logger.info(f"{self.name}: the image encoder runs on {choice.engine} ({choice.source}; s per slice: {figures})")
+        with self._lock:
+            self.choice, self.label = choice, choice.engine
+        return choice
+
+    def _runner(self, label: str, graph: nn.Module, model: ov.Model) -> Callable[[torch.Tensor], Any]:
+        engine, precision = label.split("-", 1)
+        if engine == "openvino":
+            return CompiledEncoder(compile_for_cpu(model, precision, self.threads), graph.unflatten, label)
+
+        def run(image: torch.Tensor):
+            with torch_threads(self.threads), autocast(precision, "cpu"):
+                return graph(image)
+
+        return run
 
     def _save(self, model: ov.Model, xml: str, input_shape: tuple[int, ...]) -> None:
         """Written under temporary names and renamed, the .xml last, so a reader never sees half an entry."""
@@ -194,7 +365,7 @@ class EncoderEngine:
         tmp = f"{stem}.{os.getpid()}.{threading.get_ident()}.tmp"
         ov.save_model(model, tmp + ".xml", compress_to_fp16=False)
         with open(tmp + ".json", "w") as f:
-            json.dump({"model": self.name, "input_shape": list(input_shape), "precision": self.precision, "openvino": ov.get_version()}, f)
+            json.dump({"model": self.name, "input_shape": [1, *input_shape], "openvino": ov.get_version()}, f)
         os.replace(tmp + ".bin", stem + ".bin")
         os.replace(tmp + ".json", stem + ".json")
         os.replace(tmp + ".xml", xml)
@@ -210,77 +381,17 @@ class EncoderEngine:
                     pass
 
 
-# ---- the choice of engine and precision at start-up ---------------------------------------------------------------
-def resolve_engine(name: str, device: str, torch_precision: str, precision: str) -> tuple[str, str | None]:
-    """``--conf engine`` and ``--conf precision`` -> ("torch", None) or ("openvino", its precision).
+def engine_from_conf(name: str, model_dir: str, conf: dict[str, str], device: str, torch_precision: str) -> EncoderEngine | None:
+    """Model ``name``'s engine from ``--conf engine`` / ``precision`` (None: torch), cached under ``model_dir``.
 
-    ``auto``: OpenVINO on a CPU when it runs a ViT-B block faster than torch at ``torch_precision`` (measured, as
-    every CPU differs), torch on CUDA. ``openvino`` on CUDA is an error: CUDA keeps the torch path."""
-    if name not in ENGINES:
-        raise ValueError(f"--conf engine {name!r}: valid values are {', '.join(ENGINES)}")
-    if name == "torch" or (name == "auto" and device != "cpu"):
-        return "torch", None
+    ``auto``: on a CPU, an engine that chooses between torch at ``torch_precision`` and OpenVINO (``EngineChoice``);
+    torch on CUDA. ``openvino`` on CUDA is an error: CUDA keeps the torch path."""
+    engine = conf["engine"]
+    if engine not in ENGINES:
+        raise ValueError(f"--conf engine {engine!r}: valid values are {', '.join(ENGINES)}")
+    if engine == "torch" or (engine == "auto" and device != "cpu"):
+        return None
     if device != "cpu":
         raise ValueError(f"--conf engine openvino runs on the CPU; with --conf device {device} use engine torch or auto")
-    ov_precision = openvino_precision(precision)
-    if name == "auto":
-        torch_s, ov_s = block_seconds_torch(torch_precision), block_seconds_openvino(ov_precision)
-        faster = ov_s < MIN_GAIN * torch_s
-        logger.info(
-            f"engine auto: a ViT-B block takes {torch_s * 1e3:.0f} ms in torch ({torch_precision}) and {ov_s * 1e3:.0f} ms "
-            f"in OpenVINO ({ov_precision}) on this CPU, so the image encoders run in {'OpenVINO' if faster else 'torch'}"
-        )
-        if not faster:
-            return "torch", None
-    return "openvino", ov_precision
-
-
-def openvino_precision(precision: str) -> str:
-    """``fp32``/``bf16`` as given; ``auto``: bf16 where the CPU has it natively and it measures faster."""
-    if precision != "auto":
-        return precision
-    if not native_bf16():
-        return "fp32"
-    return "bf16" if block_seconds_openvino("bf16") < MIN_GAIN * block_seconds_openvino("fp32") else "fp32"
-
-
-def _block() -> tuple[nn.Module, torch.Tensor]:
-    """A windowed-attention block of SAM's ViT-B on one 512 x 512 slice's tokens, random weights."""
-    from segment_anything.modeling.image_encoder import Block
-
-    generator = torch.Generator().manual_seed(0)
-    block = Block(dim=768, num_heads=12, use_rel_pos=True, window_size=14, input_size=(32, 32)).eval()
-    return block, torch.randn(1, 32, 32, 768, generator=generator)
-
-
-def _best_seconds(run: Callable[[], Any], repeats: int = 3) -> float:
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-@functools.cache
-def block_seconds_torch(precision: str) -> float:
-    block, x = _block()
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-        return _best_seconds(lambda: block(x))
-
-
-@functools.cache
-def block_seconds_openvino(precision: str) -> float:
-    block, x = _block()
-    compiled = compile_for_cpu(convert(block, tuple(x.shape[1:])), precision, torch.get_num_threads())
-    request = compiled.create_infer_request()
-    return _best_seconds(lambda: request.infer([x.numpy()]))
-
-
-def engine_from_conf(name: str, model_dir: str, conf: dict[str, str], device: str, torch_precision: str) -> EncoderEngine | None:
-    """Model ``name``'s engine from ``--conf engine`` / ``precision`` (None: torch), cached under ``model_dir``."""
-    engine, precision = resolve_engine(conf["engine"], device, torch_precision, conf["precision"])
-    if engine == "torch":
-        return None
-    return EncoderEngine(name, os.path.join(model_dir, "engines"), precision)
+    compare_torch = torch_precision if engine == "auto" else None
+    return EncoderEngine(name, os.path.join(model_dir, "engines"), conf["precision"], compare_torch)
