@@ -137,3 +137,32 @@ def test_ohif_point_prompt_segments_the_clicked_structure(start_server, studies,
     (tmp_path / "after_click.png").write_bytes(viewport.screenshot_as_png)
     request = next(line for line in server.log().splitlines() if "Infer Request" in line and "hf_sam_interactive" in line)
     assert "'foreground': [[" in request and "'label'" not in request, request  # OHIF sends points, no label
+
+
+def test_ohif_and_the_client_before_any_training_get_an_error_not_noise(start_server, studies, browser, tmp_path):
+    """The default pretrained backbone on a fresh install: OHIF's Run on the automatic task shows the plugin's error
+    notification and draws nothing (0.8.5's plugin shows no server text); MONAILabelClient, which the Slicer module
+    uses and whose exception text Slicer shows, carries the server's reason."""
+    from monailabel.client import MONAILabelClient
+    from monailabel.client.client import MONAILabelClientException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+
+    server = start_server(("models", "hf_sam"), ("backbone", "litemedsam"))
+    viewport, wait = open_study_in_ohif(server, studies, browser)
+    before = viewport_pixels(viewport)
+    tab = browser.find_element(By.CSS_SELECTOR, "input.tab-switch[value='segmentation']")
+    browser.execute_script("arguments[0].click()", tab)
+    run = (
+        "//input[@value='segmentation']/following-sibling::div[contains(@class,'tab-content')]"
+        "//button[contains(@class,'actionButton') and text()='Run']"
+    )
+    wait.until(ec.element_to_be_clickable((By.XPATH, run))).click()
+    wait.until(lambda d: "Failed to Run Segmentation" in d.find_element(By.TAG_NAME, "body").text)
+    (tmp_path / "after_run.png").write_bytes(viewport.screenshot_as_png)
+    assert changed_fraction(viewport, before) < 0.001
+
+    with pytest.raises(MONAILabelClientException) as raised:
+        series = DICOMwebClient(studies).search_for_series()[0]["0020000E"]["Value"][0]
+        MONAILabelClient(server.url, tmpdir=str(tmp_path)).infer("hf_sam", series, {})
+    assert "409" in raised.value.msg and "hf_sam_interactive" in raised.value.msg, raised.value.msg
