@@ -237,11 +237,11 @@ class AdapterTrainer(HookedEngines, BasicTrainTask):
             self.model.labels,
             self.slices_per_volume,
             self.foreground_ratio,
-            self.model.intensity,
+            self.model.preprocessing,
         )
 
     def val_pre_transforms(self, context: Context):
-        return volume_transforms(self.model.img_size, self.model.modality, self.model.labels, self.model.intensity) + [
+        return volume_transforms(self.model.img_size, self.model.modality, self.model.labels, self.model.preprocessing) + [
             EnsureTyped(keys=["image", "label"])
         ]
 
