@@ -98,7 +98,7 @@ def zero_shot(app, model: str, args) -> dict:
             os.path.join(SAMPLES, "brain-mri-groundtruth", f"{image_id}.nii.gz"),
             served.img_size,
             served.modality,
-            served.preprocessing,
+            served.intensity,
         )
         with torch.no_grad():
             for c in STRUCTURES:
@@ -118,13 +118,13 @@ def zero_shot(app, model: str, args) -> dict:
     }
 
 
-def model_space(path: str, truth: str, network_size: int, modality: str, preprocessing: dict):
+def model_space(path: str, truth: str, network_size: int, modality: str, intensity: dict):
     """The volume (1, S, S, D) and its ground truth (S, S, D) as the model sees them (RAS, resized in-plane)."""
     from monai.transforms import Compose
 
     from lib.transforms import volume_transforms
 
-    data = Compose(volume_transforms(network_size, modality, {"white matter": 1, "grey matter": 2}, preprocessing))(
+    data = Compose(volume_transforms(network_size, modality, {"white matter": 1, "grey matter": 2}, intensity))(
         {"image": path, "label": truth}
     )
     return data["image"].as_tensor().float(), data["label"].as_tensor()[0].long().numpy()
@@ -143,11 +143,7 @@ def evaluate(app, model: str, args) -> dict:
     for image_id in args.held_out:
         path = os.path.join(SAMPLES, "brain-mri", f"{image_id}.nii.gz")
         volume, truth = model_space(
-            path,
-            os.path.join(SAMPLES, "brain-mri-groundtruth", f"{image_id}.nii.gz"),
-            served.img_size,
-            served.modality,
-            served.preprocessing,
+            path, os.path.join(SAMPLES, "brain-mri-groundtruth", f"{image_id}.nii.gz"), served.img_size, served.modality, served.intensity
         )
         with torch.no_grad():
             for c in STRUCTURES:

@@ -90,20 +90,6 @@ def test_foreground_point_lands_on_the_right_slice_and_pixel(volume):
     assert volume[0, :, :, k - 1].max() < 0.5  # neighbouring slices do not hold it
 
 
-def test_a_point_lands_on_its_blob_in_a_volume_padded_to_square(tmp_path):
-    """LiteMedSAM's geometry (``pad_to_square``): prompts follow the padding and the aspect-keeping resize."""
-    path = tmp_path / "image.nii.gz"
-    nib.save(nib.Nifti1Image(_blob(), AFFINE), path)
-    padded = Compose(inference_transforms(S, "MR", {"pad_to_square": True}))({"image": str(path)})["image"]
-    [(x, y, _)] = slice_prompts(padded, {"foreground": [list(POINT)]})[POINT[2]]["points"]
-    plane = padded[0, :, :, POINT[2]].numpy()
-    rows, cols = np.indices(plane.shape)
-    w = np.clip(plane - 0.3, 0, None)
-    assert abs((w * cols).sum() / w.sum() - x) <= 1.0 and abs((w * rows).sum() / w.sum() - y) <= 1.0
-    col, row, _ = _expected(POINT)
-    assert abs(x - col) > 2.0 or abs(y - row) > 2.0  # not where the stretching resize puts it
-
-
 def test_several_points_and_background(volume):
     fg = [[5, 3, 2], [33, 26, 2], [20, 15, 9]]
     bg = [[12, 20, 2]]

@@ -89,11 +89,10 @@ class ServedModel(ProcessLocal):
         return get_encoder_spec(self.backbone).img_size
 
     @property
-    def preprocessing(self) -> dict[str, Any]:
-        """How the backbone's pretraining prepared its slices (``transforms.slices.volume_transforms``): the intensity
-        normalisation's options (``NormalizeIntensityByModalityd``) and whether slices are padded to a square."""
+    def intensity(self) -> dict[str, Any]:
+        """Options of the intensity normalisation that the backbone was pretrained with (``NormalizeIntensityByModalityd``)."""
         spec = get_encoder_spec(self.backbone)
-        return {"ct_window": spec.ct_window, "nonzero_percentiles": spec.nonzero_percentiles, "pad_to_square": spec.pad_to_square}
+        return {"ct_window": spec.ct_window, "nonzero_percentiles": spec.nonzero_percentiles}
 
     def adapter_config(self) -> dict[str, Any]:
         """What an adapter must agree with to be loaded into this model."""

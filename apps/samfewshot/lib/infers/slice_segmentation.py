@@ -65,7 +65,7 @@ class SamSliceInfer(ResidentModelInfer):
         self.precision = precision
         self.embeddings = embeddings
         # The same transform instances must run forwards and be inverted (MONAI matches them by identity).
-        self._pre = inference_transforms(model.img_size, model.modality, model.preprocessing)
+        self._pre = inference_transforms(model.img_size, model.modality, model.intensity)
         config = {"device": device, "batch_size": batch_size, "modality": model.modality, "precision": precision}
         super().__init__(model, preload=preload, config=config, **kwargs)
 

@@ -57,8 +57,6 @@ class TinyViTSpec:
     #: ``pre_CT_MR.py``: CT window W400/L40, MR percentiles of the non-zero voxels
     ct_window: tuple[float, float] = (-160.0, 240.0)
     nonzero_percentiles: bool = True
-    #: the official pipeline resizes the longest side to ``img_size`` and zero-pads the other: shapes keep their aspect
-    pad_to_square: bool = True
 
     @property
     def depth(self) -> int:

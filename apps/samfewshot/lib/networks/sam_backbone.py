@@ -51,8 +51,6 @@ class SamEncoderSpec:
     #: intensity normalisation of the pretraining: SAMed's CT window, percentiles of all voxels
     ct_window: tuple[float, float] = (-125.0, 275.0)
     nonzero_percentiles: bool = False
-    #: SAMed and HF-SAM resize every slice to the square model size (their datasets' slices are square)
-    pad_to_square: bool = False
 
     @property
     def embedding_size(self) -> int:

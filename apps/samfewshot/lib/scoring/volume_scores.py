@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 def body_slices(model: ServedModel, image_path: str, max_slices: int) -> torch.Tensor:
     """(N, 1, S, S) normalised axial slices of the volume, evenly spread over the non-empty ones."""
-    volume = Compose(volume_transforms(model.img_size, model.modality, preprocessing=model.preprocessing))({"image": image_path})[
+    volume = Compose(volume_transforms(model.img_size, model.modality, intensity=model.intensity))({"image": image_path})[
         "image"
     ].as_tensor()
     indexes = torch.nonzero(content_slices(volume)).flatten()

@@ -237,11 +237,11 @@ class AdapterTrainer(HookedEngines, BasicTrainTask):
             self.model.labels,
             self.slices_per_volume,
             self.foreground_ratio,
-            self.model.preprocessing,
+            self.model.intensity,
         )
 
     def val_pre_transforms(self, context: Context):
-        return volume_transforms(self.model.img_size, self.model.modality, self.model.labels, self.model.preprocessing) + [
+        return volume_transforms(self.model.img_size, self.model.modality, self.model.labels, self.model.intensity) + [
             EnsureTyped(keys=["image", "label"])
         ]
 

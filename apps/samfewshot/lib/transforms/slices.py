@@ -1,13 +1,13 @@
 """Transform chains that turn volumes into the axial slices the SAM models see.
 
-Volumes are loaded, put in RAS orientation (so the last axis is axial), intensity-normalised by modality,
-zero-padded in-plane to a square where the backbone was pretrained so, and resized in-plane to the model size; every
-geometric step is invertible, so a prediction goes back to the input's own geometry with ``Invertd``.
+Volumes are loaded, put in RAS orientation (so the last axis is axial), intensity-normalised by modality and
+resized in-plane to the model size; every geometric step is invertible, so a prediction goes back to the
+input's own geometry with ``Invertd``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -18,7 +18,6 @@ from monai.transforms import (
     LoadImaged,
     MapTransform,
     Orientationd,
-    Padd,
     RandAffined,
     RandCropByPosNegLabeld,
     RandFlipd,
@@ -26,7 +25,6 @@ from monai.transforms import (
     Resized,
     SqueezeDimd,
 )
-from monai.transforms.croppad.array import Pad
 
 from .intensity import NormalizeIntensityByModalityd
 from .labels import RemapLabelsByNamed
@@ -48,41 +46,27 @@ class NrrdSpaceToKeysd(MapTransform):
         return d
 
 
-class SquareInPlanePad(Pad):
-    """Zero-pad the two in-plane axes of a (C, X, Y, ...) volume at their ends to the longer one's length. Followed by
-    the square resize, it is LiteMedSAM's longest side resized to the model size and the rest zero-padded (its
-    pipeline resizes first, then pads: the two differ only in how the last row or column blends with the zeros)."""
-
-    def compute_pad_width(self, spatial_shape: Sequence[int]) -> tuple[tuple[int, int], ...]:
-        side = max(spatial_shape[:2])
-        return ((0, 0), (0, side - spatial_shape[0]), (0, side - spatial_shape[1]), *[(0, 0)] * (len(spatial_shape) - 2))
-
-
 def volume_transforms(
-    img_size: int, modality: str, model_labels: Mapping[str, int] | None = None, preprocessing: Mapping[str, Any] | None = None
+    img_size: int, modality: str, model_labels: Mapping[str, int] | None = None, intensity: Mapping[str, Any] | None = None
 ) -> list:
-    """Image (and label, when ``model_labels`` is given) -> RAS, normalised, (1, S, S, D) volumes; ``preprocessing``:
-    the backbone's (``ServedModel.preprocessing``): the normalisation's options and ``pad_to_square``."""
-    options = dict(preprocessing or {})
-    pad_to_square = options.pop("pad_to_square", False)
+    """Image (and label, when ``model_labels`` is given) -> RAS, normalised, (1, S, S, D) volumes; ``intensity``: the
+    normalisation's options (``ServedModel.intensity``)."""
     keys = ["image", "label"] if model_labels is not None else ["image"]
     transforms = [
         LoadImaged(keys=keys, image_only=True),
         NrrdSpaceToKeysd(keys=keys),
         EnsureChannelFirstd(keys=keys),
         Orientationd(keys=keys, axcodes="RAS"),
-        NormalizeIntensityByModalityd(keys="image", modality=modality, **options),
+        NormalizeIntensityByModalityd(keys="image", modality=modality, **(intensity or {})),
     ]
     if model_labels is not None:
         transforms.append(RemapLabelsByNamed(keys="label", model_labels=model_labels))
-    if pad_to_square:
-        transforms.append(Padd(keys=keys, padder=SquareInPlanePad()))
     transforms.append(Resized(keys=keys, spatial_size=(img_size, img_size, -1), mode=["bilinear", "nearest"][: len(keys)]))
     return transforms
 
 
-def inference_transforms(img_size: int, modality: str, preprocessing: Mapping[str, Any] | None = None) -> list:
-    return volume_transforms(img_size, modality, preprocessing=preprocessing) + [EnsureTyped(keys="image", dtype=np.float32)]
+def inference_transforms(img_size: int, modality: str, intensity: Mapping[str, Any] | None = None) -> list:
+    return volume_transforms(img_size, modality, intensity=intensity) + [EnsureTyped(keys="image", dtype=np.float32)]
 
 
 def training_slice_transforms(
@@ -91,14 +75,14 @@ def training_slice_transforms(
     model_labels: Mapping[str, int],
     slices_per_volume: int,
     foreground_ratio: float,
-    preprocessing: Mapping[str, Any] | None = None,
+    intensity: Mapping[str, Any] | None = None,
 ) -> list:
     """Volumes -> ``slices_per_volume`` random axial slices (1, S, S), ``foreground_ratio`` of them centred on
     labelled voxels so that slices showing the structures dominate, one of them an annotator's interaction slice
     when the volume has any (``InteractionPromptsd``, ``InteractionMapd``); light 2D augmentation, the interaction map
     moving with the label."""
     keys = ["image", "label", "click_map"]
-    return volume_transforms(img_size, modality, model_labels, preprocessing) + [
+    return volume_transforms(img_size, modality, model_labels, intensity) + [
         InteractionPromptsd(model_labels),
         InteractionMapd(),
         WithInteractionSliced(
