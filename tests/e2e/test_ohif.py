@@ -84,19 +84,10 @@ def open_study_in_ohif(server, studies, browser):
     return viewport, wait
 
 
-def changed_fraction(viewport, before: np.ndarray) -> float:
-    diff = np.abs(viewport_pixels(viewport) - before).sum(axis=2)
-    return float((diff > 60).mean())
-
-
-def test_ohif_runs_hf_sam_and_shows_the_segmentation(start_server, studies, browser, tmp_path):
+def click_run_in_the_segmentation_tab(browser, wait) -> None:
+    """Run of the panel's automatic segmentation tab (the model selected there: the first, hf_sam)."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
-
-    server = start_server(("models", "hf_sam"))
-    viewport, wait = open_study_in_ohif(server, studies, browser)
-    before = viewport_pixels(viewport)
-    (tmp_path / "before.png").write_bytes(viewport.screenshot_as_png)
 
     tab = browser.find_element(By.CSS_SELECTOR, "input.tab-switch[value='segmentation']")
     browser.execute_script("arguments[0].click()", tab)
@@ -105,6 +96,20 @@ def test_ohif_runs_hf_sam_and_shows_the_segmentation(start_server, studies, brow
         "//button[contains(@class,'actionButton') and text()='Run']"
     )
     wait.until(ec.element_to_be_clickable((By.XPATH, run))).click()
+
+
+def changed_fraction(viewport, before: np.ndarray) -> float:
+    diff = np.abs(viewport_pixels(viewport) - before).sum(axis=2)
+    return float((diff > 60).mean())
+
+
+def test_ohif_runs_hf_sam_and_shows_the_segmentation(start_server, studies, browser, tmp_path):
+    server = start_server(("models", "hf_sam"))
+    viewport, wait = open_study_in_ohif(server, studies, browser)
+    before = viewport_pixels(viewport)
+    (tmp_path / "before.png").write_bytes(viewport.screenshot_as_png)
+
+    click_run_in_the_segmentation_tab(browser, wait)
 
     # the label comes back from /infer/hf_sam and is drawn over the viewport
     wait.until(lambda d: changed_fraction(viewport, before) > 0.02)
@@ -146,23 +151,16 @@ def test_ohif_and_the_client_before_any_training_get_an_error_not_noise(start_se
     from monailabel.client import MONAILabelClient
     from monailabel.client.client import MONAILabelClientException
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions as ec
 
     server = start_server(("models", "hf_sam"), ("backbone", "litemedsam"))
     viewport, wait = open_study_in_ohif(server, studies, browser)
     before = viewport_pixels(viewport)
-    tab = browser.find_element(By.CSS_SELECTOR, "input.tab-switch[value='segmentation']")
-    browser.execute_script("arguments[0].click()", tab)
-    run = (
-        "//input[@value='segmentation']/following-sibling::div[contains(@class,'tab-content')]"
-        "//button[contains(@class,'actionButton') and text()='Run']"
-    )
-    wait.until(ec.element_to_be_clickable((By.XPATH, run))).click()
+    click_run_in_the_segmentation_tab(browser, wait)
     wait.until(lambda d: "Failed to Run Segmentation" in d.find_element(By.TAG_NAME, "body").text)
     (tmp_path / "after_run.png").write_bytes(viewport.screenshot_as_png)
     assert changed_fraction(viewport, before) < 0.001
 
+    series = DICOMwebClient(studies).search_for_series()[0]["0020000E"]["Value"][0]
     with pytest.raises(MONAILabelClientException) as raised:
-        series = DICOMwebClient(studies).search_for_series()[0]["0020000E"]["Value"][0]
         MONAILabelClient(server.url, tmpdir=str(tmp_path)).infer("hf_sam", series, {})
     assert "409" in raised.value.msg and "hf_sam_interactive" in raised.value.msg, raised.value.msg
