@@ -162,10 +162,14 @@ def torch_only(task, precision: str | None = None):
 
 
 def warm_seconds(app, request: dict, repeats: int) -> tuple[float, dict]:
-    """Best of ``repeats`` inferences, each from an empty embedding cache (a volume seen for the first time)."""
+    """Best of ``repeats`` inferences, each from empty embedding and prepared-volume caches (a volume seen for the
+    first time)."""
+    from lib.infers.slice_segmentation import forget_prepared_volumes
+
     embeddings = getattr(app._infers[request["model"]], "embeddings", None)
     times = []
     for _ in range(repeats):
+        forget_prepared_volumes()
         if embeddings:
             embeddings.clear()
         start = time.perf_counter()
@@ -312,8 +316,8 @@ def main(argv: list[str] | None = None) -> int:
             "config": vars(args),
         }
 
-        # Every timed inference but the re-inference starts from an empty embedding cache: a volume seen for the
-        # first time. The cold one is served by torch while the engine, if any, builds.
+        # Every timed inference but the re-inference and the click starts from empty embedding and prepared-volume
+        # caches: a volume seen for the first time. The cold one is served by torch while the engine, if any, builds.
         task = app._infers[args.model]
         results["precision"] = getattr(task, "precision", "fp32")
         embeddings = getattr(task, "embeddings", None)
@@ -348,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             app.infer(request)
             results["reinfer_cached_embeddings_s"] = time.perf_counter() - start
-            # One click at the volume's centre on the interactive task, the volume just segmented (embeddings cached).
+            # One click at the volume's centre on the interactive task, the volume just segmented (its embeddings and
+            # the prepared volume cached).
             centre = [n // 2 for n in nib.load(os.path.join(studies, "bench.nii.gz")).shape]
             label = next(iter(app.models[args.model].model.labels))
             click = {**request, "model": f"{args.model}_interactive", "foreground": [centre], "label": label}
