@@ -164,7 +164,7 @@ def torch_only(task, precision: str | None = None):
 def warm_seconds(app, request: dict, repeats: int) -> tuple[float, dict]:
     """Best of ``repeats`` inferences, each from empty embedding and prepared-volume caches (a volume seen for the
     first time)."""
-    from lib.infers.slice_segmentation import forget_prepared_volumes
+    from lib.monailabel_compat import forget_prepared_volumes
 
     embeddings = getattr(app._infers[request["model"]], "embeddings", None)
     times = []

@@ -15,7 +15,7 @@ def label_of(result) -> np.ndarray:
 
 
 def test_a_prepared_volume_serves_both_tasks_until_its_file_changes(app_dir, studies, monkeypatch):
-    from lib.infers.slice_segmentation import forget_prepared_volumes
+    from lib.monailabel_compat import forget_prepared_volumes
     from main import SamFewShotApp
 
     loads = []

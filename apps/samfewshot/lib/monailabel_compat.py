@@ -22,6 +22,7 @@ import monailabel
 import monailabel.datastore.dicom
 import monailabel.datastore.utils.convert
 import monailabel.endpoints.infer
+import monailabel.transform.cache as cache
 from fastapi import FastAPI
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monailabel.config import settings
@@ -102,6 +103,12 @@ WORKAROUNDS = (
         "monailabel exposes them (read-only accessors)",
     ),
     Workaround(
+        "forget_prepared_volumes: monailabel.transform.cache's module-private _data_mem_cache",
+        "keeps CacheTransformDatad's in-memory entries (the SAM tasks' prepared volumes) in a module-private "
+        "ExpiringDict with no way to empty it; scripts/benchmark.py and the tests need a volume seen for the first time",
+        "monailabel offers a clear() for its transform cache",
+    ),
+    Workaround(
         "lib.infers.resident.ResidentModelInfer._get_network, lib.handlers (the app's bodies of unsafe endpoints)",
         "builds a network per task from a file path; the app serves one resident network per model, hot-swapping "
         "adapters. The handlers: see their docstrings",
@@ -166,6 +173,12 @@ def install(model_dir: str, endpoint_groups: frozenset[str], default_labels: Map
 def fastapi_app() -> FastAPI | None:
     """MONAI Label's FastAPI application inside a server; None in a training subprocess or a script."""
     return getattr(sys.modules.get("monailabel.app"), "app", None)
+
+
+def forget_prepared_volumes() -> None:
+    """Drop every prepared volume (MONAI Label's in-memory transform cache), as if no volume had been seen."""
+    cache.init_cache()
+    cache._data_mem_cache.clear()
 
 
 def clear_dicomweb_lists() -> None:

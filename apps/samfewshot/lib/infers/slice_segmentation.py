@@ -13,7 +13,6 @@ from fastapi import HTTPException
 from monai.data import MetaTensor
 from monai.inferers import Inferer, SliceInferer
 from monai.transforms import Activationsd, CastToTyped, Compose, Invertd, Lambdad, SqueezeDimd
-from monailabel.transform import cache
 from monailabel.transform.cache import CacheTransformDatad
 from monailabel.transform.writer import Writer
 from monailabel.utils.others.generic import strtobool
@@ -46,12 +45,6 @@ def prepared_volume_key(image: Any, model: ServedModel) -> str | None:
         return None
     stat = os.stat(image)
     return json.dumps([os.path.realpath(image), stat.st_size, stat.st_mtime_ns, model.img_size, model.modality, model.intensity])
-
-
-def forget_prepared_volumes() -> None:
-    """Drop every prepared volume (MONAI Label's in-memory transform cache), as if no volume had been seen."""
-    cache.init_cache()
-    cache._data_mem_cache.clear()
 
 
 class SamSliceInfer(ResidentModelInfer):
