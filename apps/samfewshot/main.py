@@ -71,7 +71,7 @@ class SamFewShotApp(AppFixes, MONAILabelApp):
         if server is not None:
             routes.install(server, self.endpoint_groups)
         self._final_label_ts: dict[str, int] = {}
-        self.interactions = InteractionLog()
+        self.interactions = InteractionLog(os.path.join(self.model_dir, "interactions"))
         self._train_lock = threading.Lock()
         super().__init__(
             app_dir=app_dir,

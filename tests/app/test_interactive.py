@@ -108,12 +108,17 @@ def test_bad_prompts_are_refused(client, studies, params, message):
 def test_prompts_are_kept_with_the_final_label_replayed_and_removed_with_it(client, sample_data, monkeypatch):
     from monailabel.interfaces.utils.app import app_instance
 
+    from lib.interactions import InteractionLog
     from lib.trainers import interaction
     from lib.trainers.adapter_trainer import AdapterTrainer
 
     slicer = {"label": "grey matter", "foreground": [[50, 60, 70]], "background": [[70, 80, 70]]}
     assert infer(client, "hf_sam_interactive", "brain_002", {**slicer, **SLICER_FORMAT}).status_code == 200
     assert infer(client, "hf_sam_interactive", "brain_002", {"foreground": [[55, 65, 71]], **OHIF_FORMAT}).status_code == 200
+    kept = app_instance().interactions
+    restarted = InteractionLog(kept.store_dir)  # what a server restarted now would hold
+    assert restarted.take("brain_002") == [{**slicer}, {"label": None, "foreground": [[55, 65, 71]]}]
+    kept.record("brain_002", {"foreground": [[55, 65, 71]]})  # the take above removed the file; write it again
     truth = (sample_data / "brain-mri-groundtruth" / "brain_002.nii.gz").read_bytes()
     saved = client.put(
         "/datastore/label?image=brain_002&tag=final",
@@ -124,6 +129,7 @@ def test_prompts_are_kept_with_the_final_label_replayed_and_removed_with_it(clie
     info = client.get("/datastore/label/info?label=brain_002&tag=final").json()
     assert info["interactions"] == [{**slicer}, {"label": None, "foreground": [[55, 65, 71]]}]
     assert app_instance().interactions.take("brain_002") == []  # they now belong to the label
+    assert InteractionLog(kept.store_dir).take("brain_002") == []  # on disk too
     assert "interactions" not in client.get("/datastore/label/info?label=brain_000&tag=final").json()  # not shared
 
     replayed = []

@@ -291,3 +291,21 @@ def test_the_log_keeps_each_segments_latest_prompts_until_a_label_takes_them():
     for image_id in "bcd":
         log.record(image_id, {"foreground": [[1, 1, 1]]})
     assert log.take("b") == [] and log.take("d")  # the oldest volume made room
+
+
+def test_the_log_survives_a_restart_in_its_folder_and_stays_there(tmp_path):
+    store = tmp_path / "interactions"
+    log = InteractionLog(str(store), max_volumes=2)
+    log.record("../../escape", {"label": "white matter", "foreground": [[1, 2, 3]]})
+    log.record("b", {"label": None, "roi": [1, 2, 3, 4, 5, 6]})
+    assert len(list(store.iterdir())) == 2 and not (tmp_path / "escape").exists()
+    (store / "junk.json").write_text("{not json")  # reported and left alone
+
+    restarted = InteractionLog(str(store), max_volumes=2)
+    assert restarted.take("../../escape") == [{"label": "white matter", "foreground": [[1, 2, 3]]}]
+    assert len(list(store.iterdir())) == 2  # b's file and the junk
+    restarted.record("c", {"foreground": [[1, 1, 1]]})
+    restarted.record("d", {"foreground": [[2, 2, 2]]})  # the oldest volume, b, made room, on disk too
+    again = InteractionLog(str(store), max_volumes=2)
+    assert again.take("b") == [] and again.take("c") and again.take("d") == [{"label": None, "foreground": [[2, 2, 2]]}]
+    assert [p.name for p in store.iterdir()] == ["junk.json"]
