@@ -36,6 +36,7 @@ COLUMNS = [
     "recipe",
     "seed",
     "epochs",
+    "train_precision",
     "dice_wm",
     "dice_gm",
     "dice_mean",
@@ -49,6 +50,7 @@ def run(backbone: str, labelled: int, recipe: str, seed: int, args, work: str) -
     import torch
 
     from lib.adapters import read_adapter
+    from lib.compute import resolve_precision
     from main import SamFewShotApp
 
     torch.manual_seed(seed)
@@ -66,6 +68,7 @@ def run(backbone: str, labelled: int, recipe: str, seed: int, args, work: str) -
         "device": "cpu",
         "auto_scoring": "false",
         "recipe": recipe,
+        "train_precision": args.train_precision,
     }
     app = SamFewShotApp(app_dir, studies, conf)
     start = time.perf_counter()
@@ -82,6 +85,7 @@ def run(backbone: str, labelled: int, recipe: str, seed: int, args, work: str) -
         "recipe": recipe,
         "seed": seed,
         "epochs": args.epochs,
+        "train_precision": resolve_precision(args.train_precision, "cpu", "train_precision"),
         "dice_wm": round(wm, 4),
         "dice_gm": round(gm, 4),
         "dice_mean": round((wm + gm) / 2, 4),
@@ -99,14 +103,15 @@ def summary(values: list[float]) -> str:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| backbone | labelled volumes | recipe | seeds | WM Dice | GM Dice | mean Dice | train s | adapter values |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| backbone | labelled volumes | recipe | train precision | seeds | WM Dice | GM Dice | mean Dice | train s | adapter values |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key in dict.fromkeys((r["backbone"], r["labelled"], r["recipe"]) for r in rows):
         group = [r for r in rows if (r["backbone"], r["labelled"], r["recipe"]) == key]
         dice = " | ".join(summary([r[c] for r in group]) for c in ("dice_wm", "dice_gm", "dice_mean"))
         seconds = statistics.mean(r["train_seconds"] for r in group)
-        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {len(group)} | {dice} | {seconds:.0f} | {group[0]['adapter_values']:,} |")
+        cells = [*key, group[0]["train_precision"], len(group), dice, f"{seconds:.0f}", f"{group[0]['adapter_values']:,}"]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
 
@@ -129,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=50)
     parser.add_argument("--backbones", default="tiny", help="comma-separated")
     parser.add_argument("--labelled", type=int, nargs="+", default=[2], help="labelled volumes to train on (1 or 2)")
+    parser.add_argument("--train-precision", default="auto", help="--conf train_precision: auto (as served), fp32, bf16")
     parser.add_argument("--hf-tap", type=int, help="HF-SAM's tap-able block (default: the backbone's hf_tap)")
     parser.add_argument("--held-out", nargs="+", default=["brain_005", "brain_006", "brain_007"])
     parser.add_argument("--out-dir", default="compare_training")

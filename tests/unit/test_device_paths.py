@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib.compute import autocast, inference_precision, torch_device
+from lib.compute import autocast, resolve_precision, torch_device
 from lib.configs import MODEL_CONFIGS
 from lib.networks.fgnet import FGNet
 
@@ -63,7 +63,7 @@ def test_forward_at_the_app_precision(config):
     device = torch_device(DEVICE)
     network = config.build_network().to(device).eval()
     image, _ = batch(config, network, training=False)
-    precision = inference_precision("auto", device)
+    precision = resolve_precision("auto", device)
     with torch.no_grad(), autocast(precision, device):
         out = network(image.to(device))
     assert out.device.type == torch.device(device).type

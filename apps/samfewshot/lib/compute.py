@@ -44,7 +44,7 @@ def bf16_faster(device: str) -> bool:
     faster = bf16 < BF16_MIN_GAIN * fp32
     logger.info(
         f"precision auto: a ViT-B linear layer takes {fp32 * 1e3:.1f} ms in fp32 and {bf16 * 1e3:.1f} ms in bf16 on "
-        f"this CPU, so inference runs in {'bf16' if faster else 'fp32'}"
+        f"this CPU, so 'auto' resolves to {'bf16' if faster else 'fp32'}"
     )
     return faster
 
@@ -64,10 +64,11 @@ def linear_seconds(precision: str, tokens: int = 2048, width: int = 768, repeats
     return min(times[1:])
 
 
-def inference_precision(name: str, device: str) -> str:
-    """'auto' -> bf16 where the device runs it faster than fp32, else fp32; an unknown name is an error."""
+def resolve_precision(name: str, device: str, key: str = "precision") -> str:
+    """'auto' -> bf16 where the device runs it faster than fp32, else fp32; an unknown name is an error naming the
+    ``--conf`` key it came from (``precision`` for inference, ``train_precision`` for training)."""
     if name not in PRECISIONS:
-        raise ValueError(f"--conf precision {name!r}: valid values are {', '.join(PRECISIONS)}")
+        raise ValueError(f"--conf {key} {name!r}: valid values are {', '.join(PRECISIONS)}")
     if name == "auto":
         return "bf16" if bf16_faster(device) else "fp32"
     return name

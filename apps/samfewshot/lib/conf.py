@@ -15,6 +15,7 @@ from typing import Any
 from monai.utils import look_up_option
 from monailabel.utils.others.generic import strtobool
 
+from lib.compute import PRECISIONS
 from lib.networks.sam2_backbone import HIERA_VARIANTS
 from lib.networks.sam_backbone import SAM_ENCODERS
 from lib.routes import ENDPOINT_GROUPS
@@ -83,7 +84,8 @@ CONF_KEYS: dict[str, ConfKey] = {
         ConfKey("recipe", "fewshot", "how the SAM models' adapters train", choices=tuple(RECIPES)),
         ConfKey("modality", "auto", "intensity normalisation: auto, CT, MR, ..."),
         ConfKey("preload", "false", "build the networks at start-up", kind=_bool),
-        ConfKey("precision", "auto", "inference precision", choices=("auto", "fp32", "bf16")),
+        ConfKey("precision", "auto", "inference precision", choices=PRECISIONS),
+        ConfKey("train_precision", "auto", "training precision of the SAM models", choices=PRECISIONS),
         ConfKey("engine", "auto", "what runs the image encoders on a CPU", choices=("auto", "torch", "openvino")),
         ConfKey("embedding_cache_mb", "1024", "memory for SAM image embeddings of slices seen before", kind=int, minimum=0),
         ConfKey("masg_modules", ",".join(MASG_MODULES), "MASG-SAM modules to build", choices=MASG_MODULES, listed=True),

@@ -8,7 +8,7 @@ from typing import Any
 
 from monailabel.interfaces.config import TaskConfig
 
-from lib.compute import inference_precision, torch_device
+from lib.compute import resolve_precision, torch_device
 from lib.conf import parse_conf
 from lib.engines.openvino_engine import engine_from_conf
 from lib.infers.embedding_cache import EmbeddingCache
@@ -27,7 +27,7 @@ DEFAULT_LABELS = {"white matter": 1, "grey matter": 2}
 
 class SamSegmentationConfig(TaskConfig):
     """Reads the shared ``--conf`` keys (backbone, sam_checkpoint, labels, lora_rank, modality, device, preload,
-    precision, engine, embedding_cache_mb, max_epochs, recipe)."""
+    precision, train_precision, engine, embedding_cache_mb, max_epochs, recipe)."""
 
     network_cls: type[SamSegmenter]
     scores_volumes = True  # uncertainty and embedding scores come from these models
@@ -72,7 +72,7 @@ class SamSegmentationConfig(TaskConfig):
         one image-embedding cache."""
         # On the 2-core CPU, 8 slices per forward ran vit_b 1.8x slower per slice than 2 (cache-bound attention);
         # a GPU needs the larger batches to fill (docs/benchmarks.md).
-        precision = inference_precision(self.conf["precision"], self.device)
+        precision = resolve_precision(self.conf["precision"], self.device)
         options = {
             "device": self.device,
             "batch_size": 8 if self.device.startswith("cuda") else 2,
@@ -89,4 +89,5 @@ class SamSegmentationConfig(TaskConfig):
     def trainer(self) -> AdapterTrainer:
         config = {"device": self.device, "max_epochs": self.conf["max_epochs"]}
         # Half of the training slices are spent on simulated clicks, boxes and propagation (lib.trainers.interaction).
-        return AdapterTrainer(self.model, recipe=RECIPES[self.conf["recipe"]], interactive_share=0.5, config=config)
+        precision = resolve_precision(self.conf["train_precision"], self.device, "train_precision")
+        return AdapterTrainer(self.model, recipe=RECIPES[self.conf["recipe"]], interactive_share=0.5, precision=precision, config=config)

@@ -212,8 +212,9 @@ class SamSegmenter(nn.Module):
         """Loss of the last training forward. ``logits`` (B, K, H, W) prompt-free class logits, or (B, 2K, H, W)
         with the prompted decoding's after them; ``label`` (B, 1, H, W) class ids, or (B, 2, H, W) with the prompted
         object after them: its class id c inside, 0 outside, -1 everywhere for a slice that got no prompt (no object
-        loss). The object loss reads the prompted decoding as c against the rest (``object_logit``)."""
-        k = self.num_classes
+        loss). The object loss reads the prompted decoding as c against the rest (``object_logit``). Computed in fp32
+        whatever precision the logits come in (a bf16 autocast forward)."""
+        k, logits = self.num_classes, logits.float()
         loss = self.segmentation_loss(logits[:, :k], label[:, :1])
         if logits.shape[1] > k and label.shape[1] > 1:
             prompted = label[:, 1].flatten(1).amax(1)

@@ -41,6 +41,7 @@ from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 from monailabel.utils.others.generic import strtobool
 
 from lib.adapters import AdapterError, keep_candidate, publish_adapter, published_version
+from lib.compute import autocast
 from lib.interactions import INTERACTIONS_KEY
 from lib.monailabel_compat import HookedEngines
 from lib.networks.lora import adapter_state_dict
@@ -73,6 +74,12 @@ def unwrap(network: torch.nn.Module) -> torch.nn.Module:
     return getattr(network, "module", network)
 
 
+def autocast_iteration(engine, batchdata: dict[str, Any], step=None, precision: str = "bf16"):
+    """One training iteration (``step``, else the trainer's own) under ``precision``'s autocast on its device."""
+    with autocast(precision, str(engine.state.device)):
+        return (step or engine._iteration)(engine, batchdata)
+
+
 def free_loopback_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -92,6 +99,9 @@ class AdapterTrainer(HookedEngines, BasicTrainTask):
         min_train_volumes: a new volume goes to validation only once at least this many volumes train.
         interactive_share: share of training slices that get simulated interactions (``lib.trainers.interaction``);
             0 trains prompt-free; a train request's ``interactive_share`` overrides it.
+        precision: ``fp32``, or ``bf16`` to run each training iteration (simulated interactions, forward and backward)
+            under bf16 autocast, already resolved from ``auto``; weights, gradients, optimiser state and the loss stay
+            fp32. On a CPU with native bf16 a LiteMedSAM step ran 2.6x faster (docs/benchmarks.md).
         config: MONAI Label train settings over the defaults (``max_epochs`` 50, ``val_split`` 0.2, batch sizes 1, ...).
     """
 
@@ -104,10 +114,12 @@ class AdapterTrainer(HookedEngines, BasicTrainTask):
         foreground_ratio: float = 0.75,
         min_train_volumes: int = 2,
         interactive_share: float = 0.0,
+        precision: str = "fp32",
         config: dict[str, Any] | None = None,
     ):
         self.model = model
         self.recipe = recipe
+        self.precision = precision
         # The simulated prompts reach the network; the paper recipe's loss reads the decoder's own logits.
         self.prepare_batch = partial(prepare_prompted_batch, decoder_resolution=recipe.decoder_resolution)
         self.slices_per_volume = slices_per_volume
@@ -306,7 +318,11 @@ class AdapterTrainer(HookedEngines, BasicTrainTask):
     def train_iteration_update(self, context: Context):
         share = float(context.request.get("interactive_share", self.config()["interactive_share"]))
         # Seeded from torch's seed, so a seeded run (scripts/simulate_clicks.py) simulates the same interactions.
-        return SimulatedInteraction(share=share, seed=torch.initial_seed() % 2**32) if share > 0 else None
+        step = SimulatedInteraction(share=share, seed=torch.initial_seed() % 2**32) if share > 0 else None
+        if self.precision == "fp32":
+            return step
+        # MONAI's own ``amp`` autocasts CUDA only; this covers the CPU too.
+        return partial(autocast_iteration, step=step, precision=self.precision)
 
     def val_inferer(self, context: Context):
         size = self.model.img_size
