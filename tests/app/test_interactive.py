@@ -77,6 +77,19 @@ def test_slicer_deepgrow_request_gives_the_segments_binary_mask(client, studies,
     assert result["prompted_slices"] == list(range(60, 67)) and result["label_names"] == {"grey matter": 1}
 
 
+def test_a_segment_name_outside_the_labels_is_a_new_structure_for_the_object_path(client, tmp_path):
+    roi = [40, 80, 50, 90, 60, 66]
+    params = {"label": "lesion", "foreground": [], "background": [], "roi": roi, **SLICER_FORMAT}
+    response = infer(client, "hf_sam_interactive", "brain_003", params)
+    assert response.status_code == 200, response.text
+    result, label = multipart(response)
+    assert result["prompt_path"] == "object" and result["label_names"] == {"lesion": 1} and result["target_class"] is None
+    mask = nrrd_of(label, tmp_path)
+    outside = np.ones_like(mask, dtype=bool)
+    outside[40:81, 50:91, 60:67] = False
+    assert not mask[outside].any()
+
+
 def test_ohif_deepgrow_request_without_a_label(client, tmp_path):
     response = infer(
         client, "hf_sam_interactive", "brain_003", {"foreground": [[60, 70, 62]], "background": [], **OHIF_FORMAT}, output="image"
@@ -90,7 +103,7 @@ def test_ohif_deepgrow_request_without_a_label(client, tmp_path):
     "params,message",
     [
         ({"label": "white matter", "foreground": [[60, 70, 500]]}, "lie outside the volume"),
-        ({"label": "tumour", "foreground": [[60, 70, 62]]}, "unknown label 'tumour' for hf_sam; valid: white matter, grey matter"),
+        ({"label": "Grey Mater", "foreground": [[60, 70, 62]]}, "labels but close to 'grey matter': send 'grey matter'"),
         ({"label": "white matter", "foreground": [["a", 70, 62]]}, "foreground must be a list of at most 1000"),
         ({"label": "white matter", "roi": [1, 2, 3, 4]}, "roi must be [i0, i1, j0, j1, k0, k1]"),
         ({"label": "white matter", "foreground": [], "background": []}, "send foreground or background points"),

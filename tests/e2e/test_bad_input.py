@@ -328,8 +328,8 @@ CASES = [
         "interactive-label",
         "hf_sam_interactive?image=brain_002",
         422,
-        "unknown label 'tumour'",
-        params={"label": "tumour", "foreground": [[60, 70, 62]]},
+        "label 'gray matter' is not one of hf_sam's labels but close to 'grey matter'",
+        params={"label": "gray matter", "foreground": [[60, 70, 62]]},
     ),
     infer(
         "interactive-nothing",

@@ -253,6 +253,7 @@ def test_an_annotators_interaction_is_drawn_on_its_slice_and_cropped_first(inter
     interactions = [
         {"label": "white matter", "foreground": [[20, 15, 6]], "background": [[2, 2, 6]], "roi": [12, 28, 6, 24, 6, 6]},
         {"label": None, "foreground": [[99, 1, 1]]},  # does not fit this volume: left out
+        {"label": "lesion", "foreground": [[20, 15, 6]]},  # a structure outside the labels: left out
     ]
     converted = InteractionPromptsd(LABELS)({**interaction_volume, "interactions": interactions})
     assert "interactions" not in converted and len(converted["interaction_prompts"]) == 1

@@ -8,21 +8,24 @@ task shares the model's resident network, adapter and image-embedding cache with
 
 One interaction gives a 3D result (``propagate``), decoded one of two ways (the result's ``prompt_path``):
 
-* ``object``, while a pretrained backbone has no adapter yet: SAM's own class-agnostic decoding (``SamSegmenter.decode_object``)
-  of the pretrained backbone answers the box and clicks, and the structure is followed slice by slice with a box
+* ``object``, for a segment name outside the model's labels (a new structure), and for any prompt while a
+  pretrained backbone has no adapter yet: SAM's own class-agnostic decoding (``SamSegmenter.decode_object``) of the
+  pretrained backbone answers the box and clicks, and the structure is followed slice by slice with a box
   around the previous slice's mask, as LiteMedSAM's official 3D inference does (no mask prompt: it was trained
   without one);
-* ``class``, once an adapter is served: the prompted slices are decoded for the segment's class, starting from the
-  automatic segmentation with the clicks drawn in as mask prompt; from there the structure is followed with SAM's
-  mask prompt (the previous slice's logits) and a box around the previous mask.
+* ``class``, for one of the model's labels (or none) once an adapter is served: the prompted slices are decoded
+  for the segment's class, starting from the automatic segmentation with the clicks drawn in as mask prompt; from
+  there the structure is followed with SAM's mask prompt (the previous slice's logits) and a box around the previous
+  mask.
 
 Either way a walk goes on until the mask vanishes. An ``roi`` also bounds the result: its slices and its box.
 """
 
 from __future__ import annotations
 
+import difflib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -151,6 +154,17 @@ def propagate(
     return probabilities, found, target_class
 
 
+# A segment name this similar to one of the model's labels (difflib's ratio, case ignored) is taken for a typo of it.
+NEAR_DUPLICATE_RATIO = 0.8
+
+
+def near_duplicate(name: str, labels: Mapping[str, int]) -> str | None:
+    """The model label ``name`` is a near-duplicate of ("Grey Matter", "gray matter" for "grey matter"), or None."""
+    folded = {label.casefold(): label for label in labels}
+    match = difflib.get_close_matches(name.casefold(), list(folded), n=1, cutoff=NEAR_DUPLICATE_RATIO)
+    return folded[match[0]] if match else None
+
+
 def clicked_class(logits: torch.Tensor, prompt: SlicePrompt, size: int) -> int:
     """The foreground class (1..K-1) a prompt points at, from class logits (1, K, g, g): the most probable at the
     first foreground point, else over the box; a prompt of background points alone names none."""
@@ -239,8 +253,10 @@ def float_encoding(encode: Callable, precision: str, device, threads: int) -> Ca
 class SliceInteraction(SamSliceInfer):
     """``<model>_interactive``: clicks and an optional box on a volume -> the clicked structure's binary mask on the
     volume's own grid (1 inside). Request: ``foreground``/``background`` [[i, j, k], ...] and ``roi`` [i0, i1, j0,
-    j1, k0, k1] in voxel indices of the volume as stored; ``label``, the segment's name (3D Slicer), must be one of
-    the model's labels when given. The result names the segment (``label_names``) and the slices it covers.
+    j1, k0, k1] in voxel indices of the volume as stored; ``label``, the segment's name (3D Slicer): one of the
+    model's labels selects its class; a name outside them is a new structure, segmented by SAM's own object
+    decoding (a near-duplicate of a label, such as "Grey Matter", is refused with that label's name). The result
+    names the segment (``label_names``), the slices it covers and the path that answered (``prompt_path``).
 
     Args:
         model: the served SAM model; its resident network, adapter and labels are the segmentation task's.
@@ -266,9 +282,13 @@ class SliceInteraction(SamSliceInfer):
 
     def run_inferer(self, data: dict[str, Any], convert_to_batch=True, device="cuda"):
         label = data.get("label")
-        if label is not None and label not in self.model.labels:
+        new_structure = label is not None and label not in self.model.labels
+        near = new_structure and near_duplicate(label, self.model.labels)
+        if near:
             raise HTTPException(
-                status_code=422, detail=f"unknown label {label!r} for {self.model.name}; valid: {', '.join(self.model.labels)}"
+                status_code=422,
+                detail=f"label {label!r} is not one of {self.model.name}'s labels but close to {near!r}: send {near!r}, "
+                f"or a name unlike the model's labels ({', '.join(self.model.labels)}) for a new structure",
             )
         image = data["image"]
         try:
@@ -279,9 +299,9 @@ class SliceInteraction(SamSliceInfer):
             raise HTTPException(status_code=422, detail="send foreground or background points ([[i, j, k], ...]) or an roi to segment")
         cached = self._get_network(device, data)
         network, encode = (cached.network, cached.encode) if isinstance(cached, CachedEncoding) else (cached, cached.encode)
-        # Before a pretrained model's first adapter only its object decoding knows anything; `tiny` is random either way
-        # and keeps the class path, whose click regions are kept in the answer.
-        by_class = not self.model.pretrained or data["adapter_version"] > 0
+        # A structure outside the label set, and anything before a pretrained model's first adapter, is answered by
+        # SAM's own object decoding; `tiny` is random either way and keeps the class path for its labels.
+        by_class = not new_structure and (not self.model.pretrained or data["adapter_version"] > 0)
         boxed = sorted(k for k, p in prompted.items() if p["box"] is not None)
         bounds = (min(boxed[0], min(prompted)), max(boxed[-1], max(prompted))) if data.get("roi") else None
         volume = image.as_tensor().to(device)
@@ -310,8 +330,10 @@ class SliceInteraction(SamSliceInfer):
     def __call__(self, request, callbacks=None):
         result_file, result_json = super().__call__(request, callbacks)
         names = {i: n for n, i in self.model.labels.items()}
-        # MONAI Label sets the model's labels; the answer is one segment: its class, or the object the prompts chose
-        result_json["label_names"] = {names.get(result_json["target_class"], "object"): 1}
+        # MONAI Label sets the model's labels; the answer is one segment: its class, the new structure the client
+        # named, or the object the prompts chose
+        name = names.get(result_json["target_class"]) or request.get("label") or "object"
+        result_json["label_names"] = {name: 1}
         return result_file, result_json
 
     def writer(self, data: dict[str, Any], extension=None, dtype=None):

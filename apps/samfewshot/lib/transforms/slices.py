@@ -120,7 +120,7 @@ class InteractionPromptsd(MapTransform):
     indices of the volume as stored, kept with the saved label) -> the same on the model's volume: a list of
     (class, {slice: SlicePrompt}), the class 0 when the client named none. Deterministic, so it runs before a
     dataset's cache, where the volume still carries its geometry; interactions that do not fit this volume (a
-    refused request's) are left out."""
+    refused request's) or name a structure outside the model's labels (answered by the object path) are left out."""
 
     def __init__(self, model_labels: Mapping[str, int]):
         super().__init__(keys=["image"])
@@ -132,6 +132,8 @@ class InteractionPromptsd(MapTransform):
         d = dict(data)
         converted = []
         for interaction in d.pop("interactions", None) or []:
+            if interaction.get("label") is not None and interaction["label"] not in self.model_labels:
+                continue
             try:
                 prompted = slice_prompts(d["image"], interaction)
             except (ValueError, KeyError, TypeError):
