@@ -298,6 +298,8 @@ def test_infer_stores_a_per_voxel_uncertainty_map(make_app, studies, tmp_path):
     plain = app.infer({"model": "hf_sam", "image": small})
     assert "uncertainty" not in plain["params"]
     assert "uncertainty" not in datastore.get_labels_by_image_id(small)
+    declined = app.infer({"model": "hf_sam", "image": small, "uncertainty": False})  # once a 500: the flag read as a map
+    assert "uncertainty" not in declined["params"] and "uncertainty" not in datastore.get_labels_by_image_id(small)
     with_map = app.infer({"model": "hf_sam", "image": small, "uncertainty": True})
     assert with_map["params"]["uncertainty"]["tag"] == "uncertainty"
     assert "uncertainty" in datastore.get_labels_by_image_id(small)
@@ -327,3 +329,11 @@ def test_infer_stores_a_per_voxel_uncertainty_map(make_app, studies, tmp_path):
     assert "brain_003" in datastore.get_unlabeled_images()
     seg = np.asarray(nib.load(result["label"]).dataobj)
     assert seg.shape == image.shape and set(np.unique(seg)) <= {0, 1, 2}
+
+
+def test_a_string_seed_drives_the_noised_pick_repeatably(make_app):
+    """ClaSP PE's generator takes only non-negative integers; a string seed (allowed) stands for one."""
+    app = make_app(handout_timeout="0")
+    _set_scores(app, per_class={i: {"white matter": 0.5, "grey matter": 0.5} for i in UNLABELLED})
+    picks = [app.next_sample({"strategy": "clasp_pe", "seed": "annotator-7"})["id"] for _ in range(2)]
+    assert picks[0] == picks[1] and picks[0] in UNLABELLED

@@ -87,3 +87,17 @@ def test_enabled_groups_are_checked_like_the_rest(client):
     assert client.post("/batch/infer/nosuch", json={}).status_code == 404
     response = client.get("/session/nosuch")  # sessions are not among the groups named
     assert response.status_code == 404 and "name 'sessions' in --conf endpoints" in response.text
+
+
+def test_options_run_as_the_types_they_were_checked_as(client):
+    """Numeric and boolean strings pass the checks; the run gets the numbers and booleans (a train request with
+    "max_epochs": "1" once answered 200 and then failed in the run). A seed a generator cannot take is refused."""
+    options = {"max_epochs": "1", "train_batch_size": "1", "val_split": "0", "multi_gpu": "false", "lr": "0.001"}
+    stats = client.post("/train/hf_sam?run_sync=true", json=options)
+    assert stats.status_code == 200 and stats.json()["epoch"] == 1, stats.text
+    refused = client.post("/train/hf_sam", json={"max_epochs": "one", "lr": "-1"})
+    assert refused.status_code == 422 and "max_epochs must be a positive integer" in refused.text and "lr must be" in refused.text
+    for seed in ("abc", 7):
+        assert client.post("/activelearning/random", json={"seed": seed}).status_code == 200
+    refused = client.post("/activelearning/clasp_pe", json={"seed": -1})
+    assert refused.status_code == 422 and "seed must be a non-negative integer or a string" in refused.text

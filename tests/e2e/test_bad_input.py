@@ -447,7 +447,7 @@ CASES = [
         "POST /activelearning/{strategy}",
         "/activelearning/random",
         422,
-        "seed must be an integer or a string",
+        "seed must be a non-negative integer or a string",
         body={"seed": {"a": 1}},
     ),
     Case("al-big", "POST /activelearning/{strategy}", "/activelearning/random", 422, "at most 16384", body={"client_id": "x" * 20_000}),

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from starlette.routing import BaseRoute, Mount
 from starlette.routing import Route as StarletteRoute
 
 from lib import handlers, monailabel_compat
+from lib.activelearning import strategies
 from lib.datastore import image_exists, label_exists
 from lib.validation import (
     COMMON_OPTIONS,
@@ -41,6 +43,8 @@ from lib.validation import (
     SERVER_TRAIN_KEYS,
     InvalidInput,
     NotFound,
+    Option,
+    accepted,
     check_checksum,
     check_choice,
     check_filename,
@@ -129,8 +133,9 @@ def check_infer(args: Args) -> None:
         _session(args["session_id"])
     else:
         _datastore_image(args.get("image"))
-    params = parse_json_object(args.get("params"), "params")
-    check_infer_params(params, args.get("image"), args["model"])
+    params = check_infer_params(parse_json_object(args.get("params"), "params"), args.get("image"), args["model"])
+    if args.get("params"):
+        args["params"] = json.dumps(params)  # what MONAI Label's endpoint parses: the values as checked
     if args.get("output") == "dicom_seg":
         if args.get("file") or args.get("session_id"):
             raise InvalidInput("output=dicom_seg references a series of the PACS: name it with image=<series UID>, send no file or session")
@@ -209,7 +214,7 @@ def check_train(args: Args) -> None:
     check_choice(args["model"], monailabel_compat.trainers(_app()), "model")
     options = check_options(args.get("params"), "train options")
     check_same(options, "model", args["model"], "train options")
-    check_train_options(options)
+    args["params"] = check_train_options(options)
 
 
 def check_train_all(args: Args) -> None:
@@ -218,24 +223,24 @@ def check_train_all(args: Args) -> None:
     options = check_options(args.get("params"), "train options")
     if "model" in options:
         raise InvalidInput("name a model in the URL (POST /train/{model}) or as a key of the options, not as 'model'")
-    check_train_options({k: v for k, v in options.items() if k not in trainers})
+    parsed = check_train_options({k: v for k, v in options.items() if k not in trainers})
     for model in trainers:
         if model in options:
-            check_options(options[model], f"train options of {model}")
-            check_train_options(options[model])
+            parsed[model] = check_train_options(check_options(options[model], f"train options of {model}"))
+    args["params"] = parsed
 
 
 def check_strategy(args: Args) -> None:
     check_choice(args["strategy"], monailabel_compat.strategies(_app()), "strategy")
     options = check_options(args.get("params"), "active learning options")
     check_same(options, "strategy", args["strategy"], "active learning options")
-    check_keys(options, STRATEGY_OPTIONS, (), "active learning options")
+    args["params"] = check_keys(options, STRATEGY_OPTIONS, (), "active learning options")
 
 
 STRATEGY_OPTIONS = {
     **COMMON_OPTIONS,
-    "model": ("a model name", lambda v: isinstance(v, str) and 0 < len(v) <= 128),
-    "seed": ("an integer or a string", lambda v: isinstance(v, (int, str)) and not isinstance(v, bool) and len(str(v)) <= 128),
+    "model": accepted("a model name", lambda v: isinstance(v, str) and 0 < len(v) <= 128),
+    "seed": Option(strategies.SEED_WHAT, strategies.parse_seed),
 }
 
 
@@ -280,7 +285,8 @@ def check_batch(args: Args) -> None:
         raise InvalidInput("batch infer may not store its predictions as final labels; use label_tag 'original' or another tag")
     if "image" in options:
         raise InvalidInput("batch infer segments the datastore's images ('images': all, labeled or unlabeled), not one 'image'")
-    check_infer_params(options, None, args["model"], [k for k in SERVER_INFER_KEYS if k not in ("save_label", "label_tag")])
+    server_keys = [k for k in SERVER_INFER_KEYS if k not in ("save_label", "label_tag")]
+    args["params"] = check_infer_params(options, None, args["model"], server_keys)
 
 
 def check_logs(args: Args) -> None:

@@ -204,10 +204,6 @@ def _integer(value: Any) -> int | None:
     return int(number) if number is not None and number.is_integer() else None
 
 
-def _boolean(value: Any) -> bool:
-    return isinstance(value, bool) or value in (0, 1) or (isinstance(value, str) and value.lower() in BOOLEAN_WORDS)
-
-
 def _points(value: Any, length: int | None = None) -> bool:
     """A list of [i, j, k] finite numbers (``length`` None), or one list of ``length`` finite numbers."""
     if length is not None:
@@ -226,47 +222,105 @@ def _device(value: Any) -> bool:
     return isinstance(value, str) and re.fullmatch(r"cpu|cuda(:\d{1,2})?", value) is not None
 
 
-def _one_of(*choices: Any) -> tuple[str, Callable[[Any], bool]]:
-    return f"one of {', '.join(map(str, choices))}", lambda v: v in choices
+@dataclass(frozen=True)
+class Option:
+    """A request option: what it must be (a refusal names it) and ``parse``, which returns the value as the task
+    reads it (``"1"`` -> 1 for an integer) or raises ``ValueError``. The route hands the parsed value on, so what
+    was checked is what runs."""
+
+    what: str
+    parse: Callable[[Any], Any]
+
+
+def accepted(what: str, ok: Callable[[Any], bool]) -> Option:
+    """An option kept as sent where ``ok`` holds."""
+
+    def parse(value: Any) -> Any:
+        if not ok(value):
+            raise ValueError(what)
+        return value
+
+    return Option(what, parse)
+
+
+def integer(what: str, low: int | None = None, high: int | None = None) -> Option:
+    """An integer (a JSON number or a numeric string, no fraction) in [low, high]."""
+
+    def parse(value: Any) -> int:
+        parsed = _integer(value)
+        if parsed is None or (low is not None and parsed < low) or (high is not None and parsed > high):
+            raise ValueError(what)
+        return parsed
+
+    return Option(what, parse)
+
+
+def number(what: str, ok: Callable[[float], bool]) -> Option:
+    """A finite number (or a numeric string) where ``ok`` holds."""
+
+    def parse(value: Any) -> float:
+        parsed = _number(value)
+        if parsed is None or not ok(parsed):
+            raise ValueError(what)
+        return parsed
+
+    return Option(what, parse)
+
+
+def one_of(*choices: Any) -> Option:
+    return accepted(f"one of {', '.join(map(str, choices))}", lambda v: v in choices)
+
+
+def _boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if value in (0, 1) or (isinstance(value, str) and value.lower() in BOOLEAN_WORDS):
+        return str(value).lower() in TRUE_WORDS
+    raise ValueError("true or false")
 
 
 BOOLEAN_WORDS = ("true", "false", "1", "0", "yes", "no", "y", "n", "t", "f", "on", "off")
+TRUE_WORDS = ("true", "1", "yes", "y", "t", "on")
+BOOLEAN = Option("true or false", _boolean)
 MAX_PROMPT_POINTS = 1000
 RESULT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".seg.nrrd")
 RESULT_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "float32")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-Options = dict[str, tuple[str, Callable[[Any], bool]]]
+Options = dict[str, Option]
+NAME = f"a name of at most {MAX_NAME_BYTES} bytes"
 
 # Options of every task request: where it runs and how much it logs.
 COMMON_OPTIONS: Options = {
-    "device": ("'cpu', 'cuda' or 'cuda:N'", _device),
-    "logging": (f"one of {', '.join(LOG_LEVELS)}", lambda v: isinstance(v, str) and v.upper() in LOG_LEVELS),
-    "client_id": (f"a name of at most {MAX_NAME_BYTES} bytes", lambda v: v is None or _name(v)),  # MONAILabelClient sends None
+    "device": accepted("'cpu', 'cuda' or 'cuda:N'", _device),
+    "logging": accepted(f"one of {', '.join(LOG_LEVELS)}", lambda v: isinstance(v, str) and v.upper() in LOG_LEVELS),
+    "client_id": accepted(NAME, lambda v: v is None or _name(v)),  # MONAILabelClient sends None
 }
 # Training options a client may set (3D Slicer echoes the trainer's config) and what they must be.
 TRAIN_OPTIONS: Options = {
     **COMMON_OPTIONS,
-    "max_epochs": ("a positive integer", lambda v: (_integer(v) or 0) >= 1),
-    "train_batch_size": ("a positive integer", lambda v: (_integer(v) or 0) >= 1),
-    "val_batch_size": ("a positive integer", lambda v: (_integer(v) or 0) >= 1),
-    "early_stop_patience": ("an integer", lambda v: _integer(v) is not None),
-    "lr": ("a positive number", lambda v: (_number(v) or 0) > 0),
-    "val_split": ("a number in [0, 1)", lambda v: _number(v) is not None and 0 <= _number(v) < 1),
-    "multi_gpu": ("true or false", _boolean),
-    "pretrained": ("true or false", _boolean),
-    "gpus": (
-        "'all' or GPU indices such as '0,1'",
-        lambda v: isinstance(v, str) and re.fullmatch(r"all|\d{1,2}(,\d{1,2}){0,15}", v) is not None,
+    "max_epochs": integer("a positive integer", low=1),
+    "train_batch_size": integer("a positive integer", low=1),
+    "val_batch_size": integer("a positive integer", low=1),
+    "early_stop_patience": integer("an integer"),
+    "lr": number("a positive number", lambda v: v > 0),
+    "val_split": number("a number in [0, 1)", lambda v: 0 <= v < 1),
+    "multi_gpu": BOOLEAN,
+    "pretrained": BOOLEAN,
+    "gpus": accepted(
+        "'all' or GPU indices such as '0,1'", lambda v: isinstance(v, str) and re.fullmatch(r"all|\d{1,2}(,\d{1,2}){0,15}", v) is not None
     ),
-    "name": ("a plain name (no '/', '\\' or leading '.')", lambda v: _name(v) and "/" not in v and "\\" not in v and not v.startswith(".")),
-    "dataset": _one_of("SmartCacheDataset", "CacheDataset", "PersistentDataset", "Dataset"),
-    "dataloader": _one_of("ThreadDataLoader", "DataLoader"),
-    "tracking": _one_of("None", "mlflow", "", None),
-    "tracking_uri": ("empty: the server keeps a run's tracking inside its model folder", lambda v: v in ("", None)),
-    "tracking_experiment_name": (f"a name of at most {MAX_NAME_BYTES} bytes", lambda v: v == "" or _name(v)),
-    "tracking_run_name": (f"a name of at most {MAX_NAME_BYTES} bytes", lambda v: v == "" or _name(v)),
-    "interactive_share": ("a number in [0, 1]", lambda v: _number(v) is not None and 0 <= _number(v) <= 1),
+    "name": accepted(
+        "a plain name (no '/', '\\' or leading '.')", lambda v: _name(v) and "/" not in v and "\\" not in v and not v.startswith(".")
+    ),
+    "dataset": one_of("SmartCacheDataset", "CacheDataset", "PersistentDataset", "Dataset"),
+    "dataloader": one_of("ThreadDataLoader", "DataLoader"),
+    "tracking": one_of("None", "mlflow", "", None),
+    "tracking_uri": accepted("empty: the server keeps a run's tracking inside its model folder", lambda v: v in ("", None)),
+    "tracking_experiment_name": accepted(NAME, lambda v: v == "" or _name(v)),
+    "tracking_run_name": accepted(NAME, lambda v: v == "" or _name(v)),
+    "interactive_share": number("a number in [0, 1]", lambda v: 0 <= v <= 1),
 }
+
 # Keys MONAI Label's trainer reads as server-side settings: a datalist file to train on, the process group's
 # rendezvous (a file:// URL is a path), the run's folder, code to import.
 SERVER_TRAIN_KEYS = ("train_ds", "val_ds", "distributed_url", "distributed_backend", "bundle_path", "run_id", "local_rank")
@@ -292,41 +346,52 @@ SERVER_INFER_KEYS = (
 # keys pass: clients echo a model's config and OHIF names segments as keys of point lists.
 INFER_PARAMS: Options = {
     **COMMON_OPTIONS,
-    "result_extension": _one_of(*RESULT_EXTENSIONS),
-    "result_dtype": _one_of(*RESULT_DTYPES),
-    "result_compress": ("true or false", _boolean),
-    "uncertainty": ("true or false", _boolean),
-    "foreground": (f"a list of at most {MAX_PROMPT_POINTS} [i, j, k] voxel indices", _points),
-    "background": (f"a list of at most {MAX_PROMPT_POINTS} [i, j, k] voxel indices", _points),
-    "roi": ("[i0, i1, j0, j1, k0, k1] voxel indices or []", lambda v: v == [] or _points(v, 6)),
-    "batch_size": ("an integer in 1..256", lambda v: 1 <= (_integer(v) or 0) <= 256),
-    "slice": ("a non-negative integer", lambda v: _integer(v) is not None and _integer(v) >= 0),
-    "label": (f"a segment name of at most {MAX_NAME_BYTES} bytes", _name),
+    "result_extension": one_of(*RESULT_EXTENSIONS),
+    "result_dtype": one_of(*RESULT_DTYPES),
+    "result_compress": BOOLEAN,
+    "uncertainty": BOOLEAN,
+    "foreground": accepted(f"a list of at most {MAX_PROMPT_POINTS} [i, j, k] voxel indices", _points),
+    "background": accepted(f"a list of at most {MAX_PROMPT_POINTS} [i, j, k] voxel indices", _points),
+    "roi": accepted("[i0, i1, j0, j1, k0, k1] voxel indices or []", lambda v: v == [] or _points(v, 6)),
+    "batch_size": integer("an integer in 1..256", low=1, high=256),
+    "slice": integer("a non-negative integer", low=0),
+    "label": accepted(f"a segment name of at most {MAX_NAME_BYTES} bytes", _name),
 }
 
 
-def check_keys(options: Mapping[str, Any], table: Options, server_keys: Collection[str], what: str) -> None:
-    """``options`` may not hold ``server_keys``; those in ``table`` must pass its check; others pass."""
+def check_keys(options: Mapping[str, Any], table: Options, server_keys: Collection[str], what: str) -> dict[str, Any]:
+    """``options`` may not hold ``server_keys``; those in ``table`` must parse and are returned parsed; the others
+    pass as sent."""
     server = sorted(k for k in options if k in server_keys)
     if server:
         raise InvalidInput(f"{what} may not set {', '.join(server)}: the server decides where it reads and writes")
-    wrong = [f"{k} must be {what_}, got {_short(options[k])}" for k, (what_, ok) in table.items() if k in options and not ok(options[k])]
+    parsed, wrong = dict(options), []
+    for key, option in table.items():
+        if key in options:
+            try:
+                parsed[key] = option.parse(options[key])
+            except (ValueError, TypeError):
+                wrong.append(f"{key} must be {option.what}, got {_short(options[key])}")
     if wrong:
         raise InvalidInput("; ".join(wrong))
+    return parsed
 
 
-def check_train_options(options: Mapping[str, Any]) -> None:
-    check_keys(options, TRAIN_OPTIONS, SERVER_TRAIN_KEYS, "train options")
+def check_train_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    return check_keys(options, TRAIN_OPTIONS, SERVER_TRAIN_KEYS, "train options")
 
 
-def check_infer_params(params: Mapping[str, Any], image: str, model: str, server_keys: Collection[str] = SERVER_INFER_KEYS) -> None:
+def check_infer_params(
+    params: Mapping[str, Any], image: str, model: str, server_keys: Collection[str] = SERVER_INFER_KEYS
+) -> dict[str, Any]:
     """An infer request's ``params`` (already a bounded JSON object): the image and model the URL names stay the
-    ones segmented, server-side keys are refused, and the keys clients send have sensible values."""
+    ones segmented, server-side keys are refused, and the keys clients send have sensible values; returned parsed."""
     check_same(params, "image", image, "infer params")
     check_same(params, "model", model, "infer params")
-    check_keys(params, INFER_PARAMS, server_keys, "infer params")
+    parsed = check_keys(params, INFER_PARAMS, server_keys, "infer params")
     if "label_info" in params:
         check_label_info(params["label_info"])
+    return parsed
 
 
 _CHECKSUM = {"SHA256": 64, "SHA512": 128, "MD5": 32}

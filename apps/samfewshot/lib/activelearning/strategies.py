@@ -17,12 +17,32 @@ import logging
 import random
 import threading
 import time
+import zlib
 
 import numpy as np
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.strategy import Strategy
 
 logger = logging.getLogger(__name__)
+
+
+SEED_WHAT = "a non-negative integer or a string of at most 128 characters"
+
+
+def parse_seed(value: object) -> int | None:
+    """A request's ``seed`` as every generator here takes it: a non-negative integer, a string by its CRC-32, or None
+    (unseeded); ``ValueError`` for anything else (the route refuses it with ``SEED_WHAT``)."""
+    if value is None:
+        return None
+    if isinstance(value, str) and 0 < len(value) <= 128:
+        return zlib.crc32(value.encode())
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63:
+        return value
+    raise ValueError(SEED_WHAT)
+
+
+def request_seed(request: dict) -> int | None:
+    return parse_seed(request.get("seed"))
 
 
 class Handouts:
@@ -72,7 +92,7 @@ class ExclusiveStrategy(Strategy):
     def fallback(self, candidates: list[str], request: dict, missing: str) -> str:
         """Random pick (seeded by the request's ``seed``) while the scores a strategy needs are missing."""
         logger.warning(f"{self.__class__.__name__}: no {missing} scores yet (run /scoring/{missing}); random pick")
-        return random.Random(request.get("seed")).choice(candidates)
+        return random.Random(request_seed(request)).choice(candidates)
 
     def model_name(self, request: dict) -> str | None:
         return request.get("model") or self.default_model
@@ -101,7 +121,7 @@ class RandomChoice(ExclusiveStrategy):
         super().__init__("Random unlabelled volume", handouts, **kwargs)
 
     def select(self, candidates, covered, request, datastore):
-        return random.Random(request.get("seed")).choice(candidates)
+        return random.Random(request_seed(request)).choice(candidates)
 
 
 class Uncertainty(ExclusiveStrategy):
@@ -175,7 +195,7 @@ class ClaspPE(ExclusiveStrategy):
         classes = sorted({c for scores in per_class.values() for c in scores})
         target = classes[len(covered) % len(classes)]
         labelled = len(datastore.get_labeled_images())
-        rng = np.random.default_rng(request.get("seed"))
+        rng = np.random.default_rng(request_seed(request))
         score = np.asarray([per_class[i].get(target) or 0.0 for i in pool])
         keys = np.log(np.maximum(score, 1e-12)) + rng.gumbel(size=len(pool)) / (1.0 + labelled)
         logger.info(f"ClaSP PE: target class '{target}', noise scale 1/{1 + labelled}")

@@ -165,7 +165,8 @@ class SliceSegmentation(SamSliceInfer):
             raise HTTPException(status_code=409, detail=untrained_message(self.model.name))
         with autocast(self.precision, device):
             data = self._segment_content(data, convert_to_batch, device)
-            if strtobool(data.get("uncertainty", False)):
+            # The request's flag gives way to the map itself (or to nothing): later steps look for the map.
+            if strtobool(data.pop("uncertainty", False)):
                 data["uncertainty"] = self._uncertainty_map(data, device)
         data["pred"] = data["pred"].float()
         if data.get("uncertainty") is not None:
