@@ -158,3 +158,33 @@ def test_prompts_are_kept_with_the_final_label_replayed_and_removed_with_it(clie
 
     assert client.delete("/datastore/label?id=brain_002&tag=final").status_code == 200
     assert client.get("/datastore/label/info?label=brain_002&tag=final").status_code == 404
+
+
+def test_malformed_stored_prompts_are_refused_at_the_door_and_never_fail_a_run(client, sample_data):
+    """Prompts a client sends as label metadata are checked before they are stored; metadata already stored
+    malformed (before this check) is left out of the run, named in its publication, and the run completes."""
+    from monailabel.datastore.local import LocalDatastore
+    from monailabel.interfaces.utils.app import app_instance
+
+    truth = (sample_data / "brain-mri-groundtruth" / "brain_002.nii.gz").read_bytes()
+    label_info = [{"name": n, "idx": i} for n, i in LABELS.items()]
+
+    def save(params: dict):
+        files = {"label": ("label.nii.gz", io.BytesIO(truth))}
+        return client.put("/datastore/label?image=brain_002&tag=final", files=files, data={"params": json.dumps(params)})
+
+    refused = save({"label_info": label_info, "interactions": "xyz"})
+    assert refused.status_code == 422 and "'interactions' must be a list of prompt objects, got str" in refused.text
+    assert client.head("/datastore/label?image=brain_002&tag=final").status_code == 404  # nothing stored
+    assert save({"label_info": label_info}).status_code == 200
+    bad_info = {"interactions": [{"label": ["white matter"], "foreground": [[1, 2, 3]]}]}
+    refused = client.put("/datastore/label/info?label=brain_002&tag=final", data={"info": json.dumps(bad_info)})
+    assert refused.status_code == 422 and "'interactions'[0] must be an object with a 'label'" in refused.text
+    assert "interactions" not in client.get("/datastore/label/info?label=brain_002&tag=final").json()
+
+    LocalDatastore.update_label_info(app_instance().datastore(), "brain_002", "final", {"interactions": "xyz"})  # planted
+    stats = client.post("/train/hf_sam?run_sync=true", json={"max_epochs": 1, "val_split": 0}).json()
+    assert stats["epoch"] == 1, stats
+    unusable = stats["publication"]["unusable_metadata"]
+    assert unusable == [{"id": "brain_002", "what": "interactions", "reason": unusable[0]["reason"]}]
+    assert "must be a list" in unusable[0]["reason"]

@@ -14,12 +14,14 @@ from typing import Any
 from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.datastore import Datastore
 
+from lib.interactions import INTERACTIONS_KEY, check_interactions
 from lib.validation import (
     STORED_SUFFIXES,
     InvalidInput,
     NotFound,
     check_image,
     check_label,
+    check_label_info,
     check_name,
     http_errors,
     stored_image_grid,
@@ -66,6 +68,7 @@ class CheckedDatastore(LocalDatastore):
             ids = label_tag not in MAP_TAGS
             info = (label_info or {}).get("label_info")
             check_label(label_filename, image, self.known_ids, info, ids=ids, name=f"{image_id} ({label_tag})")
+            check_label_metadata(label_info or {})
         return super().save_label(image_id, label_filename, label_tag, label_info)
 
     def remove_image(self, image_id: str) -> None:
@@ -82,7 +85,20 @@ class CheckedDatastore(LocalDatastore):
         with http_errors():
             if not self._datastore.label(label_id, label_tag):
                 raise NotFound(f"no label {label_id!r} with tag {label_tag!r} in the datastore")
+            check_label_metadata(info or {})
         return super().update_label_info(label_id, label_tag, info)
+
+
+def check_label_metadata(info: dict[str, Any]) -> None:
+    """What training reads from a label's info, checked before it is stored: ``label_info`` and the prompts
+    (``INTERACTIONS_KEY``); one malformed entry would otherwise fail every later training run."""
+    if "label_info" in info:
+        check_label_info(info["label_info"])
+    if INTERACTIONS_KEY in info:
+        try:
+            check_interactions(info[INTERACTIONS_KEY])
+        except ValueError as e:
+            raise InvalidInput(str(e)) from e
 
 
 def image_exists(datastore: Datastore, image_id: str) -> bool:

@@ -28,6 +28,25 @@ INTERACTIONS_KEY = "interactions"
 PROMPT_KEYS = ("foreground", "background", "roi")
 
 
+def check_interactions(value: Any) -> list[dict[str, Any]]:
+    """``value`` as a label's stored prompts (``INTERACTIONS_KEY``): a list of objects, each with a ``label`` (a
+    segment name or null) and no keys but ``PROMPT_KEYS``, whose values are lists; raises ``ValueError`` naming the
+    first problem. The points themselves are checked where they are used (``lib.transforms.prompts``)."""
+    if not isinstance(value, list):
+        raise ValueError(f"'{INTERACTIONS_KEY}' must be a list of prompt objects, got {type(value).__name__}")
+    for i, entry in enumerate(value):
+        where = f"'{INTERACTIONS_KEY}'[{i}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("label"), (str, type(None))):
+            raise ValueError(f"{where} must be an object with a 'label' (a segment name or null)")
+        extra = sorted(set(entry) - {"label", *PROMPT_KEYS})
+        if extra:
+            raise ValueError(f"{where} has keys {extra}; a stored prompt has only label, {', '.join(PROMPT_KEYS)}")
+        wrong = [k for k in PROMPT_KEYS if k in entry and not isinstance(entry[k], list)]
+        if wrong:
+            raise ValueError(f"{where}: {', '.join(wrong)} must be a list")
+    return value
+
+
 class InteractionLog:
     """Per volume, the latest prompts of each segment (``label``; None for a client that names none) of the last
     ``max_volumes`` volumes clicked on.

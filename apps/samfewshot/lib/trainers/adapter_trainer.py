@@ -42,7 +42,7 @@ from monailabel.utils.others.generic import strtobool
 
 from lib.adapters import AdapterError, keep_candidate, publish_adapter, published_version
 from lib.compute import autocast
-from lib.interactions import INTERACTIONS_KEY
+from lib.interactions import INTERACTIONS_KEY, check_interactions
 from lib.monailabel_compat import HookedEngines
 from lib.networks.lora import adapter_state_dict
 from lib.served_model import ServedModel
@@ -120,6 +120,7 @@ class AdapterTrainer(HookedEngines, BasicTrainTask):
         self.model = model
         self.recipe = recipe
         self.precision = precision
+        self.unusable: list[dict[str, str]] = []  # the run's stored label metadata it could not use, with the reason
         # The simulated prompts reach the network; the paper recipe's loss reads the decoder's own logits.
         self.prepare_batch = partial(prepare_prompted_batch, decoder_resolution=recipe.decoder_resolution)
         self.slices_per_volume = slices_per_volume
@@ -195,6 +196,7 @@ class AdapterTrainer(HookedEngines, BasicTrainTask):
         into its local cache; its own ``get_label_uri`` takes a SEG series id, the cache is keyed by image id.
         """
         final = DefaultLabelTag.FINAL
+        self.unusable = []
         if isinstance(datastore, DICOMWebDatastore):
             datastore.datalist()
             label_uri = partial(LocalDatastore.get_label_uri, datastore, label_tag=final)
@@ -208,7 +210,11 @@ class AdapterTrainer(HookedEngines, BasicTrainTask):
             if info.get("label_info"):
                 item["label_info"] = info["label_info"]
             if float(request.get("interactive_share", self.config()["interactive_share"])) and info.get(INTERACTIONS_KEY):
-                item["interactions"] = info[INTERACTIONS_KEY]  # replayed by training (lib.interactions)
+                try:  # replayed by training (lib.interactions); stored before the datastore checked them, perhaps
+                    item["interactions"] = check_interactions(info[INTERACTIONS_KEY])
+                except ValueError as e:
+                    logger.warning(f"{self.model.name}: the prompts stored with the label of {image_id} are not used: {e}")
+                    self.unusable.append({"id": image_id, "what": INTERACTIONS_KEY, "reason": str(e)})
             datalist.append(item)
         return datalist
 
@@ -372,7 +378,7 @@ class AdapterTrainer(HookedEngines, BasicTrainTask):
                 "processes": context.world_size if context.multi_gpu else 1,
                 "recipe": self.recipe.name,
             }
-            decision = self.sentinel_decision(context, info, served)
+            decision = {**self.sentinel_decision(context, info, served), "unusable_metadata": list(self.unusable)}
             if decision["served"]:
                 decision["version"] = publish_adapter(self.model.adapter_path, best["state"], self.model.adapter_config(), info)
                 logger.info(f"{self.model.name}: published adapter version {decision['version']}: {decision['reason']}")
