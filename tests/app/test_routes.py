@@ -3,6 +3,7 @@ when enabled and then checked like the rest, and installing the policy again cha
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -101,3 +102,41 @@ def test_options_run_as_the_types_they_were_checked_as(client):
         assert client.post("/activelearning/random", json={"seed": seed}).status_code == 200
     refused = client.post("/activelearning/clasp_pe", json={"seed": -1})
     assert refused.status_code == 422 and "seed must be a non-negative integer or a string" in refused.text
+
+
+def test_no_answer_names_a_server_path(client, app_dir, studies, sample_data):
+    """Every JSON answer a client can get, after a training run and a session: ids and names, never a path under the
+    datastore, the app (its model folder) or the temporary folder. Files (volumes, labels, adapters) are the routes'
+    content and are left out; the task lists (train, scoring, batch infer: 404 without an async task here) carry log
+    lines, checked below on their own."""
+    import json
+    import tempfile
+
+    assert client.post("/train/hf_sam?run_sync=true", json={"max_epochs": 1, "val_split": 0}).status_code == 200
+    volume = (studies / "brain_003.nii.gz").read_bytes()
+    session = client.put("/session/", files={"files": ("brain.nii.gz", volume)})
+    session_id = session.json()["session_id"]
+    answers = {
+        "PUT /session/": session,
+        "GET /session/{session_id}": client.get(f"/session/{session_id}"),
+        "GET /info/": client.get("/info/"),
+        "GET /model/info/{model}": client.get("/model/info/hf_sam"),
+        "POST /activelearning/{strategy}": client.post("/activelearning/random", json={}),
+        "GET /datastore/": client.get("/datastore/?output=all"),
+        "GET /datastore/image/info": client.get("/datastore/image/info?image=brain_003"),
+        "GET /datastore/label/info": client.get("/datastore/label/info?label=brain_000&tag=final"),
+        "POST /infer/{model}": client.post("/infer/hf_sam?image=brain_003&output=json"),
+    }
+    roots = {str(app_dir), str(studies), tempfile.gettempdir()}
+    roots |= {str(sample_data)} | {os.path.realpath(r) for r in roots}
+    for route, answer in answers.items():
+        assert answer.status_code == 200, (route, answer.text)
+        text = json.dumps(answer.json())
+        leaked = [r for r in roots if r in text]
+        assert not leaked, f"{route} names {leaked}: {text[:300]}"
+
+
+def test_a_task_log_line_names_files_relative_to_their_folder():
+    roots = ("/srv/app", "/srv/app/model", "/data/studies")
+    details = {"details": ["split /srv/app/model/hf_sam_split.json: 2 / 1"], "path": "/data/studies/a.nii.gz", "id": "a"}
+    assert routes.without_server_paths(details, roots) == {"details": ["split hf_sam_split.json: 2 / 1"], "id": "a"}

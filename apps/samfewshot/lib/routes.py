@@ -25,6 +25,8 @@ import asyncio
 import inspect
 import json
 import logging
+import os
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -478,7 +480,8 @@ def _guarded(policy: Route, endpoint: Callable[..., Any]) -> Callable[..., Any]:
             try:
                 with http_errors():
                     result = target(**arguments)
-                    return asyncio.run(result) if inspect.iscoroutine(result) else result
+                    result = asyncio.run(result) if inspect.iscoroutine(result) else result
+                    return without_server_paths(result, _server_roots()) if isinstance(result, (dict, list)) else result
             except BaseException:
                 _clean_up(arguments)
                 raise
@@ -487,6 +490,32 @@ def _guarded(policy: Route, endpoint: Callable[..., Any]) -> Callable[..., Any]:
     run.__signature__ = signature
     run.__name__, run.__doc__ = endpoint.__name__, endpoint.__doc__
     return run
+
+
+def without_server_paths(value: Any, roots: tuple[str, ...]) -> Any:
+    """``value`` (an endpoint's JSON answer) without the entries that hold a path under one of ``roots`` (the
+    datastore, the app and its model folder, the temporary folder), and with such paths inside texts made relative:
+    a client names volumes, labels and sessions by id. 3D Slicer reads an image's ``path`` only to load a file it can
+    see itself, and downloads it otherwise."""
+    if isinstance(value, dict):
+        return {k: without_server_paths(v, roots) for k, v in value.items() if not _server_path(v, roots)}
+    if isinstance(value, list):
+        return [without_server_paths(v, roots) for v in value if not _server_path(v, roots)]
+    if isinstance(value, str):  # a path inside a text (a task's log line) becomes relative to its root
+        for root in sorted(roots, key=len, reverse=True):
+            value = value.replace(root + os.sep, "")
+    return value
+
+
+def _server_path(value: Any, roots: tuple[str, ...]) -> bool:
+    return isinstance(value, str) and os.path.isabs(value) and any(value == r or value.startswith(r + os.sep) for r in roots)
+
+
+def _server_roots() -> tuple[str, ...]:
+    app = _app()
+    folders = [getattr(app, "studies", ""), getattr(app, "app_dir", ""), getattr(app, "model_dir", ""), tempfile.gettempdir()]
+    found = {os.path.abspath(f) for f in folders if f and "://" not in f}
+    return tuple(found | {os.path.realpath(f) for f in found})
 
 
 def _clean_up(arguments: Mapping[str, Any]) -> None:
