@@ -188,3 +188,13 @@ def test_malformed_stored_prompts_are_refused_at_the_door_and_never_fail_a_run(c
     unusable = stats["publication"]["unusable_metadata"]
     assert unusable == [{"id": "brain_002", "what": "interactions", "reason": unusable[0]["reason"]}]
     assert "must be a list" in unusable[0]["reason"]
+
+
+def test_background_points_with_a_learned_class_take_regions_away(client, tmp_path):
+    """What the README says of background points alone: with a class's name on the class path (the tiny model
+    answers by class from the start) they are a correction; without a name they say nothing (422, above)."""
+    params = {"label": "grey matter", "background": [[60, 70, 62]], **SLICER_FORMAT}
+    response = infer(client, "hf_sam_interactive", "brain_003", params)
+    assert response.status_code == 200, response.text
+    result, label = multipart(response)
+    assert result["prompt_path"] == "class" and nrrd_of(label, tmp_path)[60, 70, 62] == 0
