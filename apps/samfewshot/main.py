@@ -84,9 +84,9 @@ class SamFewShotApp(AppFixes, MONAILabelApp):
 
     def init_datastore(self) -> Datastore:
         """A local datastore checks every upload (lib/datastore.py); labels without label_info may hold the
-        segmentation models' ids, or any id when an instance model (FGNet) is served."""
+        segmentation models' ids, or any id when an instance model (FGNet) is served. A PACS gets timeouts."""
         if self.studies.startswith(("http://", "https://")):
-            return super().init_datastore()
+            return monailabel_compat.with_pacs_timeouts(super().init_datastore())
         instances = any(not config.model.labels for config in self.models.values())
         known_ids = None if instances else {i for config in self.models.values() for i in config.model.labels.values()}
         return CheckedDatastore(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 
 import pytest
 from fastapi.routing import APIRoute
@@ -140,3 +141,71 @@ def test_a_task_log_line_names_files_relative_to_their_folder():
     roots = ("/srv/app", "/srv/app/model", "/data/studies")
     details = {"details": ["split /srv/app/model/hf_sam_split.json: 2 / 1"], "path": "/data/studies/a.nii.gz", "id": "a"}
     assert routes.without_server_paths(details, roots) == {"details": ["split hf_sam_split.json: 2 / 1"], "id": "a"}
+
+
+def test_a_pacs_that_never_answers_stalls_no_other_client(app_dir, monkeypatch):
+    """A server on a PACS that accepts connections and never answers: the DICOMweb proxy waits in a worker thread,
+    so the event loop answers meanwhile, and every request that needs the PACS (the proxy, /info/ through the
+    datastore) ends with a 504 naming it after ``PACS_TIMEOUT_S`` instead of hanging."""
+    import socket
+    import threading
+
+    from fastapi.testclient import TestClient
+    from monailabel.config import settings
+    from monailabel.interfaces.utils.app import clear_cache
+
+    from lib import monailabel_compat
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    held, silent = [], threading.Event()
+
+    def pacs_that_falls_silent():
+        """An empty PACS while the server starts, then one that accepts and never answers."""
+        while True:
+            try:
+                connection = listener.accept()[0]
+            except OSError:
+                return
+            if silent.is_set():
+                held.append(connection)
+                continue
+            connection.recv(65536)
+            connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/dicom+json\r\nContent-Length: 2\r\n\r\n[]")
+            connection.close()
+
+    threading.Thread(target=pacs_that_falls_silent, daemon=True).start()
+    pacs = f"http://127.0.0.1:{listener.getsockname()[1]}/dicom-web"
+    monkeypatch.setattr(monailabel_compat, "PACS_TIMEOUT_S", (2.0, 2.0))
+    monkeypatch.setattr(settings, "MONAI_LABEL_APP_DIR", str(app_dir))
+    monkeypatch.setattr(settings, "MONAI_LABEL_STUDIES", pacs)
+    monkeypatch.setattr(settings, "MONAI_LABEL_APP_CONF", {"models": "hf_sam", "backbone": "tiny", "auto_scoring": "false"})
+    clear_cache()
+    from monailabel.app import app
+
+    answers = {}
+    try:
+        with TestClient(app) as client:
+            assert client.get("/info/").status_code == 200  # started on the empty PACS
+            silent.set()
+            waiting = threading.Thread(target=lambda: answers.update(proxy=client.get("/proxy/dicom/qido/studies")))
+            waiting.start()
+            deadline = time.monotonic() + 60
+            while not held and waiting.is_alive():  # until the PACS has the proxied request
+                assert time.monotonic() < deadline, "the proxy never reached the PACS"
+                time.sleep(0.05)
+            assert held, f"the proxy answered without asking the PACS: {answers['proxy'].status_code} {answers['proxy'].text}"
+            schema = client.get("/openapi.json")
+            answered_while_waiting = waiting.is_alive()
+            waiting.join(120)
+            monailabel_compat.clear_dicomweb_lists()  # /info/ must ask the PACS for its series again
+            info = client.get("/info/")
+    finally:
+        clear_cache()
+        listener.close()
+        for connection in held:
+            connection.close()
+    assert schema.status_code == 200 and answered_while_waiting
+    for answer in (answers["proxy"], info):
+        assert answer.status_code == 504 and f"the PACS at {pacs} did not answer in time" in answer.text, answer.text

@@ -18,12 +18,15 @@ What MONAI Label does instead, and so why each exists:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import pathlib
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 import requests
@@ -228,18 +231,32 @@ def check_dicomweb_path(path: str) -> None:
 
 
 def proxy(op: str):
-    """``/proxy/dicom/{op}/{path}``: MONAI Label's forwarding to the PACS, answering 502 when the PACS does not."""
+    """``/proxy/dicom/{op}/{path}``: MONAI Label's forwarding to the PACS, in a worker thread (its calls block) with
+    the timeouts of ``monailabel_compat.PACS_TIMEOUT_S``: 504 when the PACS does not answer in time, 502 when it
+    cannot be reached. The event loop, and so every other client, goes on meanwhile."""
 
     async def forward(request, path: str, user=None):
-        from monailabel.config import settings
         from monailabel.endpoints.proxy import proxy_dicom
 
-        try:
-            return await proxy_dicom(request, op, path)
-        except requests.RequestException as e:
-            raise HTTPException(status_code=502, detail=f"the PACS at {settings.MONAI_LABEL_STUDIES} did not answer: {e}") from e
+        await request.body()  # read here, on the server's loop; the thread's call finds it read
+        with pacs_errors():
+            return await asyncio.to_thread(asyncio.run, proxy_dicom(request, op, path))
 
     return forward
+
+
+@contextlib.contextmanager
+def pacs_errors() -> Iterator[None]:
+    """A request to the PACS (the proxy's, the DICOMweb datastore's) that failed, as 504 when it timed out
+    (``monailabel_compat.PACS_TIMEOUT_S``) and 502 otherwise, naming the PACS."""
+    from monailabel.config import settings
+
+    try:
+        yield
+    except requests.Timeout as e:
+        raise HTTPException(status_code=504, detail=f"the PACS at {settings.MONAI_LABEL_STUDIES} did not answer in time: {e}") from e
+    except requests.RequestException as e:
+        raise HTTPException(status_code=502, detail=f"the PACS at {settings.MONAI_LABEL_STUDIES} did not answer: {e}") from e
 
 
 # ---- administration ------------------------------------------------------------------------------------------

@@ -22,7 +22,10 @@ import monailabel
 import monailabel.datastore.dicom
 import monailabel.datastore.utils.convert
 import monailabel.endpoints.infer
+import monailabel.endpoints.proxy
 import monailabel.transform.cache as cache
+import requests
+import requests.adapters
 from fastapi import FastAPI
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monailabel.config import settings
@@ -103,6 +106,19 @@ WORKAROUNDS = (
         "monailabel exposes them (read-only accessors)",
     ),
     Workaround(
+        "install: monailabel.endpoints.proxy.requests -> PacsRequests (timeouts); lib.handlers.proxy runs the "
+        "forwarding in a worker thread",
+        "forwards DICOMweb requests to the PACS with blocking requests calls and no timeout inside the event loop "
+        "(monailabel/endpoints/proxy.py), so a PACS that accepts and never answers stalls every client of the server",
+        "monailabel forwards with an async client and timeouts",
+    ),
+    Workaround(
+        "with_pacs_timeouts: the DICOMweb datastore's private _client._session gets an adapter with PACS_TIMEOUT_S",
+        "builds its DICOMwebClient on a requests session without timeouts (monailabel/interfaces/app.py), so a PACS "
+        "that accepts and never answers hangs /info/, next sample and every datastore call for good",
+        "monailabel (or dicomweb-client) takes a timeout",
+    ),
+    Workaround(
         "forget_prepared_volumes: monailabel.transform.cache's module-private _data_mem_cache",
         "keeps CacheTransformDatad's in-memory entries (the SAM tasks' prepared volumes) in a module-private "
         "ExpiringDict with no way to empty it; scripts/benchmark.py and the tests need a volume seen for the first time",
@@ -160,6 +176,7 @@ def install(model_dir: str, endpoint_groups: frozenset[str], default_labels: Map
 
     for module in (monailabel.datastore.utils.convert, monailabel.datastore.dicom, monailabel.endpoints.infer):
         module.nifti_to_dicom_seg = nifti_to_dicom_seg
+    monailabel.endpoints.proxy.requests = PacsRequests
 
     # Sessions (3D Slicer's upload of a volume that is not in the datastore) live in the model folder unless the
     # administrator points MONAI_LABEL_SESSION_PATH elsewhere; one inference at a time unless
@@ -168,6 +185,38 @@ def install(model_dir: str, endpoint_groups: frozenset[str], default_labels: Map
     settings.MONAI_LABEL_SESSION_PATH = os.environ.get("MONAI_LABEL_SESSION_PATH") or os.path.join(model_dir, "sessions")
     if "MONAI_LABEL_INFER_CONCURRENCY" not in os.environ:
         settings.MONAI_LABEL_INFER_CONCURRENCY = 1
+
+
+# A PACS gets this long to accept a connection and then to send each part of its answer (seconds).
+PACS_TIMEOUT_S = (10.0, 120.0)
+
+
+class PacsRequests:
+    """What monailabel's proxy calls of ``requests`` (``get``, ``post``), with ``PACS_TIMEOUT_S``."""
+
+    RequestException = requests.RequestException
+
+    @staticmethod
+    def get(url: str, **kwargs: Any) -> requests.Response:
+        return requests.get(url, timeout=PACS_TIMEOUT_S, **kwargs)
+
+    @staticmethod
+    def post(url: str, **kwargs: Any) -> requests.Response:
+        return requests.post(url, timeout=PACS_TIMEOUT_S, **kwargs)
+
+
+class _TimedAdapter(requests.adapters.HTTPAdapter):
+    def send(self, request, **kwargs):
+        kwargs["timeout"] = kwargs.get("timeout") or PACS_TIMEOUT_S
+        return super().send(request, **kwargs)
+
+
+def with_pacs_timeouts(datastore: DICOMWebDatastore) -> DICOMWebDatastore:
+    """``datastore`` with ``PACS_TIMEOUT_S`` on every request its DICOMweb client sends."""
+    session = datastore._client._session
+    for scheme in ("http://", "https://"):
+        session.mount(scheme, _TimedAdapter())
+    return datastore
 
 
 def fastapi_app() -> FastAPI | None:

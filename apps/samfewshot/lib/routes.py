@@ -478,7 +478,7 @@ def _guarded(policy: Route, endpoint: Callable[..., Any]) -> Callable[..., Any]:
         def run_in_thread(*args: Any, **kwargs: Any) -> Any:
             arguments = bind(args, kwargs)
             try:
-                with http_errors():
+                with http_errors(), handlers.pacs_errors():
                     result = target(**arguments)
                     result = asyncio.run(result) if inspect.iscoroutine(result) else result
                     return without_server_paths(result, _server_roots()) if isinstance(result, (dict, list)) else result
