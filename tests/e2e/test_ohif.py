@@ -95,7 +95,26 @@ def click_run_in_the_segmentation_tab(browser, wait) -> None:
         "//input[@value='segmentation']/following-sibling::div[contains(@class,'tab-content')]"
         "//button[contains(@class,'actionButton') and text()='Run']"
     )
-    wait.until(ec.element_to_be_clickable((By.XPATH, run))).click()
+    click_when_settled(browser, wait, wait.until(ec.presence_of_element_located((By.XPATH, run))))
+
+
+def click_when_settled(browser, wait, element) -> None:
+    """A real click on `element` once it stands still and nothing covers its centre: the panel's sections slide open,
+    and a click during the slide lands on whatever is passing under the pointer (a section label, the panel)."""
+    where = (
+        "const e = arguments[0]; const r = e.getBoundingClientRect();"
+        "const covered = !e.contains(document.elementFromPoint(r.x + r.width / 2, r.y + r.height / 2));"
+        "return covered ? null : [r.x, r.y, r.width, r.height];"
+    )
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", element)
+    seen = []
+
+    def settled(driver) -> bool:
+        seen.append(driver.execute_script(where, element))
+        return len(seen) >= 2 and seen[-1] is not None and seen[-1] == seen[-2]
+
+    wait.until(settled)
+    element.click()
 
 
 def changed_fraction(viewport, before: np.ndarray) -> float:
@@ -130,14 +149,16 @@ def test_ohif_point_prompt_segments_the_clicked_structure(start_server, studies,
     browser.execute_script("arguments[0].click()", tab)
     content = tab.find_element(By.XPATH, "following-sibling::div[contains(@class,'tab-content')]")
     Select(content.find_element(By.CSS_SELECTOR, "select.selectBox")).select_by_visible_text("hf_sam_interactive")
-    content.find_element(By.XPATH, ".//tr[contains(@class,'clickable-row')][td[text()='grey matter']]").click()
+    row = content.find_element(By.XPATH, ".//tr[contains(@class,'clickable-row')][td[text()='grey matter']]")
+    click_when_settled(browser, wait, row)
     before = viewport_pixels(viewport)
     (tmp_path / "before_click.png").write_bytes(viewport.screenshot_as_png)
 
     time.sleep(1)  # the tab activates its probe tool
     ActionChains(browser).move_to_element(viewport).click().perform()  # the probe tool places a point at the centre
     time.sleep(1)  # the point is stored by the tool before Run reads it
-    content.find_element(By.XPATH, ".//button[contains(@class,'actionButton') and text()='Run']").click()
+    run = content.find_element(By.XPATH, ".//button[contains(@class,'actionButton') and text()='Run']")
+    click_when_settled(browser, wait, run)
     wait.until(lambda d: "hf_sam_interactive" in server.log() and changed_fraction(viewport, before) > 0.001)
     (tmp_path / "after_click.png").write_bytes(viewport.screenshot_as_png)
     request = next(line for line in server.log().splitlines() if "Infer Request" in line and "hf_sam_interactive" in line)
