@@ -160,9 +160,10 @@ def test_prompts_are_kept_with_the_final_label_replayed_and_removed_with_it(clie
     assert client.get("/datastore/label/info?label=brain_002&tag=final").status_code == 404
 
 
-def test_malformed_stored_prompts_are_refused_at_the_door_and_never_fail_a_run(client, sample_data):
-    """Prompts a client sends as label metadata are checked before they are stored; metadata already stored
-    malformed (before this check) is left out of the run, named in its publication, and the run completes."""
+def test_malformed_stored_prompts_are_refused_at_the_door_and_never_fail_a_run(client, sample_data, studies):
+    """Prompts a client sends as label metadata are checked before they are stored; what is already stored unusable
+    (malformed prompts, a truncated label file planted past the datastore) is left out of the run, named in its
+    publication, left as it is on disk, and the run completes on the rest."""
     from monailabel.datastore.local import LocalDatastore
     from monailabel.interfaces.utils.app import app_instance
 
@@ -183,11 +184,15 @@ def test_malformed_stored_prompts_are_refused_at_the_door_and_never_fail_a_run(c
     assert "interactions" not in client.get("/datastore/label/info?label=brain_002&tag=final").json()
 
     LocalDatastore.update_label_info(app_instance().datastore(), "brain_002", "final", {"interactions": "xyz"})  # planted
+    planted = studies / "labels" / "final" / "brain_000.nii.gz"
+    planted.write_bytes(planted.read_bytes()[:2000])  # truncated on disk
     stats = client.post("/train/hf_sam?run_sync=true", json={"max_epochs": 1, "val_split": 0}).json()
     assert stats["epoch"] == 1, stats
-    unusable = stats["publication"]["unusable_metadata"]
-    assert unusable == [{"id": "brain_002", "what": "interactions", "reason": unusable[0]["reason"]}]
-    assert "must be a list" in unusable[0]["reason"]
+    unusable = stats["publication"]["unusable"]
+    assert [(u["id"], u["what"]) for u in unusable] == [("brain_000", "label"), ("brain_002", "interactions")], unusable
+    assert "truncated or corrupt" in unusable[0]["reason"] and "must be a list" in unusable[1]["reason"]
+    assert len(planted.read_bytes()) == 2000
+    assert client.get("/info/").json()["train_stats"]["hf_sam"]["publication"]["unusable"] == unusable
 
 
 def test_background_points_with_a_learned_class_take_regions_away(client, tmp_path):

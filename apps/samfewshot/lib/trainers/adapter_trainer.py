@@ -49,6 +49,7 @@ from lib.served_model import ServedModel
 from lib.trainers.interaction import SimulatedInteraction, prepare_prompted_batch
 from lib.trainers.recipes import RECIPES, Recipe
 from lib.transforms import training_slice_transforms, volume_transforms
+from lib.validation import InvalidInput, check_label, stored_image_grid
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ class AdapterTrainer(HookedEngines, BasicTrainTask):
         self.model = model
         self.recipe = recipe
         self.precision = precision
-        self.unusable: list[dict[str, str]] = []  # the run's stored label metadata it could not use, with the reason
+        self.unusable: list[dict[str, str]] = []  # what of the stored data the run could not use, with the reason
         # The simulated prompts reach the network; the paper recipe's loss reads the decoder's own logits.
         self.prepare_batch = partial(prepare_prompted_batch, decoder_resolution=recipe.decoder_resolution)
         self.slices_per_volume = slices_per_volume
@@ -192,6 +193,9 @@ class AdapterTrainer(HookedEngines, BasicTrainTask):
     def pre_process(self, request, datastore: Datastore):
         """The datastore's final labels, each with the ``label_info`` its client saved (for id remapping).
 
+        Stored data a run cannot use (planted past the datastore's checks, or stored before them) never fails the
+        run: a volume whose image or label is unreadable, off its image's grid or holds ids nobody named is left
+        out, prompts stored malformed are dropped, each named with its reason in ``self.unusable``.
         A DICOMweb datastore first fetches the SEG labels in the PACS (saved through this server or elsewhere)
         into its local cache; its own ``get_label_uri`` takes a SEG series id, the cache is keyed by image id.
         """
@@ -202,21 +206,37 @@ class AdapterTrainer(HookedEngines, BasicTrainTask):
             label_uri = partial(LocalDatastore.get_label_uri, datastore, label_tag=final)
         else:
             label_uri = partial(datastore.get_label_uri, label_tag=final)
+        known_ids = getattr(datastore, "known_ids", None)  # what the datastore lets a label hold without names
         datalist = []
         for image_id in sorted(datastore.get_labeled_images(final)):
             label_id = datastore.get_labels_by_image_id(image_id)[final]
             item = {"id": image_id, "image": datastore.get_image_uri(image_id), "label": label_uri(label_id)}
             info = datastore.get_label_info(label_id, final) or {}
+            try:
+                image = stored_image_grid(item["image"])
+            except InvalidInput as e:
+                self.leave_out(image_id, "image", e)
+                continue
+            try:
+                check_label(item["label"], image, known_ids, info.get("label_info"), name=f"{image_id} ({final})")
+            except InvalidInput as e:
+                self.leave_out(image_id, "label", e)
+                continue
             if info.get("label_info"):
                 item["label_info"] = info["label_info"]
             if float(request.get("interactive_share", self.config()["interactive_share"])) and info.get(INTERACTIONS_KEY):
                 try:  # replayed by training (lib.interactions); stored before the datastore checked them, perhaps
                     item["interactions"] = check_interactions(info[INTERACTIONS_KEY])
                 except ValueError as e:
-                    logger.warning(f"{self.model.name}: the prompts stored with the label of {image_id} are not used: {e}")
-                    self.unusable.append({"id": image_id, "what": INTERACTIONS_KEY, "reason": str(e)})
+                    self.leave_out(image_id, INTERACTIONS_KEY, e)
             datalist.append(item)
         return datalist
+
+    def leave_out(self, image_id: str, what: str, error: Exception) -> None:
+        """A stored ``what`` (image, label, interactions) of ``image_id`` the run does not use, and why."""
+        outcome = "the volume is left out of this run" if what in ("image", "label") else "the run goes on without them"
+        logger.warning(f"{self.model.name}: the stored {what} of {image_id} cannot be used, {outcome}: {error}")
+        self.unusable.append({"id": image_id, "what": what, "reason": str(error)})
 
     def split_path(self, context: Context) -> str:
         return os.path.join(self._model_dir, f"{self.model.name}_split.json")
@@ -378,7 +398,7 @@ class AdapterTrainer(HookedEngines, BasicTrainTask):
                 "processes": context.world_size if context.multi_gpu else 1,
                 "recipe": self.recipe.name,
             }
-            decision = {**self.sentinel_decision(context, info, served), "unusable_metadata": list(self.unusable)}
+            decision = {**self.sentinel_decision(context, info, served), "unusable": list(self.unusable)}
             if decision["served"]:
                 decision["version"] = publish_adapter(self.model.adapter_path, best["state"], self.model.adapter_config(), info)
                 logger.info(f"{self.model.name}: published adapter version {decision['version']}: {decision['reason']}")
