@@ -21,13 +21,13 @@ from monailabel.utils.async_tasks.utils import tasks
 
 from lib import monailabel_compat, routes
 from lib.activelearning import ClaspPE, Diversity, First, Handouts, Hybrid, RandomChoice, Typicality, Uncertainty
-from lib.conf import one_line, parse_conf
+from lib.conf import parse_conf
 from lib.configs import MODEL_CONFIGS
 from lib.datastore import CheckedDatastore
 from lib.interactions import INTERACTIONS_KEY, InteractionLog
 from lib.monailabel_compat import AppFixes
 from lib.scoring import EmbeddingScoring, UncertaintyScoring
-from lib.validation import check_choice, http_errors
+from lib.validation import check_choice, http_errors, one_line
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from lib.configs import SAM_MODELS
 LABELS = {"white matter": 1, "grey matter": 2}
 # 3D Slicer, onClickDeepgrow for a 3D deepgrow model: the segment's name and all its points, the model's infer config
 # (first value of each option, getParamsFromConfig), then MONAILabelLogic.infer's result format and the client id.
-SLICER_CONFIG = {"device": "cpu", "batch_size": 2, "modality": "auto", "precision": "fp32"}
+SLICER_CONFIG = {"device": "cpu", "batch_size": 2, "modality": "auto"}
 SLICER_FORMAT = {"result_extension": ".nrrd", "result_dtype": "uint8", "client_id": "user-xyz"}
 # OHIF v3, PointPrompts.onRunInference for a deepgrow model: points only (the class is unknown to it), then
 # MonaiLabelClient.infer's result format; output=image.
@@ -59,6 +59,7 @@ def test_slicer_deepgrow_request_gives_the_segments_binary_mask(client, studies,
     assert set(np.unique(mask)) <= {0, 1}
     assert result["label_names"] == {"white matter": 1} and result["target_class"] == 1
     assert result["prompted_slices"] == [62, 64]  # the sample volumes are stored in RAS: the same slice indices
+    assert "ignored_options" not in result  # Slicer sends options the task reads, nothing else
 
     # Slicer's ROI ([i0, i1, j0, j1, k0, k1]) bounds the result
     roi = [40, 80, 50, 90, 60, 66]
@@ -127,7 +128,8 @@ def test_prompts_are_kept_with_the_final_label_replayed_and_removed_with_it(clie
 
     slicer = {"label": "grey matter", "foreground": [[50, 60, 70]], "background": [[70, 80, 70]]}
     assert infer(client, "hf_sam_interactive", "brain_002", {**slicer, **SLICER_FORMAT}).status_code == 200
-    assert infer(client, "hf_sam_interactive", "brain_002", {"foreground": [[55, 65, 71]], **OHIF_FORMAT}).status_code == 200
+    response = infer(client, "hf_sam_interactive", "brain_002", {"foreground": [[55, 65, 71]], **OHIF_FORMAT})
+    assert response.status_code == 200 and multipart(response)[0]["ignored_options"] == ["restore_label_idx"], response.text
     kept = app_instance().interactions
     restarted = InteractionLog(kept.store_dir)  # what a server restarted now would hold
     assert restarted.take("brain_002") == [{**slicer}, {"label": None, "foreground": [[55, 65, 71]]}]

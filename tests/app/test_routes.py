@@ -8,6 +8,7 @@ import shutil
 import time
 
 import pytest
+import torch
 from fastapi.routing import APIRoute
 
 from lib import routes
@@ -209,3 +210,47 @@ def test_a_pacs_that_never_answers_stalls_no_other_client(app_dir, monkeypatch):
     assert schema.status_code == 200 and answered_while_waiting
     for answer in (answers["proxy"], info):
         assert answer.status_code == 504 and f"the PACS at {pacs} did not answer in time" in answer.text, answer.text
+
+
+@pytest.mark.parametrize("client_conf", [{**GROUPS, "endpoints": "none"}, {**GROUPS, "models": "fgnet", "endpoints": "none"}])
+def test_every_option_a_client_sees_is_declared_and_unknown_ones_are_refused_or_listed(client):
+    """What /info/ shows as a task's config (3D Slicer and OHIF echo it) is declared with its type at the door, so
+    the check and the task cannot drift; a key nobody declared is refused with the nearest name (train, active
+    learning, scoring) or, for infer, dropped and listed in the answer."""
+    from lib.validation import COMMON_OPTIONS, INFER_PARAMS, TRAIN_OPTIONS
+
+    info = client.get("/info/").json()
+    for section, declared in [
+        ("models", INFER_PARAMS),
+        ("trainers", TRAIN_OPTIONS),
+        ("strategies", routes.STRATEGY_OPTIONS),
+        ("scoring", COMMON_OPTIONS),
+    ]:
+        for name, task in info[section].items():
+            assert set(task.get("config", {})) <= set(declared), (section, name, set(task["config"]) - set(declared))
+    for url, body, message in [
+        ("/train/", {"max_epoch": 1}, "'max_epoch' is not one of the train options: By 'max_epoch', did you mean 'max_epochs'?"),
+        ("/train/", {"learning_rate": 0.1}, "'learning_rate' is not one of the train options"),
+        ("/activelearning/random", {"sead": 3}, "'sead' is not one of the active learning options: By 'sead', did you mean 'seed'?"),
+        *[(f"/scoring/{method}", {"modle": "x"}, "'modle' is not one of the scoring options") for method in info["scoring"]],
+    ]:
+        response = client.post(url, json=body)
+        assert response.status_code == 422 and message in response.text, (url, response.text)
+
+
+@pytest.mark.parametrize("client_conf", [GROUPS])
+def test_batch_infer_runs_the_options_it_accepted(client, studies):
+    """A batch on a host without GPUs once answered 200 and then failed in the background (upstream spreads it over
+    zero GPUs); numeric strings run as numbers; unknown keys are refused (no answer per volume lists them)."""
+    response = client.post("/batch/infer/hf_sam?images=unlabeled&run_sync=true", json={"images": "unlabeled", "max_batch_size": "1"})
+    assert response.status_code == 200, response.text
+    assert len(list((studies / "labels" / "original").glob("*.nii.gz"))) == 1
+    for body, message in [
+        ({"max_batch_size": "all"}, "max_batch_size must be a non-negative integer"),
+        ({"multi_gpu": True}, "this host has none"),
+        ({"batch_sise": 2}, "'batch_sise' is not one of the batch infer options: By 'batch_sise', did you mean 'batch_size'?"),
+    ]:
+        if body.get("multi_gpu") and torch.cuda.device_count():
+            continue  # a GPU host runs a multi-GPU batch
+        response = client.post("/batch/infer/hf_sam?images=unlabeled", json={"images": "unlabeled", **body})
+        assert response.status_code == 422 and message in response.text, (body, response.text)

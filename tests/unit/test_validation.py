@@ -287,35 +287,46 @@ def test_the_trainer_config_clients_echo_passes():
 )
 def test_infer_params_keep_the_image_and_server_keys(params, message):
     with pytest.raises(v.InvalidInput, match=message):
-        v.check_infer_params(params, "brain_002", "hf_sam")
+        v.check_infer_params(params, "brain_002", "hf_sam", TASK_OPTIONS)
 
 
-def test_what_slicer_and_ohif_send_passes():
-    v.check_infer_params(
-        {
-            "image": "brain_002",
-            "device": "cpu",
-            "batch_size": 2,
-            "modality": "auto",
-            "precision": "fp32",
-            "result_extension": ".nrrd",
-            "result_dtype": "uint8",
-            "result_compress": False,
-            "restore_label_idx": False,
-            "label": "white matter",
-            "foreground": [[10, 20, 30.5]],
-            "background": [],
-            "roi": [],
-            "slice": 3,
-            "client_id": "user-xyz",
-            "white matter": [[1, 2, 3]],
-        },
-        "brain_002",
-        "hf_sam",
-    )
+TASK_OPTIONS = ("device", "batch_size", "modality")  # what hf_sam's tasks show as their config
+
+
+def test_what_slicer_and_ohif_send_passes_typed_and_the_rest_is_listed_as_ignored():
+    sent = {
+        "image": "brain_002",
+        "device": "cpu",
+        "batch_size": "2",
+        "modality": "auto",
+        "result_extension": ".nrrd",
+        "result_dtype": "uint8",
+        "result_compress": "false",
+        "restore_label_idx": False,
+        "label": "white matter",
+        "foreground": [[10, 20, 30.5]],
+        "background": [],
+        "roi": [],
+        "slice": 3,
+        "client_id": "user-xyz",
+        "white matter": [[1, 2, 3]],
+        "max_epoch": 3,
+    }
+    params, ignored = v.check_infer_params(sent, "brain_002", "hf_sam", TASK_OPTIONS)
+    assert ignored == ["max_epoch", "restore_label_idx", "white matter"]
+    assert params == {
+        **{k: x for k, x in sent.items() if k not in ignored},
+        "batch_size": 2,
+        "result_compress": False,
+    }
     # monailabel.client.MONAILabelClient adds its client id to every request, None unless one was given
-    v.check_infer_params({"client_id": None}, "brain_002", "hf_sam")
+    assert v.check_infer_params({"client_id": None}, "brain_002", "hf_sam", TASK_OPTIONS) == ({"client_id": None}, [])
     v.check_train_options({"client_id": None, "max_epochs": 1})
+
+
+def test_unknown_train_options_are_refused_with_the_nearest_name():
+    with pytest.raises(v.InvalidInput, match=r"'max_epoch' is not one of the train options: .*did you mean 'max_epochs'"):
+        v.check_train_options({"max_epoch": 1, "lr": 0.001})
 
 
 @pytest.mark.parametrize(

@@ -20,13 +20,9 @@ from lib.networks.sam2_backbone import HIERA_VARIANTS
 from lib.networks.sam_backbone import SAM_ENCODERS
 from lib.routes import ENDPOINT_GROUPS
 from lib.trainers.recipes import RECIPES
+from lib.validation import one_line
 
 MASG_MODULES = ("hae", "bfe", "dsf")
-
-
-def one_line(error: Exception) -> str:
-    """``look_up_option``'s message on one line."""
-    return " ".join(str(error).split())
 
 
 def _bool(value: str) -> bool:

@@ -26,6 +26,7 @@ import monailabel.endpoints.proxy
 import monailabel.transform.cache as cache
 import requests
 import requests.adapters
+import torch
 from fastapi import FastAPI
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monailabel.config import settings
@@ -35,6 +36,7 @@ from monailabel.tasks.train.basic_train import Context
 
 from lib.auth import from_token
 from lib.dicom_seg import write_dicom_seg
+from lib.validation import InvalidInput
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +127,13 @@ WORKAROUNDS = (
         "monailabel offers a clear() for its transform cache",
     ),
     Workaround(
+        "batch_devices: the options of POST /batch/infer get multi_gpu false on a host without CUDA GPUs",
+        "BatchInferTask defaults multi_gpu to true and spreads the volumes over torch.cuda.device_count() GPUs, so on "
+        "a host without one every batch run fails in the background with a modulo by zero "
+        "(monailabel/interfaces/tasks/batch_infer.py)",
+        "monailabel runs a batch on the request's device when it sees no GPU",
+    ),
+    Workaround(
         "lib.infers.resident.ResidentModelInfer._get_network, lib.handlers (the app's bodies of unsafe endpoints)",
         "builds a network per task from a file path; the app serves one resident network per model, hot-swapping "
         "adapters. The handlers: see their docstrings",
@@ -148,6 +157,15 @@ def strategies(app) -> dict[str, Any]:
 
 def scoring_methods(app) -> dict[str, Any]:
     return app._scoring_methods
+
+
+def batch_devices(options: dict[str, Any]) -> dict[str, Any]:
+    """Batch infer options (``multi_gpu`` already a bool) the batch task can run on this host (``WORKAROUNDS``)."""
+    if torch.cuda.device_count():
+        return options
+    if options.get("multi_gpu"):
+        raise InvalidInput("multi_gpu spreads a batch over CUDA GPUs; this host has none (send multi_gpu false)")
+    return {**options, "multi_gpu": False}
 
 
 def server_mode(app) -> bool:

@@ -40,9 +40,14 @@ from lib import handlers, monailabel_compat
 from lib.activelearning import strategies
 from lib.datastore import image_exists, label_exists
 from lib.validation import (
+    BOOLEAN,
     COMMON_OPTIONS,
+    IGNORED_KEY,
+    INFER_NAMES,
+    INFER_PARAMS,
     SERVER_INFER_KEYS,
     SERVER_TRAIN_KEYS,
+    TRAIN_OPTIONS,
     InvalidInput,
     NotFound,
     Option,
@@ -57,7 +62,9 @@ from lib.validation import (
     check_same,
     check_train_options,
     http_errors,
+    integer,
     parse_json_object,
+    refuse_unknown,
 )
 
 logger = logging.getLogger(__name__)
@@ -135,9 +142,13 @@ def check_infer(args: Args) -> None:
         _session(args["session_id"])
     else:
         _datastore_image(args.get("image"))
-    params = check_infer_params(parse_json_object(args.get("params"), "params"), args.get("image"), args["model"])
+    params, ignored = check_infer_params(
+        parse_json_object(args.get("params"), "params"), args.get("image"), args["model"], _task_options(args)
+    )
+    if ignored:
+        params[IGNORED_KEY] = ignored  # the task lists them in its answer (lib.infers.resident)
     if args.get("params"):
-        args["params"] = json.dumps(params)  # what MONAI Label's endpoint parses: the values as checked
+        args["params"] = json.dumps(params)  # what MONAI Label's endpoint parses: the values as checked, known keys
     if args.get("output") == "dicom_seg":
         if args.get("file") or args.get("session_id"):
             raise InvalidInput("output=dicom_seg references a series of the PACS: name it with image=<series UID>, send no file or session")
@@ -145,6 +156,11 @@ def check_infer(args: Args) -> None:
             raise InvalidInput("output=dicom_seg needs a DICOMweb datastore (--studies http://.../dicom-web); this one is local")
         if params.get("label_info") is None:
             raise InvalidInput("output=dicom_seg needs 'label_info' in params ([] names the segments after the model's labels)")
+
+
+def _task_options(args: Args) -> list[str]:
+    """The options the infer task the URL names shows in ``/info/`` (its config), which clients echo."""
+    return list(monailabel_compat.infers(_app())[args["model"]].config())
 
 
 def _session(session_id: Any) -> None:
@@ -236,7 +252,7 @@ def check_strategy(args: Args) -> None:
     check_choice(args["strategy"], monailabel_compat.strategies(_app()), "strategy")
     options = check_options(args.get("params"), "active learning options")
     check_same(options, "strategy", args["strategy"], "active learning options")
-    args["params"] = check_keys(options, STRATEGY_OPTIONS, (), "active learning options")
+    args["params"] = check_keys(options, STRATEGY_OPTIONS, (), "active learning options", also=("strategy",))
 
 
 STRATEGY_OPTIONS = {
@@ -249,7 +265,7 @@ STRATEGY_OPTIONS = {
 def _scoring_options(options: Any, what: str) -> None:
     options = check_options(options, what)
     models = [m for m, c in _app().models.items() if c.scores_volumes]
-    check_keys(options, COMMON_OPTIONS, SERVER_TRAIN_KEYS, what)
+    check_keys(options, COMMON_OPTIONS, SERVER_TRAIN_KEYS, what, also=("model", "method"))
     if "model" in options:
         check_choice(options["model"], models, "scoring model")
 
@@ -273,9 +289,19 @@ def check_scoring_all(args: Args) -> None:
 
 
 BATCH_IMAGES = ("all", "labeled", "unlabeled")
+# What MONAI Label's batch task reads besides the infer options it hands each volume, the images (named in the URL)
+# and the label tag (checked as a name).
+BATCH_OPTIONS = {
+    "max_batch_size": integer("a non-negative integer (0: every volume)", low=0),
+    "max_workers": integer("a non-negative integer (0: a quarter of the cores)", low=0),
+    "multi_gpu": BOOLEAN,
+    "gpus": TRAIN_OPTIONS["gpus"],
+}
 
 
 def check_batch(args: Args) -> None:
+    """Like an infer request's params, plus the batch task's own options; no answer per volume lists ignored keys,
+    so unknown ones are refused."""
     served_model(args)
     options = check_options(args.get("params"), "batch infer options")
     images = getattr(args.get("images"), "value", args.get("images"))
@@ -287,8 +313,12 @@ def check_batch(args: Args) -> None:
         raise InvalidInput("batch infer may not store its predictions as final labels; use label_tag 'original' or another tag")
     if "image" in options:
         raise InvalidInput("batch infer segments the datastore's images ('images': all, labeled or unlabeled), not one 'image'")
-    server_keys = [k for k in SERVER_INFER_KEYS if k not in ("save_label", "label_tag")]
-    args["params"] = check_infer_params(options, None, args["model"], server_keys)
+    server_keys = [k for k in SERVER_INFER_KEYS if k != "label_tag"]
+    known = [*_task_options(args), *BATCH_OPTIONS, "images", "label_tag"]
+    params, ignored = check_infer_params(options, None, args["model"], known, server_keys)
+    refuse_unknown({k: options[k] for k in ignored}, [*INFER_PARAMS, *INFER_NAMES, *known], "batch infer options")
+    batch = check_keys(options, BATCH_OPTIONS, (), "batch infer options", also=None)
+    args["params"] = monailabel_compat.batch_devices({**params, **{k: batch[k] for k in BATCH_OPTIONS if k in batch}})
 
 
 def check_logs(args: Args) -> None:

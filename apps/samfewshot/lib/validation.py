@@ -108,6 +108,11 @@ def check_filename(filename: Any, what: str) -> str:
     return filename
 
 
+def one_line(error: Exception) -> str:
+    """``look_up_option``'s message on one line."""
+    return " ".join(str(error).split())
+
+
 def _short(value: Any, limit: int = 80) -> str:
     """A client's value quoted for a message, cut to ``limit`` characters."""
     text = repr(value)
@@ -342,8 +347,8 @@ SERVER_INFER_KEYS = (
     "description",
     "result_json_key",
 )
-# Keys clients send and what they must be (3D Slicer, OHIF, MONAI Label's own SAM convention for prompts); other
-# keys pass: clients echo a model's config and OHIF names segments as keys of point lists.
+# The options of infer requests and what they must be (3D Slicer, OHIF, MONAI Label's own SAM convention for
+# prompts, each task's config, which clients echo); other keys are dropped and listed in the answer as ignored.
 INFER_PARAMS: Options = {
     **COMMON_OPTIONS,
     "result_extension": one_of(*RESULT_EXTENSIONS),
@@ -356,15 +361,43 @@ INFER_PARAMS: Options = {
     "batch_size": integer("an integer in 1..256", low=1, high=256),
     "slice": integer("a non-negative integer", low=0),
     "label": accepted(f"a segment name of at most {MAX_NAME_BYTES} bytes", _name),
+    "modality": accepted("'auto', 'CT' or 'MR'", lambda v: isinstance(v, str) and v.upper() in ("AUTO", "CT", "MR")),
+    # FGNet's instances (lib.infers.affinity_instances)
+    "seed_affinity": number("a number in (0, 1]", lambda v: 0 < v <= 1),
+    "merge_affinity": number("a number in [0, 1]", lambda v: 0 <= v <= 1),
+    "min_fragment_size": integer("a non-negative integer", low=0),
+    "sw_overlap": number("a number in [0, 1)", lambda v: 0 <= v < 1),
 }
 
 
-def check_keys(options: Mapping[str, Any], table: Options, server_keys: Collection[str], what: str) -> dict[str, Any]:
-    """``options`` may not hold ``server_keys``; those in ``table`` must parse and are returned parsed; the others
-    pass as sent."""
+def unknown_keys(options: Mapping[str, Any], known: Collection[str]) -> list[str]:
+    return sorted(k for k in options if k not in known)
+
+
+def refuse_unknown(options: Mapping[str, Any], known: Collection[str], what: str) -> None:
+    """Keys outside ``known`` answer 422, each with the nearest known name (MONAI's ``look_up_option``)."""
+    from monai.utils import look_up_option
+
+    wrong = []
+    for key in unknown_keys(options, known):
+        try:
+            look_up_option(key, sorted(known))
+        except ValueError as e:
+            wrong.append(f"{key!r} is not one of the {what}: {one_line(e)}")
+    if wrong:
+        raise InvalidInput("; ".join(wrong))
+
+
+def check_keys(
+    options: Mapping[str, Any], table: Options, server_keys: Collection[str], what: str, also: Collection[str] | None = ()
+) -> dict[str, Any]:
+    """``options`` may not hold ``server_keys``; those in ``table`` must parse and are returned parsed; keys in
+    neither ``table`` nor ``also`` are refused (``also=None``: they pass as sent, for the caller to sort out)."""
     server = sorted(k for k in options if k in server_keys)
     if server:
         raise InvalidInput(f"{what} may not set {', '.join(server)}: the server decides where it reads and writes")
+    if also is not None:
+        refuse_unknown(options, {*table, *also}, what)
     parsed, wrong = dict(options), []
     for key, option in table.items():
         if key in options:
@@ -377,21 +410,44 @@ def check_keys(options: Mapping[str, Any], table: Options, server_keys: Collecti
     return parsed
 
 
+def infer_option(data: Mapping[str, Any], key: str, default: Any) -> Any:
+    """An infer option as a task reads it: the request's value parsed by its declaration in ``INFER_PARAMS`` (the
+    route parsed it already; an in-process caller gets the same check), else ``default``."""
+    if key not in data:
+        return default
+    try:
+        return INFER_PARAMS[key].parse(data[key])
+    except (ValueError, TypeError):
+        raise InvalidInput(f"{key} must be {INFER_PARAMS[key].what}, got {_short(data[key])}") from None
+
+
 def check_train_options(options: Mapping[str, Any]) -> dict[str, Any]:
-    return check_keys(options, TRAIN_OPTIONS, SERVER_TRAIN_KEYS, "train options")
+    return check_keys(options, TRAIN_OPTIONS, SERVER_TRAIN_KEYS, "train options", also=("model",))
+
+
+# Keys of an infer request that are not options: what the URL names, and the segment names of a DICOM SEG answer.
+INFER_NAMES = ("image", "model", "label_info")
+IGNORED_KEY = "ignored_options"
 
 
 def check_infer_params(
-    params: Mapping[str, Any], image: str, model: str, server_keys: Collection[str] = SERVER_INFER_KEYS
-) -> dict[str, Any]:
+    params: Mapping[str, Any],
+    image: str,
+    model: str,
+    task_options: Collection[str],
+    server_keys: Collection[str] = SERVER_INFER_KEYS,
+) -> tuple[dict[str, Any], list[str]]:
     """An infer request's ``params`` (already a bounded JSON object): the image and model the URL names stay the
-    ones segmented, server-side keys are refused, and the keys clients send have sensible values; returned parsed."""
+    ones segmented, server-side keys are refused, and the declared options have sensible values. -> the params
+    parsed, without the keys neither declared nor among ``task_options`` (the task's config: what clients echo),
+    and those keys: the task would not read them (OHIF's ``restore_label_idx``, a misspelt option)."""
     check_same(params, "image", image, "infer params")
     check_same(params, "model", model, "infer params")
-    parsed = check_keys(params, INFER_PARAMS, server_keys, "infer params")
+    parsed = check_keys(params, INFER_PARAMS, server_keys, "infer params", also=None)
     if "label_info" in params:
         check_label_info(params["label_info"])
-    return parsed
+    ignored = unknown_keys(params, {*INFER_PARAMS, *INFER_NAMES, *task_options})
+    return {k: v for k, v in parsed.items() if k not in ignored}, ignored
 
 
 _CHECKSUM = {"SHA256": 64, "SHA512": 128, "MD5": 32}

@@ -8,7 +8,6 @@ from typing import Any
 import numpy as np
 import torch
 import waterz
-from fastapi import HTTPException
 from monai.data import MetaTensor
 from monai.inferers import Inferer, SlidingWindowInferer
 from monai.transforms import Activationsd
@@ -21,6 +20,7 @@ from lib.infers.resident import ResidentModelInfer
 from lib.networks.affinities import AFFINITY_AXES
 from lib.served_model import ServedModel
 from lib.transforms import boundary_map, em_volume_transforms
+from lib.validation import http_errors, infer_option
 
 
 def affinity_watershed(
@@ -90,19 +90,10 @@ class AffinityWatershedd:
 
     def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
         d = dict(data)
-        try:
-            seed = float(d.get("seed_affinity", self.seed_affinity))
-            merge = float(d.get("merge_affinity", self.merge_affinity))
-            min_size = int(d.get("min_fragment_size", self.min_fragment_size))
-        except (TypeError, ValueError) as e:
-            raise HTTPException(
-                status_code=422, detail=f"seed_affinity and merge_affinity must be numbers, min_fragment_size an integer: {e}"
-            ) from e
-        if not (0 < seed <= 1 and 0 <= merge <= 1 and min_size >= 0):
-            raise HTTPException(
-                status_code=422,
-                detail=f"need 0 < seed_affinity <= 1, 0 <= merge_affinity <= 1, min_fragment_size >= 0; got {seed}, {merge}, {min_size}",
-            )
+        with http_errors():
+            seed = infer_option(d, "seed_affinity", self.seed_affinity)
+            merge = infer_option(d, "merge_affinity", self.merge_affinity)
+            min_size = infer_option(d, "min_fragment_size", self.min_fragment_size)
         instances = affinity_watershed(d["pred"].detach().cpu(), seed, merge, min_size)
         d["instances"] = int(instances.max())
         # The image's meta carries the affine the writer stores; ids need 16 or 32 bits, never the default 8.
@@ -190,12 +181,8 @@ class AffinityInstances(ResidentModelInfer):
         return em_volume_transforms()
 
     def inferer(self, data=None) -> Inferer:
-        try:
-            overlap = float((data or {}).get("sw_overlap", 0.25))
-        except (TypeError, ValueError):
-            overlap = -1.0
-        if not 0 <= overlap < 1:
-            raise HTTPException(status_code=422, detail=f"sw_overlap must be a number in [0, 1), got {data.get('sw_overlap')!r}")
+        with http_errors():
+            overlap = infer_option(data or {}, "sw_overlap", 0.25)
         return SlidingWindowInferer(
             roi_size=self.patch_size, sw_batch_size=self.batch_size, overlap=overlap, mode="gaussian", progress=False
         )

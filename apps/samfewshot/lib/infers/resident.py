@@ -20,7 +20,7 @@ from lib.adapters import AdapterError
 from lib.engines.openvino_engine import CompiledEncoder, EncoderEngine
 from lib.networks.sam_backbone import CheckpointError
 from lib.served_model import ServedModel
-from lib.validation import http_errors, stored_image_grid
+from lib.validation import IGNORED_KEY, http_errors, stored_image_grid
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +107,8 @@ class ResidentModelInfer(BasicInferTask):
         result_file, result_json = super().writer(data, extension, dtype)
         result_json["adapter_version"] = data.get("adapter_version", 0)
         result_json["engine"] = data.get("engine", "torch")
+        if data.get(IGNORED_KEY):  # request keys the route dropped: no task option has that name
+            result_json[IGNORED_KEY] = data[IGNORED_KEY]
         keep_spatial_units(data.get("image_path"), result_file)
         return result_file, result_json
 

@@ -81,8 +81,11 @@ class SamSliceInfer(ResidentModelInfer):
         self._pre = inference_transforms(model.img_size, model.modality, model.intensity) + [
             CacheTransformDatad(keys="image", hash_key="prepared_volume")
         ]
-        config = {"device": device, "batch_size": batch_size, "modality": model.modality, "precision": precision}
+        config = {"device": device, "batch_size": batch_size, "modality": model.modality}
         super().__init__(model, preload=preload, config=config, **kwargs)
+
+    def info(self) -> dict[str, Any]:
+        return {**super().info(), "precision": self.precision}  # chosen at start-up (--conf precision), not per request
 
     def _get_network(self, device, data):
         """The resident network, its image encoder run by the engine once it is ready for the served adapter, and
