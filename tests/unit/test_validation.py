@@ -172,6 +172,21 @@ def test_grid_tolerance_is_a_fraction_of_a_voxel():
     assert "affine" in v.same_grid(v.Grid((10, 10, 10), moved), image)
 
 
+def test_volumes_keep_their_geometry_while_a_training_run_in_this_process_tracks_no_meta(bad_volumes):
+    """A run_sync training inside the server turns MONAI's process-wide meta tracking off; a request read meanwhile
+    once failed with 500 ('Tensor' object has no attribute 'affine')."""
+    from monai.data import get_track_meta, set_track_meta
+
+    path = str(bad_volumes["image.nii.gz"])
+    tracked = v.read_volume(path, "image")[1]
+    set_track_meta(False)
+    try:
+        untracked = v.read_volume(path, "image")[1]
+    finally:
+        set_track_meta(True)
+    assert get_track_meta() and untracked.shape == tracked.shape and np.array_equal(untracked.affine, tracked.affine)
+
+
 def test_a_stored_image_is_checked_again_once_it_changes(bad_volumes, tmp_path):
     path = tmp_path / "volume.nii.gz"
     shutil.copyfile(bad_volumes["image.nii.gz"], path)

@@ -570,16 +570,18 @@ def read_volume(path: str, what: str, name: str | None = None) -> tuple[np.ndarr
     # The number of axes from the header: MONAI's NRRD reader fails on a multi-layer segmentation's header.
     spatial_shape(declared, name, what, sizes=False)
     try:
-        volume = LoadImage(image_only=True, dtype=None)(path)
+        # The header as a dict, not the MetaTensor's: MONAI's meta tracking is process-wide, and a training run in
+        # this process turns it off (plain tensors) while other threads read volumes.
+        volume, meta = LoadImage(image_only=False, dtype=None)(path)
     except Exception as e:
         raise InvalidInput(
             f"cannot read {what} {name!r} ({volume_format(path).upper()}; truncated or corrupt?): {_reason(e, path, name)}"
         ) from e
     shape = spatial_shape(tuple(volume.shape), name, what)
-    affine = np.asarray(volume.affine, dtype=np.float64)
+    affine = np.asarray(meta["affine"], dtype=np.float64)
     check_affine(affine, name, what)
-    data = volume.numpy().reshape(shape)
-    return data, Grid(shape, affine), dict(volume.meta)
+    data = np.asarray(volume).reshape(shape)
+    return data, Grid(shape, affine), dict(meta)
 
 
 def check_affine(affine: np.ndarray, name: str, what: str) -> None:

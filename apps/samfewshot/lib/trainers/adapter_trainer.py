@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import socket
+import threading
 from functools import partial
 from typing import Any
 
@@ -156,7 +157,12 @@ class AdapterTrainer(HookedEngines, BasicTrainTask):
 
     def __call__(self, request, datastore: Datastore):
         """MONAI Label's run; a ``multi_gpu`` request gets a process-group backend for its device (NCCL on CUDA,
-        gloo on CPU) and a rendezvous on a free loopback port unless it names its own."""
+        gloo on CPU) and a rendezvous on a free loopback port unless it names its own.
+
+        MONAI's meta tracking is process-wide: only a training process of its own (the run in its main thread)
+        turns it off for speed. A run inside the server (``run_sync``, in a worker thread) keeps it, or the
+        server's other requests would load volumes without their geometry meanwhile."""
+        self._disable_meta_tracking = threading.current_thread() is threading.main_thread()
         request = dict(request)
         multi = request.get("multi_gpu", self.config()["multi_gpu"])
         request["multi_gpu"] = multi if isinstance(multi, bool) else strtobool(str(multi))
