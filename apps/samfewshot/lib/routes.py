@@ -33,6 +33,7 @@ from typing import Any
 
 from fastapi import FastAPI, HTTPException
 from fastapi.routing import APIRoute, APIRouter
+from pydantic import BaseModel
 from starlette.routing import BaseRoute, Mount
 from starlette.routing import Route as StarletteRoute
 
@@ -406,6 +407,17 @@ ROUTES: dict[tuple[str, str], Route] = {
 
 
 # ---- installing the policy on the FastAPI application --------------------------------------------------------
+class Refusal(BaseModel):
+    """Every client error of every route: the policy's own (a message naming what is wrong and what was expected)
+    or FastAPI's when a parameter does not parse (its list of errors)."""
+
+    detail: str | list[dict[str, Any]]
+
+
+# What the schema declares a route answers besides its result: a refusal (400-499; 422 included, which FastAPI
+# would otherwise declare as its validation error alone).
+REFUSALS = {"4XX": {"model": Refusal, "description": "Refused: `detail` says what is wrong and what was expected"}}
+
 # What a rebuilt route keeps of the original (APIRoute's constructor arguments of the same names).
 ROUTE_SETTINGS = (
     "methods",
@@ -435,6 +447,7 @@ def install(app: FastAPI, groups: frozenset[str]) -> dict[str, list[str]]:
                 key, policy = _policy(route)
                 original = getattr(route.endpoint, "__samfewshot_original__", route.endpoint)
                 settings = {field: getattr(route, field) for field in ROUTE_SETTINGS}
+                settings["responses"] = {**(settings["responses"] or {}), **REFUSALS}
                 if policy.closed or (policy.group and policy.group not in groups):
                     reason = policy.closed or _disabled(policy.group)
                     endpoint, schema = _closed(route.path, reason), False
