@@ -36,7 +36,6 @@ from monailabel.tasks.train.basic_train import Context
 
 from lib.auth import from_token
 from lib.dicom_seg import write_dicom_seg
-from lib.validation import InvalidInput
 
 logger = logging.getLogger(__name__)
 
@@ -160,12 +159,9 @@ def scoring_methods(app) -> dict[str, Any]:
 
 
 def batch_devices(options: dict[str, Any]) -> dict[str, Any]:
-    """Batch infer options (``multi_gpu`` already a bool) the batch task can run on this host (``WORKAROUNDS``)."""
-    if torch.cuda.device_count():
-        return options
-    if options.get("multi_gpu"):
-        raise InvalidInput("multi_gpu spreads a batch over CUDA GPUs; this host has none (send multi_gpu false)")
-    return {**options, "multi_gpu": False}
+    """Batch infer options the batch task can run on this host: ``multi_gpu`` false without CUDA GPUs
+    (``WORKAROUNDS``; the route refuses an explicit true there)."""
+    return options if torch.cuda.device_count() else {**options, "multi_gpu": False}
 
 
 def server_mode(app) -> bool:

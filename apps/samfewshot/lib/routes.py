@@ -31,6 +31,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from fastapi import FastAPI, HTTPException
 from fastapi.routing import APIRoute, APIRouter
 from pydantic import BaseModel
@@ -58,6 +59,7 @@ from lib.validation import (
     check_filename,
     check_infer_params,
     check_keys,
+    check_label_info,
     check_name,
     check_options,
     check_same,
@@ -65,7 +67,6 @@ from lib.validation import (
     http_errors,
     integer,
     parse_json_object,
-    refuse_unknown,
 )
 
 logger = logging.getLogger(__name__)
@@ -315,11 +316,14 @@ def check_batch(args: Args) -> None:
     if "image" in options:
         raise InvalidInput("batch infer segments the datastore's images ('images': all, labeled or unlabeled), not one 'image'")
     server_keys = [k for k in SERVER_INFER_KEYS if k != "label_tag"]
-    known = [*_task_options(args), *BATCH_OPTIONS, "images", "label_tag"]
-    params, ignored = check_infer_params(options, None, args["model"], known, server_keys)
-    refuse_unknown({k: options[k] for k in ignored}, [*INFER_PARAMS, *INFER_NAMES, *known], "batch infer options")
-    batch = check_keys(options, BATCH_OPTIONS, (), "batch infer options", also=None)
-    args["params"] = monailabel_compat.batch_devices({**params, **{k: batch[k] for k in BATCH_OPTIONS if k in batch}})
+    names = [*INFER_NAMES, *_task_options(args), "images", "label_tag"]
+    params = check_keys(options, {**INFER_PARAMS, **BATCH_OPTIONS}, server_keys, "batch infer options", also=names)
+    check_same(params, "model", args["model"], "batch infer options")
+    if "label_info" in params:
+        check_label_info(params["label_info"])
+    if params.get("multi_gpu") and not torch.cuda.device_count():
+        raise InvalidInput("multi_gpu spreads a batch over CUDA GPUs; this host has none (send multi_gpu false)")
+    args["params"] = monailabel_compat.batch_devices(params)
 
 
 def check_logs(args: Args) -> None:
