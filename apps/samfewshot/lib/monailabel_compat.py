@@ -133,6 +133,12 @@ WORKAROUNDS = (
         "monailabel runs a batch on the request's device when it sees no GPU",
     ),
     Workaround(
+        "lib.trainers.adapter_trainer.AdapterTrainer.__call__ sets BasicTrainTask's private _disable_meta_tracking per run",
+        "turns MONAI's process-wide meta tracking off for the whole run when asked to, also when the run is inside the "
+        "server (run_sync), where other requests then load volumes without their affine",
+        "monailabel decides it per process (only in its training subprocess)",
+    ),
+    Workaround(
         "lib.infers.resident.ResidentModelInfer._get_network, lib.handlers (the app's bodies of unsafe endpoints)",
         "builds a network per task from a file path; the app serves one resident network per model, hot-swapping "
         "adapters. The handlers: see their docstrings",
