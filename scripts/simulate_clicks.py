@@ -1,6 +1,6 @@
 """Simulated annotators clicking on held-out volumes: what clicks and boxes buy, before and after prompt-aware training.
 
-    .venv/bin/python scripts/simulate_clicks.py                                  # LiteMedSAM, 60 epochs, hf_sam
+    .venv/bin/python scripts/simulate_clicks.py                                  # LiteMedSAM, 50 epochs (the server default), hf_sam
     .venv/bin/python scripts/simulate_clicks.py --backbone tiny                  # the random test backbone
     .venv/bin/python scripts/simulate_clicks.py --epochs 0 --out-dir /tmp/zero   # zero-shot figures only
     .venv/bin/python scripts/simulate_clicks.py --epochs 2 --slices 2 --clicks 5 --out-dir /tmp/clicks   # a quick look
@@ -68,9 +68,8 @@ def train(app, model: str, share: float, args) -> None:
     """Train ``app``'s model for ``args.epochs`` with ``interactive_share`` = ``share``."""
     if args.epochs:
         start = time.perf_counter()
-        app.train(
-            {"model": model, "max_epochs": args.epochs, "lr": args.lr, "val_split": 0, "device": args.device, "interactive_share": share}
-        )
+        request = {"model": model, "max_epochs": args.epochs, "val_split": 0, "device": args.device, "interactive_share": share}
+        app.train(request | ({"lr": args.lr} if args.lr else {}))
         logging.info(f"trained interactive_share={share} in {time.perf_counter() - start:.0f} s")
 
 
@@ -239,8 +238,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="hf_sam", choices=["hf_sam", "masg_sam"])
     parser.add_argument("--backbone", default="litemedsam")
-    parser.add_argument("--epochs", type=int, default=60)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--epochs", type=int, default=50)
+    parser.add_argument("--lr", type=float, help="default: the training recipe's own")
     parser.add_argument("--interactive-share", type=float, default=0.5, help="of the prompt-aware run (the trainer's default)")
     parser.add_argument("--held-out", default="brain_005,brain_006,brain_007")
     parser.add_argument("--slices", type=int, default=8, help="slices per structure and volume")
