@@ -205,3 +205,35 @@ def test_background_points_with_a_learned_class_take_regions_away(client, tmp_pa
     assert response.status_code == 200, response.text
     result, label = multipart(response)
     assert result["prompt_path"] == "class" and nrrd_of(label, tmp_path)[60, 70, 62] == 0
+
+
+def test_an_object_label_answers_the_prompted_components_only(client, tmp_path, monkeypatch):
+    """``--conf object_labels``: a lesion-like label answers the connected components its clicks touch, the other
+    labels (tissues) the whole class. The propagation is replaced by one that finds two separate blobs of the
+    class, one at the click, and the label's scope is switched on the running task."""
+    import torch
+    from monailabel.interfaces.utils.app import app_instance
+    from scipy import ndimage
+
+    def two_blobs(network, volume, prompted, target_class, *args, **kwargs):
+        k, ((x, y, _),) = min(prompted), prompted[min(prompted)]["points"]
+        probabilities = torch.zeros(volume.shape[1], volume.shape[2], volume.shape[3])
+        probabilities[int(y) - 4 : int(y) + 5, int(x) - 4 : int(x) + 5, k - 2 : k + 3] = 1  # at the click
+        probabilities[1:8, 1:8, k - 2 : k + 3] = 1  # elsewhere in the slices
+        return probabilities, list(range(k - 2, k + 3)), target_class
+
+    monkeypatch.setattr("lib.infers.interactive.propagate", two_blobs)
+    task = app_instance()._infers["hf_sam_interactive"]
+    params = {"label": "grey matter", "foreground": [[60, 70, 62]], "background": [], **SLICER_FORMAT}
+    for scope, labels, blobs in (("class", frozenset(), 2), ("object", frozenset({"grey matter"}), 1)):
+        monkeypatch.setattr(task, "object_labels", labels)
+        response = infer(client, "hf_sam_interactive", "brain_003", params)
+        assert response.status_code == 200, response.text
+        result, label = multipart(response)
+        mask = nrrd_of(label, tmp_path)
+        assert result["scope"] == scope and mask[60, 70, 62] == 1
+        assert ndimage.label(mask, structure=np.ones((3, 3, 3)))[1] == blobs
+
+    params |= {"foreground": [], "background": [[60, 70, 62]]}
+    response = infer(client, "hf_sam_interactive", "brain_003", params)
+    assert response.status_code == 422 and "answered object by object" in response.text

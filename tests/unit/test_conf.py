@@ -53,3 +53,11 @@ def test_defaults_are_typed():
 def test_bad_keys_and_values_name_the_problem(conf, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         parse_conf(conf)
+
+
+def test_object_labels_must_name_labels():
+    from lib.configs.sam_segmentation import DEFAULT_LABELS, parse_object_labels
+
+    assert parse_object_labels(" grey matter ,", DEFAULT_LABELS) == {"grey matter"}
+    with pytest.raises(ValueError, match=re.escape("--conf object_labels 'gray mater': By 'gray mater', did you mean 'grey matter'?")):
+        parse_object_labels("gray mater", DEFAULT_LABELS)

@@ -243,3 +243,22 @@ def test_an_roi_partly_outside_the_plane_is_clipped(volume):
     assert len(boxes) == 1
     (box,) = boxes
     assert all(0 <= v <= size - 1 for v in box)
+
+
+def test_prompted_components_keeps_what_the_prompts_touch():
+    from lib.infers.interactive import prompted_components
+
+    mask = np.zeros((20, 20, 6), dtype=bool)
+    mask[2:5, 2:5, 1:4] = True  # lesion A, slices 1-3
+    mask[10:14, 10:14, 2:5] = True  # lesion B, slices 2-4
+    mask[5, 5, 4] = True  # touches A only through a corner (26-connected)
+    point_a = {"points": [(3.0, 3.0, 1)], "box": None}  # (x, y, label)
+    only_a = mask.copy()
+    only_a[10:14, 10:14] = False
+    assert (prompted_components(mask, {2: point_a}) == only_a).all()
+    both = prompted_components(mask, {1: point_a, 4: {"points": [(11.0, 12.0, 1)], "box": None}})
+    assert (both == mask).all()  # two clicks, two lesions
+    background_only = {"points": [(11.0, 12.0, 0)], "box": None}
+    assert not prompted_components(mask, {3: background_only}).any()
+    boxed = prompted_components(mask, {3: {"points": [], "box": (9.0, 9.0, 15.0, 15.0)}})
+    assert boxed[10:14, 10:14, 2:5].all() and not boxed[:6, :6].any()

@@ -72,6 +72,11 @@ CONF_KEYS: dict[str, ConfKey] = {
         ),
         ConfKey("sam_checkpoint", "", "SAM weights: a path or URL (default: the official file of the backbone)"),
         ConfKey("labels", "", 'label set as JSON {"name": id} (default: the brain-MRI sample\'s)'),
+        ConfKey(
+            "object_labels",
+            "",
+            "labels whose clicks and boxes answer the prompted objects only (lesions); the others answer the whole class",
+        ),
         ConfKey("auto_train", "false", "queue a training run after each saved final label", kind=_bool),
         ConfKey("device", "auto", "auto, cpu, cuda or cuda:N"),
         ConfKey(

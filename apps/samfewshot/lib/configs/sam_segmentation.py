@@ -6,6 +6,7 @@ import json
 import os
 from typing import Any
 
+from monai.utils import look_up_option
 from monailabel.interfaces.config import TaskConfig
 
 from lib.compute import resolve_precision, torch_device
@@ -19,14 +20,27 @@ from lib.networks.sam_segmenter import SamSegmenter, build_segmenter
 from lib.served_model import ServedModel, parse_labels
 from lib.trainers.adapter_trainer import AdapterTrainer
 from lib.trainers.recipes import RECIPES
+from lib.validation import one_line
 from lib.weights import load_official_checkpoint, resolve_sam_checkpoint
 
 # Label set of the brain-MRI sample datastore.
 DEFAULT_LABELS = {"white matter": 1, "grey matter": 2}
 
 
+def parse_object_labels(text: str, labels: dict[str, int]) -> frozenset[str]:
+    """``--conf object_labels``: comma-separated names of ``labels``; an unknown one stops the server with the
+    nearest label."""
+    names = frozenset(name.strip() for name in text.split(",") if name.strip())
+    for name in names:
+        try:
+            look_up_option(name, labels)
+        except ValueError as e:
+            raise ValueError(f"--conf object_labels {text!r}: {one_line(e)}") from None
+    return names
+
+
 class SamSegmentationConfig(TaskConfig):
-    """Reads the shared ``--conf`` keys (backbone, sam_checkpoint, labels, lora_rank, modality, device, preload,
+    """Reads the shared ``--conf`` keys (backbone, sam_checkpoint, labels, object_labels, lora_rank, modality, device, preload,
     precision, train_precision, engine, embedding_cache_mb, max_epochs, recipe)."""
 
     network_cls: type[SamSegmenter]
@@ -41,6 +55,7 @@ class SamSegmentationConfig(TaskConfig):
         except json.JSONDecodeError as e:
             raise ValueError(f"--conf labels must be JSON like '{json.dumps(DEFAULT_LABELS)}': {e}") from e
         self.labels = parse_labels(labels)
+        self.object_labels = parse_object_labels(conf["object_labels"], self.labels)
         self.device = torch_device(conf["device"])
         self.path = os.path.join(model_dir, f"{name}.pt")
         self.model = ServedModel(
@@ -83,7 +98,7 @@ class SamSegmentationConfig(TaskConfig):
         embeddings = EmbeddingCache(self.conf["embedding_cache_mb"] << 20)
         return {
             self.name: SliceSegmentation(self.model, embeddings, **options),
-            f"{self.name}_interactive": SliceInteraction(self.model, embeddings, **options),
+            f"{self.name}_interactive": SliceInteraction(self.model, embeddings, object_labels=self.object_labels, **options),
         }
 
     def trainer(self) -> AdapterTrainer:

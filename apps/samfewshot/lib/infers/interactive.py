@@ -19,6 +19,11 @@ One interaction gives a 3D result (``propagate``), decoded one of two ways (the 
   mask.
 
 Either way a walk goes on until the mask vanishes. An ``roi`` also bounds the result: its slices and its box.
+
+What the answer covers (the result's ``scope``) depends on the structure, not on the path: an object (a segment
+named in ``--conf object_labels``, such as lesions, or a new structure) is the connected 3D component(s) the prompts
+touch (``prompted_components``), so two lesions of one class are two answers; a tissue (the other labels: white
+matter, an organ that 3D Slicer keeps as one segment) is the whole class, as the segment it replaces.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from fastapi import HTTPException
 from monai.data import MetaTensor
 from monai.transforms import CastToTyped, Compose, Invertd, Lambdad, SqueezeDimd
 from monailabel.interfaces.tasks.infer_v2 import InferType
+from scipy import ndimage
 
 from lib.compute import autocast, torch_threads
 from lib.evaluation import dice
@@ -180,6 +186,22 @@ def clicked_class(logits: torch.Tensor, prompt: SlicePrompt, size: int) -> int:
     raise ValueError("background points alone do not say which structure to segment: add a foreground point, a box or a label")
 
 
+def prompted_components(mask: np.ndarray, prompted: dict[int, SlicePrompt]) -> np.ndarray:
+    """The parts of ``mask`` (S, S, D; ``[y, x, slice]``) that the prompts touch: its 26-connected 3D components
+    holding a foreground point, or, on a prompted slice without one, reaching into the slice's box."""
+    components, _ = ndimage.label(mask, structure=np.ones((3, 3, 3)))
+    touched = set()
+    for k, prompt in prompted.items():
+        positives = [(x, y) for x, y, label in prompt["points"] if label == 1]
+        for x, y in positives:
+            touched.add(components[min(int(y), mask.shape[0] - 1), min(int(x), mask.shape[1] - 1), k])
+        if not positives and prompt["box"] is not None:
+            x0, y0, x1, y1 = (int(v) for v in prompt["box"])
+            touched.update(np.unique(components[y0 : y1 + 1, x0 : x1 + 1, k]).tolist())
+    touched.discard(0)
+    return np.isin(components, sorted(touched))
+
+
 def click_session(
     network: SamSegmenter, image: torch.Tensor, target: np.ndarray, target_class: int, clicks: int, encode: Callable | None = None
 ) -> list[float]:
@@ -256,21 +278,26 @@ class SliceInteraction(SamSliceInfer):
     j1, k0, k1] in voxel indices of the volume as stored; ``label``, the segment's name (3D Slicer): one of the
     model's labels selects its class; a name outside them is a new structure, segmented by SAM's own object
     decoding (a near-duplicate of a label, such as "Grey Matter", is refused with that label's name). The result
-    names the segment (``label_names``), the slices it covers and the path that answered (``prompt_path``).
+    names the segment (``label_names``), the slices it covers, the path that answered (``prompt_path``) and what the
+    answer covers (``scope``: ``object`` or ``class``).
 
     Args:
         model: the served SAM model; its resident network, adapter and labels are the segmentation task's.
         embeddings: the model's image-embedding cache, shared with its segmentation task, so clicks on a volume just
             segmented run only the decoder.
+        object_labels: the labels answered as objects (the prompted connected components), not as whole classes.
         description: the task's description in MONAI Label; default names the model and its backbone.
         kwargs: passed on to ``SamSliceInfer`` (``device``, ``batch_size``, ``precision``, ``preload``, ``engine``).
     """
 
-    def __init__(self, model: ServedModel, embeddings: EmbeddingCache, description: str = "", **kwargs):
+    def __init__(
+        self, model: ServedModel, embeddings: EmbeddingCache, object_labels: frozenset[str] = frozenset(), description: str = "", **kwargs
+    ):
         description = description or (
             f"{model.name} ({model.backbone}): clicks and boxes segment one structure, propagated through the volume"
         )
         super().__init__(model, embeddings, type=InferType.DEEPGROW, description=description, **kwargs)
+        self.object_labels = object_labels
 
     def post_transforms(self, data=None) -> list:
         return [
@@ -297,6 +324,13 @@ class SliceInteraction(SamSliceInfer):
             raise HTTPException(status_code=422, detail=str(e)) from e
         if not prompted:
             raise HTTPException(status_code=422, detail="send foreground or background points ([[i, j, k], ...]) or an roi to segment")
+        pointed = any(p["box"] is not None or any(kind == 1 for *_, kind in p["points"]) for p in prompted.values())
+        if label in self.object_labels and not pointed:
+            raise HTTPException(
+                status_code=422,
+                detail=f"background points alone do not say which {label!r} to segment ({label!r} is answered object by object, "
+                "--conf object_labels): add a foreground point or a box",
+            )
         cached = self._get_network(device, data)
         network, encode = (cached.network, cached.encode) if isinstance(cached, CachedEncoding) else (cached, cached.encode)
         # A structure outside the label set, and anything before a pretrained model's first adapter, is answered by
@@ -322,9 +356,16 @@ class SliceInteraction(SamSliceInfer):
             inside = torch.zeros_like(probabilities[..., 0], dtype=torch.bool)
             inside[int(y0) : int(np.ceil(y1)) + 1, int(x0) : int(np.ceil(x1)) + 1] = True
             probabilities = probabilities * inside[..., None]
+        names = {i: n for n, i in self.model.labels.items()}
+        # An answer the object decoding gave without a class (OHIF's label-less points) is an object as well
+        scope = "object" if new_structure or target_class is None or names.get(target_class) in self.object_labels else "class"
+        if scope == "object":
+            touched = torch.from_numpy(prompted_components((probabilities > 0.5).cpu().numpy(), prompted))
+            probabilities = probabilities * touched.to(probabilities.device)
+            found = [k for k in found if touched[..., k].any()]
         data["pred"] = MetaTensor(probabilities[None].cpu(), meta=image.meta, applied_operations=image.applied_operations)
         data["prompted_slices"], data["found_slices"], data["target_class"] = sorted(prompted), found, target_class
-        data["prompt_path"] = "class" if by_class else "object"
+        data["prompt_path"], data["scope"] = "class" if by_class else "object", scope
         return data
 
     def __call__(self, request, callbacks=None):
@@ -338,6 +379,6 @@ class SliceInteraction(SamSliceInfer):
 
     def writer(self, data: dict[str, Any], extension=None, dtype=None):
         result_file, result_json = super().writer(data, extension, dtype)
-        for key in ("prompted_slices", "found_slices", "target_class", "prompt_path"):
+        for key in ("prompted_slices", "found_slices", "target_class", "prompt_path", "scope"):
             result_json[key] = data[key]
         return result_file, result_json
