@@ -103,3 +103,33 @@ def test_slicer_label_trains_with_model_ids(fmt, client, sample_data, tmp_path):
     stats = client.post("/train/hf_sam?run_sync=true", json={"max_epochs": 1}).json()
     assert stats["epoch"] == 1, stats
     assert client.get("/info/").json()["models"]["hf_sam"]["adapter_version"] == 1
+
+
+def test_a_label_of_some_segments_trains_without_teaching_the_others_as_background(client, sample_data, tmp_path):
+    """An annotator who drew only grey matter: the label annotates background and grey matter, white matter under
+    its background stays unknown to the loss (``mark_unannotated``), and the run completes."""
+    from monai.transforms import Compose
+    from monailabel.interfaces.utils.app import app_instance
+
+    from lib.transforms import training_slice_transforms
+
+    image_id = "brain_002"
+    labels, affine = slicer_ids(sample_data / "brain-mri-groundtruth" / f"{image_id}.nii.gz")
+    path = tmp_path / f"{image_id}.nii.gz"
+    nib.save(nib.Nifti1Image((labels == SLICER_IDS["grey matter"]).astype(np.uint8), affine), str(path))
+    with open(path, "rb") as f:
+        params = {"label_info": [{"name": "grey matter", "idx": 1}]}
+        response = client.put(
+            f"/datastore/label?image={image_id}&tag=final", files={"label": (path.name, f)}, data={"params": json.dumps(params)}
+        )
+    assert response.status_code == 200, response.text
+
+    app = app_instance()
+    item = {d["id"]: d for d in app._trainers["hf_sam"].pre_process({}, app.datastore())}[image_id]
+    model = app.models["hf_sam"].model
+    slices = Compose(training_slice_transforms(model.img_size, model.modality, model.labels, 2, 1.0))(item)
+    assert [s["annotated"].tolist() for s in slices] == [[True, False, True]] * 2
+    assert all(set(s["label"].unique().tolist()) <= {0, 2} for s in slices)
+
+    stats = client.post("/train/hf_sam?run_sync=true", json={"max_epochs": 1}).json()
+    assert stats["epoch"] == 1, stats

@@ -310,3 +310,38 @@ def test_the_log_survives_a_restart_in_its_folder_and_stays_there(tmp_path):
     again = InteractionLog(str(store), max_volumes=2)
     assert again.take("b") == [] and again.take("c") and again.take("d") == [{"label": None, "foreground": [[2, 2, 2]]}]
     assert [p.name for p in store.iterdir()] == ["junk.json"]
+
+
+def test_a_partly_annotated_label_does_not_teach_its_missing_classes_as_background():
+    """An annotator drew only grey matter (class 2): white matter (1) under that label's background is unknown.
+    The marked background (``prepare_prompted_batch`` through ``mark_unannotated``) costs the same whether the
+    network says background or white matter there, and the loss is the marginal one: -log(p_bg + p_wm)."""
+    from monai.losses import DiceCELoss
+
+    from lib.networks.sam_segmenter import marginalise_unannotated, mark_unannotated
+
+    label = torch.zeros(2, 1, 8, 8, dtype=torch.int64)
+    label[:, 0, :, :3] = 2
+    annotated = torch.tensor([[True, False, True], [True, True, True]])
+    marked = mark_unannotated(label, annotated)
+    assert (marked[0, 0, :, 3:] == -2).all() and (marked[0, 0, :, :3] == 2).all() and torch.equal(marked[1], label[1])
+    batch = prepare_prompted_batch({"image": torch.zeros(2, 1, 8, 8), "label": label, "annotated": annotated}, "cpu")
+    torch.testing.assert_close(batch[1], marked)
+
+    loss = DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=0.1, lambda_dice=0.9)
+    says = {}
+    for name, where in (("background", 0), ("white matter", 1)):
+        logits = torch.full((2, 3, 8, 8), -5.0)
+        logits[:, 2, :, :3] = 5.0
+        logits[:, where, :, 3:] = 5.0
+        says[name] = logits
+    unmarked = {name: float(loss(logits[:1], label[:1])) for name, logits in says.items()}
+    marginal = {name: float(loss(*marginalise_unannotated(logits[:1], marked[:1]))) for name, logits in says.items()}
+    assert unmarked["white matter"] > unmarked["background"] + 0.5
+    assert abs(marginal["white matter"] - marginal["background"]) < 1e-4
+
+    logits = torch.randn(1, 3, 8, 8)
+    merged, target = marginalise_unannotated(logits, marked[:1])
+    p, q = torch.softmax(logits, 1), torch.softmax(merged, 1)
+    torch.testing.assert_close(q[:, 0, :, 3:], p[:, 0, :, 3:] + p[:, 1, :, 3:])
+    assert (q[:, 1, :, 3:] == 0).all() and torch.equal(q[..., :3], p[..., :3]) and (target >= 0).all()

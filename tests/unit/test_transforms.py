@@ -147,6 +147,16 @@ def test_remap_id_missing_from_label_info_is_an_error():
         remap({"label": label})  # without label_info only the model's own ids are allowed
 
 
+def test_remap_records_the_classes_a_label_annotates():
+    remap = RemapLabelsByNamed(keys="label", model_labels=LABELS, annotated_key="annotated")
+    label = _label_volume()
+    assert remap({"label": label})["annotated"].tolist() == [True, True, True]  # no names: every class
+    only_grey = remap({"label": label * (label == 1), "label_info": [{"name": "Grey Matter", "idx": 1}]})
+    assert only_grey["annotated"].tolist() == [True, False, True] and int(only_grey["label"].max()) == 2
+    new_structure = remap({"label": label * (label == 1), "label_info": [{"name": "lesion", "idx": 1}]})
+    assert new_structure["annotated"].tolist() == [True, False, False]
+
+
 def test_remap_without_label_info_is_identity():
     label = _label_volume()
     out = RemapLabelsByNamed(keys="label", model_labels=LABELS)({"label": label})["label"]
@@ -249,6 +259,7 @@ def test_training_slices_all_foreground(labelled, seed):
         assert sample["image"].dtype == torch.float32 and sample["label"].dtype == torch.int64
         assert set(torch.unique(sample["label"]).tolist()) <= {0, 1, 2}
         assert int((sample["label"] > 0).sum()) > 0
+        assert sample["annotated"].tolist() == [True, True, True]
 
 
 def test_training_slices_with_background_share(labelled):

@@ -139,6 +139,34 @@ class ImageEncoding(nn.Module):
         return outputs[0], list(outputs[1:])
 
 
+def mark_unannotated(label: torch.Tensor, annotated: torch.Tensor) -> torch.Tensor:
+    """Class ids (B, C, H, W), channel 0 the classes, and the classes each label annotates (B, K) bool -> the same
+    with channel 0's background of a partly annotated label set to ``-sum(2**c)`` over the classes c it does not
+    annotate: there the truth is "background or one of those", as when an annotator drew only a new structure."""
+    if annotated.shape[1] > 62:
+        raise ValueError(f"a partly annotated label's classes are marked as bits of an int64: at most 62 classes, got {annotated.shape[1]}")
+    powers = 2 ** torch.arange(annotated.shape[1], device=label.device)
+    hidden = ((~annotated.bool()).long().to(label.device) * powers).sum(1).view(-1, 1, 1, 1)
+    classes = label[:, :1]
+    return torch.cat([torch.where((classes == 0) & (hidden > 0), -hidden, classes), label[:, 1:]], dim=1)
+
+
+def marginalise_unannotated(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class logits (B, K, H, W) and class ids (B, 1, H, W) marked by ``mark_unannotated`` -> logits and ids for
+    any softmax loss: at a marked pixel background's logit becomes the log-sum-exp of background's and of the
+    classes it may hide, whose own logits leave the softmax, and the id becomes background. Cross-entropy is then
+    -log(p_background + p_hidden) (the marginal loss of partly labelled data), Dice counts those probabilities as
+    background."""
+    unsure = target < 0
+    if not bool(unsure.any()):
+        return logits, target
+    classes = torch.arange(logits.shape[1], device=logits.device).view(1, -1, 1, 1)
+    hidden = unsure & (((-target).clamp(min=0) >> classes) & 1).bool()  # (B, K, H, W); bit 0 is never set
+    merged = torch.logsumexp(logits.masked_fill(~(hidden | (classes == 0)), float("-inf")), dim=1, keepdim=True)
+    background = torch.where(unsure, merged, logits[:, :1])
+    return torch.cat([background, logits[:, 1:]], dim=1).masked_fill(hidden, -1e4), target.clamp(min=0)
+
+
 class SamSegmenter(nn.Module):
     """SAM as a semantic segmenter of ``num_classes`` classes (background included).
 
@@ -212,10 +240,12 @@ class SamSegmenter(nn.Module):
         """Loss of the last training forward. ``logits`` (B, K, H, W) prompt-free class logits, or (B, 2K, H, W)
         with the prompted decoding's after them; ``label`` (B, 1, H, W) class ids, or (B, 2, H, W) with the prompted
         object after them: its class id c inside, 0 outside, -1 everywhere for a slice that got no prompt (no object
-        loss). The object loss reads the prompted decoding as c against the rest (``object_logit``). Computed in fp32
-        whatever precision the logits come in (a bf16 autocast forward)."""
+        loss). A negative class id marks a pixel of a partly annotated label (``mark_unannotated``): the loss takes
+        its background and the classes it may hide as one (``marginalise_unannotated``). The object loss reads the
+        prompted decoding as c against the rest (``object_logit``). Computed in fp32 whatever precision the logits
+        come in (a bf16 autocast forward)."""
         k, logits = self.num_classes, logits.float()
-        loss = self.segmentation_loss(logits[:, :k], label[:, :1])
+        loss = self.segmentation_loss(*marginalise_unannotated(logits[:, :k], label[:, :1]))
         if logits.shape[1] > k and label.shape[1] > 1:
             prompted = label[:, 1].flatten(1).amax(1)
             rows = torch.nonzero(prompted > 0).flatten()

@@ -292,9 +292,10 @@ class AdapterTrainer(HookedEngines, BasicTrainTask):
     def train_post_transforms(self, context: Context):
         classes = self.model.num_classes
         return [
-            # Metrics read the class head: with simulated prompts the last channels are the prompted object's.
+            # Metrics read the class head: with simulated prompts the last channels are the prompted object's; a
+            # partly annotated label's marked background (mark_unannotated) counts as background.
             Lambdad(keys="pred", func=lambda p: p[:classes]),
-            Lambdad(keys="label", func=lambda label: label[:1]),
+            Lambdad(keys="label", func=lambda label: label[:1].clamp(min=0)),
             Activationsd(keys="pred", softmax=True),
             AsDiscreted(keys=("pred", "label"), argmax=(True, False), to_onehot=self.model.num_classes),
         ]

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from monai.engines.utils import default_prepare_batch
 from scipy import ndimage
 
-from lib.networks.sam_segmenter import Prompts
+from lib.networks.sam_segmenter import Prompts, mark_unannotated
 from lib.transforms.clicks import box_of, click_cells, draw_clicks, error_click, interior_click, jittered_box, mask_logits, perturbed_mask
 from lib.transforms.prompts import SlicePrompt, batch_prompts
 from lib.transforms.slices import BOX_MARK, NEGATIVE_MARK, POSITIVE_MARK
@@ -163,8 +163,11 @@ def replay(clicks: np.ndarray, labels: np.ndarray, click_class: int) -> dict | N
 def prepare_prompted_batch(batchdata: dict[str, Any], device=None, non_blocking: bool = False, decoder_resolution: bool = False, **kwargs):
     """MONAI's ``default_prepare_batch``, plus the batch's prompts (when the iteration simulated some) passed to
     the network as ``prompts``. ``decoder_resolution``: the network returns its decoder's logits (a quarter of the
-    slice's side) and the label is resized to them by nearest neighbour."""
+    slice's side) and the label is resized to them by nearest neighbour. A label that annotates only some classes
+    has its background marked (``mark_unannotated``), so the loss does not teach the others as background."""
     image, label = default_prepare_batch(batchdata, device, non_blocking, **kwargs)
+    if "annotated" in batchdata:  # the classes each slice's label annotates (training_slice_transforms)
+        label = mark_unannotated(label, batchdata["annotated"])
     options: dict[str, Any] = {}
     if decoder_resolution:
         label = F.interpolate(label.float(), size=(image.shape[-2] // 4, image.shape[-1] // 4), mode="nearest").to(label.dtype)

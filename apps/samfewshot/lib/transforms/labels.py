@@ -57,14 +57,24 @@ class RemapLabelsByNamed(MapTransform):
 
     A voxel id that appears neither in label_info nor (without label_info) among the model's ids is an error:
     training on it silently would teach the model a wrong class.
+
+    With ``annotated_key``, ``data[annotated_key]`` becomes the classes the label annotates, a (K,) bool tensor
+    (background always): with label_info or segment names, the model's classes they name; without, all. Where a
+    class is not annotated (an annotator who drew only a new structure), the label's background may hide it.
     """
 
     def __init__(
-        self, keys: KeysCollection, model_labels: Mapping[str, int], info_key: str = "label_info", allow_missing_keys: bool = False
+        self,
+        keys: KeysCollection,
+        model_labels: Mapping[str, int],
+        info_key: str = "label_info",
+        annotated_key: str | None = None,
+        allow_missing_keys: bool = False,
     ):
         super().__init__(keys, allow_missing_keys)
         self.model_labels = dict(model_labels)
         self.info_key = info_key
+        self.annotated_key = annotated_key
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -88,4 +98,8 @@ class RemapLabelsByNamed(MapTransform):
                 if model_id:
                     out[label == client_id] = model_id
             d[key] = out
+            if self.annotated_key:
+                annotated = torch.zeros(len(self.model_labels) + 1, dtype=torch.bool)
+                annotated[[0, *mapping.values()]] = True
+                d[self.annotated_key] = annotated
         return d

@@ -47,10 +47,15 @@ class NrrdSpaceToKeysd(MapTransform):
 
 
 def volume_transforms(
-    img_size: int, modality: str, model_labels: Mapping[str, int] | None = None, intensity: Mapping[str, Any] | None = None
+    img_size: int,
+    modality: str,
+    model_labels: Mapping[str, int] | None = None,
+    intensity: Mapping[str, Any] | None = None,
+    annotated_key: str | None = None,
 ) -> list:
     """Image (and label, when ``model_labels`` is given) -> RAS, normalised, (1, S, S, D) volumes; ``intensity``: the
-    normalisation's options (``ServedModel.intensity``)."""
+    normalisation's options (``ServedModel.intensity``); ``annotated_key``: where the classes the label annotates
+    go (``RemapLabelsByNamed``)."""
     keys = ["image", "label"] if model_labels is not None else ["image"]
     transforms = [
         LoadImaged(keys=keys, image_only=True),
@@ -60,7 +65,7 @@ def volume_transforms(
         NormalizeIntensityByModalityd(keys="image", modality=modality, **(intensity or {})),
     ]
     if model_labels is not None:
-        transforms.append(RemapLabelsByNamed(keys="label", model_labels=model_labels))
+        transforms.append(RemapLabelsByNamed(keys="label", model_labels=model_labels, annotated_key=annotated_key))
     transforms.append(Resized(keys=keys, spatial_size=(img_size, img_size, -1), mode=["bilinear", "nearest"][: len(keys)]))
     return transforms
 
@@ -80,9 +85,9 @@ def training_slice_transforms(
     """Volumes -> ``slices_per_volume`` random axial slices (1, S, S), ``foreground_ratio`` of them centred on
     labelled voxels so that slices showing the structures dominate, one of them an annotator's interaction slice
     when the volume has any (``InteractionPromptsd``, ``InteractionMapd``); light 2D augmentation, the interaction map
-    moving with the label."""
+    moving with the label. Each slice carries its label's ``annotated`` classes (``RemapLabelsByNamed``)."""
     keys = ["image", "label", "click_map"]
-    return volume_transforms(img_size, modality, model_labels, intensity) + [
+    return volume_transforms(img_size, modality, model_labels, intensity, annotated_key="annotated") + [
         InteractionPromptsd(model_labels),
         InteractionMapd(),
         WithInteractionSliced(
