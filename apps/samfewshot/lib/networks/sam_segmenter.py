@@ -13,9 +13,11 @@ posterior, and it runs in two ways on the same image embedding:
   automatic segmentation, and prompt-aware training teaches them to follow clicks.
 
 A third way, ``decode_object``, is SAM's own class-agnostic decoding of the prompted object: the pretrained mask
-tokens (``object_tokens``, SAM's four) and the first hypernetwork head (``object_head``, single-mask output) on the
-image embedding before any hook. With the base weights it is the pretrained model's answer to a box or clicks (for
-LiteMedSAM exactly the official ``MedSAM_Lite`` forward), so prompts work before any class was trained.
+tokens (``object_tokens``, SAM's four), their hypernetwork heads (``object_heads``) and SAM's mask-quality head
+(``object_quality``) on the image embedding before any hook. With the base weights it is the pretrained model's
+answer to a box or clicks (for LiteMedSAM's single-mask output exactly the official ``MedSAM_Lite`` forward), so
+prompts work before any class was trained. One click alone is ambiguous (a part, the whole): as SAM's predictor
+does, it gets SAM's three-mask output and the mask its quality head rates best.
 
 Models differ only in the hooks, which both ways run: ``tap_projection`` (how an encoder tap becomes a decoder
 feature), ``fuse_before`` (image embedding before the two-way transformer), ``class_tokens`` (the mask tokens),
@@ -51,6 +53,8 @@ from .sam_backbone import (
 
 # SAM's point labels: background, foreground, a box's top-left and bottom-right corner; -1 is padding.
 BACKGROUND, FOREGROUND, BOX_TOP_LEFT, BOX_BOTTOM_RIGHT, PADDING = 0, 1, 2, 3, -1
+# SAM's MaskDecoder default iou_head_hidden_dim: the width of its mask-quality (IoU) head.
+SAM_IOU_HEAD_WIDTH = 256
 
 
 @dataclass
@@ -197,7 +201,8 @@ class SamSegmenter(nn.Module):
         self.tap_projections = nn.ModuleList(self.tap_projection(spec.tap_channels(i)) for i in self.tap_indexes)
         # SAM's own mask tokens and first hypernetwork head, as pretrained: the class-agnostic object decoding.
         self.object_tokens = nn.Embedding(4, spec.prompt_dim)
-        self.object_head = MLP(spec.prompt_dim, spec.prompt_dim, spec.prompt_dim // 8, 3)
+        self.object_heads = nn.ModuleList(MLP(spec.prompt_dim, spec.prompt_dim, spec.prompt_dim // 8, 3) for _ in range(4))
+        self.object_quality = MLP(spec.prompt_dim, SAM_IOU_HEAD_WIDTH, 4, 3)
         self.segmentation_loss = DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=0.1, lambda_dice=0.9)
         self.object_loss = DiceCELoss(sigmoid=True, lambda_ce=0.1, lambda_dice=0.9)
         # Monte-Carlo dropout on the decoder's image tokens, set only while estimating uncertainty.
@@ -318,8 +323,10 @@ class SamSegmenter(nn.Module):
         return self._decode(embedding, features, sparse, dense)
 
     def decode_object(self, features: SliceFeatures, prompts: Prompts) -> torch.Tensor:
-        """Logits (B, 1, 4h, 4w) of the prompted object by SAM's own single-mask decoding (``object_tokens``,
-        ``object_head``) of the image embedding before any hook (``features.embedding``)."""
+        """Logits (B, 1, 4h, 4w) of the prompted object by SAM's own decoding (``object_tokens``, ``object_heads``)
+        of the image embedding before any hook (``features.embedding``): the single-mask output (token 0), or for an
+        item prompted by one foreground click alone, the one of the three-mask output (tokens 1-3) that
+        ``object_quality`` rates best, as ``SamPredictor`` with ``multimask_output=True``."""
         embedding = features.embedding
         b, c, h, w = embedding.shape
         decoder = self.mask_decoder
@@ -329,7 +336,18 @@ class SamSegmenter(nn.Module):
         pos = self.prompt_encoder.get_dense_pe().expand(b, -1, -1, -1)
         hs, src = decoder.transformer(embedding + dense, pos, tokens)
         upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
-        return (self.object_head(hs[:, 1])[:, None] @ upscaled.flatten(2)).view(b, 1, *upscaled.shape[-2:])
+        size, upscaled = upscaled.shape[-2:], upscaled.flatten(2)
+        single = self.object_heads[0](hs[:, 1])[:, None] @ upscaled
+        labels = prompts.point_labels
+        one_click = torch.zeros(b, dtype=torch.bool, device=embedding.device)
+        if labels is not None:
+            one_click = ((labels != PADDING).sum(1) == 1) & ((labels == FOREGROUND).sum(1) == 1)
+        if bool(one_click.any()):
+            heads = torch.stack([self.object_heads[i](hs[:, 1 + i]) for i in (1, 2, 3)], dim=1)  # (B, 3, C/8)
+            best = self.object_quality(hs[:, 0])[:, 1:].argmax(1)
+            chosen = heads.gather(1, best.view(b, 1, 1).expand(-1, 1, heads.shape[-1])) @ upscaled
+            single = torch.where(one_click.view(b, 1, 1), chosen, single)
+        return single.view(b, 1, *size)
 
     def embed_prompts(self, prompts: Prompts, batch: int, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """SAM's ``PromptEncoder.forward`` for ``Prompts``: box corners are points with their own labels, and each
@@ -377,15 +395,17 @@ class SamSegmenter(nn.Module):
 
         SAM has four pretrained mask tokens and hypernetwork heads, LiteMedSAM one (it was trained with single-mask
         output; ``spec.pretrained_mask_tokens``): class k starts from token ``k % n`` of those, so every class begins
-        from a pretrained mask head. The IoU head is not part of this model.
+        from a pretrained mask head. SAM's four tokens, heads and IoU head also serve the object decoding.
         """
         state = dict(official)
-        state = {k: v for k, v in state.items() if not k.startswith("mask_decoder.iou_prediction_head.")}
+        quality = "mask_decoder.iou_prediction_head."
+        for key in [k for k in state if k.startswith(quality)]:
+            state["object_quality." + key[len(quality) :]] = state.pop(key)
         tokens = state["mask_decoder.mask_tokens.weight"]
         state["object_tokens.weight"] = tokens
         for key, value in list(state.items()):
-            if key.startswith("mask_decoder.output_hypernetworks_mlps.0."):
-                state["object_head." + key.split(".", 3)[3]] = value
+            if key.startswith("mask_decoder.output_hypernetworks_mlps."):
+                state["object_heads." + key.split(".", 2)[2]] = value
         n_official = min(tokens.shape[0], self.spec.pretrained_mask_tokens)
         state["mask_decoder.mask_tokens.weight"] = tokens[[k % n_official for k in range(self.num_classes)]]
         hyper = "mask_decoder.output_hypernetworks_mlps."
