@@ -13,6 +13,8 @@ from the served adapter on every label so far. Per update the CSV records the gu
 served adapter's sentinel Dice before, the run's candidate's, the served one's after) and the served adapter's Dice
 on the held-out volumes (never in the datastore); the PNG draws them, with what an unguarded server would have served.
 ``--wrong-label K`` makes update K an annotator's mistake: its volume is saved with white and grey matter swapped.
+Each saved label goes through the server's label-quality check (``lib.label_check``) before the run: the CSV
+records its agreement with the served adapter (``label_check``) and the labels the run held out (``held_out``).
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ def swapped_label(path: str, labels: dict[str, int], directory: str) -> str:
 
 
 def run_sequence(args, labels: dict[str, int], pool: list[str], held_out: list[str]) -> list[dict]:
+    from lib.datastore import CHECK_KEY
+
     set_seeds(args.seed)
     order = random.Random(args.seed).sample(pool, args.initial + args.updates)
     label_info = {"label_info": [{"name": name, "idx": idx} for name, idx in labels.items()]}
@@ -64,7 +68,8 @@ def run_sequence(args, labels: dict[str, int], pool: list[str], held_out: list[s
                 truth = os.path.join(args.truth, f"{image_id}.nii.gz")
                 if update == args.wrong_label:
                     truth = swapped_label(truth, labels, work)
-                datastore.save_label(image_id, truth, "final", dict(label_info))
+                app.on_save_label(image_id, datastore.save_label(image_id, truth, "final", dict(label_info)))
+            app.wait_label_checks()  # as a server: each saved label checked against the served adapter first
             set_seeds(args.seed * 1000 + update)
             start = time.perf_counter()
             request = {"model": args.model, "max_epochs": args.epochs, "lr": args.lr, "device": args.device}
@@ -73,6 +78,12 @@ def run_sequence(args, labels: dict[str, int], pool: list[str], held_out: list[s
             seconds = time.perf_counter() - start
             after = decision["candidate_metric"] if decision["served"] else decision["served_metric"]
             dice = held_out_dice(app, args.model, held_paths, args.truth, labels, args.device)
+            checks = {}
+            for image_id in added:
+                info = datastore.get_label_info(datastore.get_labels_by_image_id(image_id)["final"], "final") or {}
+                record = (info.get(CHECK_KEY) or {}).get(args.model)
+                if record:
+                    checks[image_id] = f"{record['agreement']:.3f}{' flagged' if record['flagged'] else ''}"
             rows.append(
                 {
                     "update": update,
@@ -86,6 +97,8 @@ def run_sequence(args, labels: dict[str, int], pool: list[str], held_out: list[s
                     "sentinel_dice_after": round(after, 4),
                     "heldout_dice_mean": round(float(np.nanmean(list(dice.values()))), 4),
                     "train_seconds": round(seconds, 1),
+                    "label_check": ",".join(f"{i} {c}" for i, c in checks.items()),
+                    "held_out": ",".join(u["id"] for u in decision.get("unusable", [])),
                     "reason": decision["reason"],
                 }
             )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import monailabel
 from monai.utils import look_up_option
@@ -23,8 +25,9 @@ from lib import monailabel_compat, routes
 from lib.activelearning import ClaspPE, Diversity, First, Handouts, Hybrid, RandomChoice, Typicality, Uncertainty
 from lib.conf import parse_conf
 from lib.configs import MODEL_CONFIGS
-from lib.datastore import CheckedDatastore
+from lib.datastore import SAVED_KEY, CheckedDatastore
 from lib.interactions import INTERACTIONS_KEY, InteractionLog
+from lib.label_check import check_saved_label, flagged_labels
 from lib.monailabel_compat import AppFixes
 from lib.scoring import EmbeddingScoring, UncertaintyScoring
 from lib.validation import check_choice, http_errors, one_line
@@ -60,6 +63,9 @@ class SamFewShotApp(AppFixes, MONAILabelApp):
             self.models[name] = MODEL_CONFIGS[name]()
             self.models[name].init(name, self.model_dir, conf, None)
         self.auto_train = conf["auto_train"]
+        self.label_check = conf["label_check"]
+        # One label check at a time, off the request that saved the label (each segments a volume).
+        self._label_checks = ThreadPoolExecutor(1, thread_name_prefix="label-check")
         self.auto_scoring = conf["auto_scoring"]
         self.handouts = Handouts(timeout_s=conf["handout_timeout"])
         self.endpoint_groups = routes.parse_endpoint_groups(conf["endpoints"])
@@ -81,6 +87,14 @@ class SamFewShotApp(AppFixes, MONAILabelApp):
             description="Few-shot Segment Anything adaptations (HF-SAM, MASG-SAM, FGNet) with incremental fine-tuning",
             version=monailabel.__version__,
         )
+
+    def info(self):
+        """MONAI Label's, plus ``label_checks``: the final labels the label-quality check flagged (``lib.label_check``)."""
+        info = super().info()
+        datastore = self.datastore()
+        if isinstance(datastore, CheckedDatastore):
+            info["label_checks"] = flagged_labels(datastore)
+        return info
 
     def init_datastore(self) -> Datastore:
         """A local datastore checks every upload (lib/datastore.py); labels without label_info may hold the
@@ -184,12 +198,15 @@ class SamFewShotApp(AppFixes, MONAILabelApp):
         stamps = {}
         for image_id in datastore.get_labeled_images(final):
             label_id = datastore.get_labels_by_image_id(image_id)[final]
-            stamps[image_id] = int((datastore.get_label_info(label_id, final) or {}).get("ts", 0))
+            info = datastore.get_label_info(label_id, final) or {}
+            stamps[image_id] = int(info.get(SAVED_KEY) or info.get("ts", 0))
         return stamps
 
     def on_save_label(self, image_id, label_id):
-        """A newly saved final label takes the prompts annotators placed on its volume (``lib.interactions``), and
-        with ``--conf auto_train true`` starts fine-tuning every model.
+        """A newly saved final label takes the prompts annotators placed on its volume (``lib.interactions``), is
+        checked against the prediction of every model that serves an adapter (``lib.label_check``, in the
+        background: the save answers at once), and with ``--conf auto_train true`` then starts fine-tuning every
+        model.
 
         Training runs one at a time (MONAI Label's single-worker queue); a model with a run already waiting
         gets no second one, since that waiting run will read the datastore, new label included, when it starts.
@@ -206,8 +223,44 @@ class SamFewShotApp(AppFixes, MONAILabelApp):
             interactions = self.interactions.take(image_id)
             if interactions:
                 datastore.update_label_info(label_id, DefaultLabelTag.FINAL, {INTERACTIONS_KEY: interactions})
-            if not self.auto_train:
-                return result
+        checked = [n for n, c in self.models.items() if c.model.labels and c.model.served_version()] if self.label_check else []
+        if checked and isinstance(datastore, CheckedDatastore):
+            self._label_checks.submit(self._check_label, datastore, image_id, label_id, checked)
+            result["label_check"] = checked
+        elif self.auto_train:
+            result["auto_train"] = self._queue_training(image_id)
+        return result
+
+    def _check_label(self, datastore: CheckedDatastore, image_id: str, label_id: str, models: list[str]) -> None:
+        """The label-quality check of a saved final label for ``models`` (``lib.label_check``), recorded in its
+        info; then training, with ``auto_train``, so that the run knows which labels to hold out."""
+        records = {}
+        label = datastore.get_label_uri(label_id, DefaultLabelTag.FINAL)
+        label_info = (datastore.get_label_info(label_id, DefaultLabelTag.FINAL) or {}).get("label_info")
+        for name in models:
+            try:
+                segment = partial(self._segmentation_file, name, image_id)
+                record = check_saved_label(self.models[name].model, segment, label, label_info)
+            except Exception as e:  # a check that cannot run holds nothing out, and says why
+                logger.exception(f"{name}: the label check of {image_id} failed")
+                record = {"flagged": False, "error": one_line(e)}
+            if record:
+                records[name] = record
+        if records:
+            datastore.record_label_check(label_id, records)
+        if self.auto_train:
+            self._queue_training(image_id)
+
+    def wait_label_checks(self, timeout: float | None = None) -> None:
+        """Return once every label check submitted so far has finished (scripts that train right after a save)."""
+        self._label_checks.submit(lambda: None).result(timeout)
+
+    def _segmentation_file(self, model: str, image_id: str) -> str:
+        return self.infer({"model": model, "image": image_id})["file"]
+
+    def _queue_training(self, image_id: str) -> list[str]:
+        """Queue a run for every model without one waiting; the models queued."""
+        with self._train_lock:
             waiting = {t["request"].get("model") for t in tasks("train") if t["status"] == "SUBMITTED"}
             started = []
             for model in monailabel_compat.trainers(self):
@@ -215,5 +268,4 @@ class SamFewShotApp(AppFixes, MONAILabelApp):
                     AsyncTask.run("train", request={"model": model}, enqueue=True)
                     started.append(model)
         logger.info(f"auto_train: final label for {image_id}; training queued for {started}")
-        result["auto_train"] = started
-        return result
+        return started

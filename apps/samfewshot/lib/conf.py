@@ -78,6 +78,7 @@ CONF_KEYS: dict[str, ConfKey] = {
             "labels whose clicks and boxes answer the prompted objects only (lesions); the others answer the whole class",
         ),
         ConfKey("auto_train", "false", "queue a training run after each saved final label", kind=_bool),
+        ConfKey("label_check", "true", "check each saved final label against the served adapter's prediction", kind=_bool),
         ConfKey("device", "auto", "auto, cpu, cuda or cuda:N"),
         ConfKey(
             "lora_rank", "", "rank of the SAM models' LoRA on q and v (default: HF-SAM 5, as published; MASG-SAM 4)", kind=int, minimum=1

@@ -8,6 +8,7 @@ leaves the datastore JSON and every stored file as they were.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Collection
 from typing import Any
 
@@ -27,6 +28,10 @@ from lib.validation import (
     stored_image_grid,
 )
 
+# In a final label's info: the server's label-quality records ({model: record}, lib.label_check), and whether an
+# annotator stands by the label whatever they say.
+CHECK_KEY, CONFIRM_KEY = "label_check", "label_confirmed"
+SAVED_KEY = "saved_ns"  # in every label's info: when this server stored it, in nanoseconds
 # Per-voxel maps the app stores beside labels (main.py: the uncertainty map of an infer request), not label ids.
 MAP_TAGS = frozenset({"uncertainty"})
 
@@ -69,7 +74,8 @@ class CheckedDatastore(LocalDatastore):
             info = (label_info or {}).get("label_info")
             check_label(label_filename, image, self.known_ids, info, ids=ids, name=f"{image_id} ({label_tag})")
             check_label_metadata(label_info or {})
-        return super().save_label(image_id, label_filename, label_tag, label_info)
+        # MONAI Label stamps a label in whole seconds: two saves within one would look like one (main.py).
+        return super().save_label(image_id, label_filename, label_tag, {**(label_info or {}), SAVED_KEY: time.time_ns()})
 
     def remove_image(self, image_id: str) -> None:
         with http_errors():
@@ -88,10 +94,19 @@ class CheckedDatastore(LocalDatastore):
             check_label_metadata(info or {})
         return super().update_label_info(label_id, label_tag, info)
 
+    def record_label_check(self, label_id: str, records: dict[str, Any]) -> None:
+        """The server's label-quality records ({model: record}, ``lib.label_check``) into a final label's info."""
+        super().update_label_info(label_id, "final", {CHECK_KEY: records})
+
 
 def check_label_metadata(info: dict[str, Any]) -> None:
-    """What training reads from a label's info, checked before it is stored: ``label_info`` and the prompts
-    (``INTERACTIONS_KEY``); one malformed entry would otherwise fail every later training run."""
+    """What training reads from a label's info, checked before it is stored: ``label_info``, the prompts
+    (``INTERACTIONS_KEY``) and an annotator's confirmation (``CONFIRM_KEY``); one malformed entry would otherwise
+    fail every later training run. The label-quality record (``CHECK_KEY``) is the server's to write."""
+    if CHECK_KEY in info:
+        raise InvalidInput(f"'{CHECK_KEY}' is the server's label-quality record; to confirm a flagged label send {CONFIRM_KEY}: true")
+    if CONFIRM_KEY in info and not isinstance(info[CONFIRM_KEY], bool):
+        raise InvalidInput(f"{CONFIRM_KEY} must be true or false (a JSON boolean), got {info[CONFIRM_KEY]!r}")
     if "label_info" in info:
         check_label_info(info["label_info"])
     if INTERACTIONS_KEY in info:

@@ -44,6 +44,7 @@ from monailabel.utils.others.generic import strtobool
 from lib.adapters import AdapterError, keep_candidate, publish_adapter, published_version
 from lib.compute import autocast
 from lib.interactions import INTERACTIONS_KEY, check_interactions
+from lib.label_check import held_out_reason
 from lib.monailabel_compat import HookedEngines
 from lib.networks.lora import adapter_state_dict
 from lib.served_model import ServedModel
@@ -201,7 +202,8 @@ class AdapterTrainer(HookedEngines, BasicTrainTask):
 
         Stored data a run cannot use (planted past the datastore's checks, or stored before them) never fails the
         run: a volume whose image or label is unreadable, off its image's grid or holds ids nobody named is left
-        out, prompts stored malformed are dropped, each named with its reason in ``self.unusable``.
+        out, prompts stored malformed are dropped, each named with its reason in ``self.unusable``. So is a label
+        the label-quality check flagged and nobody confirmed (``lib.label_check``).
         A DICOMweb datastore first fetches the SEG labels in the PACS (saved through this server or elsewhere)
         into its local cache; its own ``get_label_uri`` takes a SEG series id, the cache is keyed by image id.
         """
@@ -228,6 +230,10 @@ class AdapterTrainer(HookedEngines, BasicTrainTask):
             except InvalidInput as e:
                 self.leave_out(image_id, "label", e)
                 continue
+            held_out = held_out_reason(info, self.model.name)
+            if held_out:
+                self.leave_out(image_id, "label", held_out)
+                continue
             if info.get("label_info"):
                 item["label_info"] = info["label_info"]
             if float(request.get("interactive_share", self.config()["interactive_share"])) and info.get(INTERACTIONS_KEY):
@@ -238,7 +244,7 @@ class AdapterTrainer(HookedEngines, BasicTrainTask):
             datalist.append(item)
         return datalist
 
-    def leave_out(self, image_id: str, what: str, error: Exception) -> None:
+    def leave_out(self, image_id: str, what: str, error: Exception | str) -> None:
         """A stored ``what`` (image, label, interactions) of ``image_id`` the run does not use, and why."""
         outcome = "the volume is left out of this run" if what in ("image", "label") else "the run goes on without them"
         logger.warning(f"{self.model.name}: the stored {what} of {image_id} cannot be used, {outcome}: {error}")
