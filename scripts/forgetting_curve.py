@@ -51,7 +51,7 @@ def swapped_label(path: str, labels: dict[str, int], directory: str) -> str:
 
 
 def run_sequence(args, labels: dict[str, int], pool: list[str], held_out: list[str]) -> list[dict]:
-    from lib.datastore import CHECK_KEY
+    from lib.label_check import CHECK_KEY
 
     set_seeds(args.seed)
     order = random.Random(args.seed).sample(pool, args.initial + args.updates)

@@ -16,6 +16,7 @@ from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.datastore import Datastore
 
 from lib.interactions import INTERACTIONS_KEY, check_interactions
+from lib.label_check import CHECK_KEY, CONFIRM_KEY
 from lib.validation import (
     STORED_SUFFIXES,
     InvalidInput,
@@ -28,9 +29,6 @@ from lib.validation import (
     stored_image_grid,
 )
 
-# In a final label's info: the server's label-quality records ({model: record}, lib.label_check), and whether an
-# annotator stands by the label whatever they say.
-CHECK_KEY, CONFIRM_KEY = "label_check", "label_confirmed"
 SAVED_KEY = "saved_ns"  # in every label's info: when this server stored it, in nanoseconds
 # Per-voxel maps the app stores beside labels (main.py: the uncertainty map of an infer request), not label ids.
 MAP_TAGS = frozenset({"uncertainty"})

@@ -22,12 +22,14 @@ from monai.transforms import LoadImage
 from monailabel.interfaces.datastore import Datastore
 
 from lib.adapters import read_adapter_record
-from lib.datastore import CHECK_KEY, CONFIRM_KEY
 from lib.evaluation import dice
 from lib.served_model import ServedModel
 from lib.transforms.labels import client_to_model_ids, slicer_label_info
 
 logger = logging.getLogger(__name__)
+
+# In a final label's info: the server's records ({model: record}), and whether an annotator stands by the label.
+CHECK_KEY, CONFIRM_KEY = "label_check", "label_confirmed"
 
 # A label agreeing with the served model less than this share of the adapter's sentinel score is flagged. On the
 # sample volumes a correct label agrees about as well as the sentinel volumes do; swapped classes agree close to 0.
