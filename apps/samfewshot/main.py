@@ -9,7 +9,6 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import monailabel
-from monai.utils import look_up_option
 from monailabel.config import settings
 from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.interfaces.app import MONAILabelApp
@@ -23,7 +22,7 @@ from monailabel.utils.async_tasks.utils import tasks
 
 from lib import monailabel_compat, routes
 from lib.activelearning import ClaspPE, Diversity, First, Handouts, Hybrid, RandomChoice, Typicality, Uncertainty
-from lib.conf import parse_conf
+from lib.conf import listed_names, parse_conf
 from lib.configs import MODEL_CONFIGS
 from lib.datastore import SAVED_KEY, CheckedDatastore
 from lib.interactions import INTERACTIONS_KEY, InteractionLog
@@ -38,17 +37,13 @@ logger = logging.getLogger(__name__)
 def selected_models(value: str) -> list[str]:
     """Model names from ``--conf models`` ('all' or a comma-separated list); an unknown name is an error naming the
     nearest valid one."""
+    valid = f"all, {', '.join(MODEL_CONFIGS)}"
     names = [m.strip() for m in value.split(",") if m.strip()]
     if "all" in names:
         return list(MODEL_CONFIGS)
     if not names:
-        raise ValueError(f"--conf models names no model; valid: all, {', '.join(MODEL_CONFIGS)}")
-    for name in names:
-        try:
-            look_up_option(name, MODEL_CONFIGS)
-        except ValueError as e:
-            raise ValueError(f"--conf models {value!r}: {one_line(e)} valid: all, {', '.join(MODEL_CONFIGS)}.") from None
-    return names
+        raise ValueError(f"--conf models names no model; valid: {valid}")
+    return listed_names("models", value, MODEL_CONFIGS, valid)
 
 
 class SamFewShotApp(AppFixes, MONAILabelApp):

@@ -8,7 +8,7 @@ of the wrong type names the key and the type. The README's configuration table i
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +29,19 @@ def _bool(value: str) -> bool:
     return bool(strtobool(value))
 
 
+def listed_names(key: str, text: str, choices: Collection[str], valid: str = "", listed: bool = True) -> list[str]:
+    """The comma-separated names of ``--conf key``'s ``text`` (or ``text`` itself, unless ``listed``), each one of
+    ``choices``; an unknown one stops the server with the nearest choice (MONAI's ``look_up_option``) and
+    ``valid``, the list to show."""
+    names = [name.strip() for name in text.split(",") if name.strip()] if listed else [text]
+    for name in names:
+        try:
+            look_up_option(name, choices)
+        except ValueError as e:
+            raise ValueError(f"--conf {key} {text!r}: {one_line(e)}" + (f" valid: {valid}." if valid else "")) from None
+    return names
+
+
 @dataclass(frozen=True)
 class ConfKey:
     """One ``--conf`` key: ``kind`` parses its string; ``choices`` (each of a comma-separated list when ``listed``)."""
@@ -44,13 +57,8 @@ class ConfKey:
     def parse(self, value: Any) -> Any:
         text = str(self.default if value is None else value).strip()
         if self.choices:
-            items = [v.strip() for v in text.split(",") if v.strip()] if self.listed else [text]
-            for item in items:
-                try:
-                    look_up_option(item, self.choices)
-                except ValueError as e:
-                    raise ValueError(f"--conf {self.name} {text!r}: {one_line(e)} valid: {', '.join(self.choices)}.") from None
-            return ",".join(items) if self.listed else text
+            names = listed_names(self.name, text, self.choices, ", ".join(self.choices), listed=self.listed)
+            return ",".join(names) if self.listed else text
         try:
             parsed = self.kind(text) if text or self.kind is str else None
         except ValueError:

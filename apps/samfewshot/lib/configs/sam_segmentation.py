@@ -6,11 +6,10 @@ import json
 import os
 from typing import Any
 
-from monai.utils import look_up_option
 from monailabel.interfaces.config import TaskConfig
 
 from lib.compute import resolve_precision, torch_device
-from lib.conf import parse_conf
+from lib.conf import listed_names, parse_conf
 from lib.engines.openvino_engine import engine_from_conf
 from lib.infers.embedding_cache import EmbeddingCache
 from lib.infers.interactive import SliceInteraction
@@ -20,7 +19,6 @@ from lib.networks.sam_segmenter import SamSegmenter, build_segmenter
 from lib.served_model import ServedModel, parse_labels
 from lib.trainers.adapter_trainer import AdapterTrainer
 from lib.trainers.recipes import RECIPES
-from lib.validation import one_line
 from lib.weights import load_official_checkpoint, resolve_sam_checkpoint
 
 # Label set of the brain-MRI sample datastore.
@@ -30,13 +28,7 @@ DEFAULT_LABELS = {"white matter": 1, "grey matter": 2}
 def parse_object_labels(text: str, labels: dict[str, int]) -> frozenset[str]:
     """``--conf object_labels``: comma-separated names of ``labels``; an unknown one stops the server with the
     nearest label."""
-    names = frozenset(name.strip() for name in text.split(",") if name.strip())
-    for name in names:
-        try:
-            look_up_option(name, labels)
-        except ValueError as e:
-            raise ValueError(f"--conf object_labels {text!r}: {one_line(e)}") from None
-    return names
+    return frozenset(listed_names("object_labels", text, labels))
 
 
 class SamSegmentationConfig(TaskConfig):
