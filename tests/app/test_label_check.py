@@ -73,12 +73,15 @@ def test_a_swapped_label_is_flagged_held_out_and_trains_once_confirmed(client, s
     assert save_final(client, wrong, names).status_code == 200
     record = wait_for_check(app)
     assert record["flagged"] and record["agreement"] < 0.1
+    assert record["confused"] == {"white matter": "grey matter", "grey matter": "white matter"}
     checks = client.get("/info/").json()["label_checks"]
-    assert checks == [{"image": IMAGE, "model": "hf_sam", "agreement": record["agreement"], "reference": 0.8, "confirmed": False}]
+    expected = {"image": IMAGE, "model": "hf_sam", "agreement": record["agreement"], "reference": 0.8, "confirmed": False}
+    assert checks == [{**expected, "confused": record["confused"]}]
 
     stats = client.post("/train/hf_sam?run_sync=true", json={"max_epochs": 1, "val_split": 0}).json()
     held = [u for u in stats["publication"]["unusable"] if u["id"] == IMAGE]
-    assert held and "Save it again with label_confirmed: true" in held[0]["reason"]
+    assert held and "'white matter' matches the prediction's 'grey matter' better" in held[0]["reason"]
+    assert "Save it again with label_confirmed: true" in held[0]["reason"]
 
     # The client may confirm, never forge the server's record; a confirmation is a JSON boolean.
     label_id = app.datastore().get_labels_by_image_id(IMAGE)["final"]

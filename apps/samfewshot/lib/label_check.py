@@ -5,8 +5,10 @@ structure is plain) passes the datastore's checks, and the sentinel guard notice
 when a final label is saved and a model serves an adapter, the model segments the volume and the two are compared,
 class by class (Dice, over the classes the label names: those it annotates). The served adapter's own score on its
 sentinel volumes says how well the model and an annotator usually agree: a label that agrees less than
-``AGREEMENT_FRACTION`` of that is flagged (``label_check`` in the label's info, per model) and held out of that
-model's training until an annotator confirms it: saving it again with ``label_confirmed: true``.
+``AGREEMENT_FRACTION`` of that is flagged (``label_check`` in the label's info, per model), and so is a label one of
+whose classes matches another class of the prediction better than its own (``confused``: swapped or misnamed
+classes, which a weak model, agreeing little with any label, would not show in the mean). A flagged label is held
+out of that model's training until an annotator confirms it: saving it again with ``label_confirmed: true``.
 """
 
 from __future__ import annotations
@@ -34,12 +36,16 @@ CHECK_KEY, CONFIRM_KEY = "label_check", "label_confirmed"
 # A label agreeing with the served model less than this share of the adapter's sentinel score is flagged. On the
 # sample volumes a correct label agrees about as well as the sentinel volumes do; swapped classes agree close to 0.
 AGREEMENT_FRACTION = 0.5
+# A label's class is taken for another one where it matches that class of the prediction by this much more Dice.
+CONFUSION_MARGIN = 0.05
 
 
-def agreement(label_path: str, label_info: list | None, prediction_path: str, labels: Mapping[str, int]) -> dict[str, float]:
+def agreement(
+    label_path: str, label_info: list | None, prediction_path: str, labels: Mapping[str, int]
+) -> tuple[dict[str, float], dict[str, str]]:
     """Dice per class name between a saved label (its client ids mapped to ``labels`` by name) and a prediction in
     the model's ids, both on the volume's grid, over the classes the label names (all without names) that either
-    holds."""
+    holds; and the confused ones: {label class: the predicted class it matches better, by ``CONFUSION_MARGIN``}."""
     load = LoadImage(image_only=True)
     label, prediction = load(label_path), np.asarray(load(prediction_path)).squeeze()
     label_info = label_info or slicer_label_info(getattr(label, "meta", {}))
@@ -49,11 +55,16 @@ def agreement(label_path: str, label_info: list | None, prediction_path: str, la
     model_ids = np.zeros_like(label, dtype=np.int64)
     for client_id, model_id in mapping.items():
         model_ids[label == client_id] = model_id
-    return {
-        name: dice(prediction == i, model_ids == i)
-        for name, i in labels.items()
-        if i in named and ((prediction == i).any() or (model_ids == i).any())
-    }
+    per_class, confused = {}, {}
+    for name, i in labels.items():
+        if i not in named or not ((prediction == i).any() or (model_ids == i).any()):
+            continue
+        per_class[name] = dice(prediction == i, model_ids == i)
+        if (model_ids == i).any():
+            other, best = max(((n, dice(prediction == j, model_ids == i)) for n, j in labels.items() if j != i), key=lambda x: x[1])
+            if best > per_class[name] + CONFUSION_MARGIN:
+                confused[name] = other
+    return per_class, confused
 
 
 def check_saved_label(model: ServedModel, segment: Callable[[], str], label_path: str, label_info: list | None) -> dict[str, Any] | None:
@@ -68,7 +79,7 @@ def check_saved_label(model: ServedModel, segment: Callable[[], str], label_path
     reference = float(info["metric"]) if info.get("val_volumes") and info.get("metric") is not None else 1.0
     prediction = segment()
     try:
-        per_class = agreement(label_path, label_info, prediction, model.labels)
+        per_class, confused = agreement(label_path, label_info, prediction, model.labels)
     finally:
         os.remove(prediction)
     mean = statistics.fmean(per_class.values()) if per_class else 1.0
@@ -77,12 +88,13 @@ def check_saved_label(model: ServedModel, segment: Callable[[], str], label_path
         "agreement": round(mean, 4),
         "per_class": {name: round(value, 4) for name, value in per_class.items()},
         "reference": round(reference, 4),
-        "flagged": mean < AGREEMENT_FRACTION * reference,
+        "confused": confused,
+        "flagged": mean < AGREEMENT_FRACTION * reference or bool(confused),
     }
     if record["flagged"]:
         logger.warning(
-            f"{model.name}: the saved label agrees {mean:.3f} with adapter {version} ({per_class}), under {AGREEMENT_FRACTION} "
-            f"of its sentinel score {reference:.3f}: held out of training until confirmed ({CONFIRM_KEY})"
+            f"{model.name}: the saved label agrees {mean:.3f} with adapter {version} ({per_class}, sentinel score "
+            f"{reference:.3f}, classes matching another better: {confused}): held out of training until confirmed ({CONFIRM_KEY})"
         )
     return record
 
@@ -92,16 +104,20 @@ def held_out_reason(info: Mapping[str, Any], model: str) -> str | None:
     record = (info.get(CHECK_KEY) or {}).get(model)
     if not record or not record.get("flagged") or info.get(CONFIRM_KEY) is True:
         return None
+    if record.get("confused"):
+        found = "its " + ", ".join(f"{c!r} matches the prediction's {o!r} better" for c, o in record["confused"].items())
+    else:
+        found = f"under {AGREEMENT_FRACTION} of the adapter's sentinel score {record['reference']}"
     return (
         f"it agrees {record['agreement']} with what adapter {record['adapter_version']} predicts on its volume "
-        f"(per class {record['per_class']}), under {AGREEMENT_FRACTION} of the adapter's sentinel score {record['reference']}: "
-        f"a swapped or misplaced label? Save it again with {CONFIRM_KEY}: true if it is right"
+        f"(per class {record['per_class']}), {found}: a swapped or misplaced label? Save it again with {CONFIRM_KEY}: "
+        "true if it is right"
     )
 
 
 def flagged_labels(datastore: Datastore) -> list[dict[str, Any]]:
-    """The final labels the check flagged (``/info/``'s ``label_checks``): image, model, agreement, reference and
-    whether an annotator confirmed the label (then it trains)."""
+    """The final labels the check flagged (``/info/``'s ``label_checks``): image, model, agreement, reference, the
+    confused classes and whether an annotator confirmed the label (then it trains)."""
     flagged = []
     for image_id in sorted(datastore.get_labeled_images("final")):
         info = datastore.get_label_info(datastore.get_labels_by_image_id(image_id)["final"], "final") or {}
@@ -113,6 +129,7 @@ def flagged_labels(datastore: Datastore) -> list[dict[str, Any]]:
                         "model": model,
                         "agreement": record["agreement"],
                         "reference": record["reference"],
+                        "confused": record.get("confused", {}),
                         "confirmed": info.get(CONFIRM_KEY) is True,
                     }
                 )
