@@ -5,10 +5,10 @@ structure is plain) passes the datastore's checks, and the sentinel guard notice
 when a final label is saved and a model serves an adapter, the model segments the volume and the two are compared,
 class by class (Dice, over the classes the label names: those it annotates). The served adapter's own score on its
 sentinel volumes says how well the model and an annotator usually agree: a label that agrees less than
-``AGREEMENT_FRACTION`` of that is flagged (``label_check`` in the label's info, per model), and so is a label one of
-whose classes matches another class of the prediction better than its own (``confused``: swapped or misnamed
-classes, which a weak model, agreeing little with any label, would not show in the mean). A flagged label is held
-out of that model's training until an annotator confirms it: saving it again with ``label_confirmed: true``.
+``AGREEMENT_FRACTION`` of that is flagged (``label_check`` in the label's info, per model), and so is a label two of
+whose classes each match the other's prediction better than their own (``confused``: swapped classes, which a model
+agreeing little with any label would not show in the mean). A flagged label is held out of that model's training
+until an annotator confirms it: saving it again with ``label_confirmed: true``.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ CHECK_KEY, CONFIRM_KEY = "label_check", "label_confirmed"
 # A label agreeing with the served model less than this share of the adapter's sentinel score is flagged. On the
 # sample volumes a correct label agrees about as well as the sentinel volumes do; swapped classes agree close to 0.
 AGREEMENT_FRACTION = 0.5
-# A label's class is taken for another one where it matches that class of the prediction by this much more Dice.
+# Two classes of a label are taken for swapped where each matches the other's prediction by this much more Dice.
 CONFUSION_MARGIN = 0.05
 
 
@@ -45,7 +45,8 @@ def agreement(
 ) -> tuple[dict[str, float], dict[str, str]]:
     """Dice per class name between a saved label (its client ids mapped to ``labels`` by name) and a prediction in
     the model's ids, both on the volume's grid, over the classes the label names (all without names) that either
-    holds; and the confused ones: {label class: the predicted class it matches better, by ``CONFUSION_MARGIN``}."""
+    holds; and the swapped ones: {label class: the predicted class it matches better, by ``CONFUSION_MARGIN``, where
+    that class's label matches this class's prediction better too}."""
     load = LoadImage(image_only=True)
     label, prediction = load(label_path), np.asarray(load(prediction_path)).squeeze()
     label_info = label_info or slicer_label_info(getattr(label, "meta", {}))
@@ -55,15 +56,17 @@ def agreement(
     model_ids = np.zeros_like(label, dtype=np.int64)
     for client_id, model_id in mapping.items():
         model_ids[label == client_id] = model_id
-    per_class, confused = {}, {}
-    for name, i in labels.items():
-        if i not in named or not ((prediction == i).any() or (model_ids == i).any()):
-            continue
-        per_class[name] = dice(prediction == i, model_ids == i)
-        if (model_ids == i).any():
-            other, best = max(((n, dice(prediction == j, model_ids == i)) for n, j in labels.items() if j != i), key=lambda x: x[1])
-            if best > per_class[name] + CONFUSION_MARGIN:
-                confused[name] = other
+    overlap = {(i, j): dice(prediction == j, model_ids == i) for i in named for j in labels.values()}  # label i, predicted j
+    per_class = {name: overlap[i, i] for name, i in labels.items() if i in named and ((prediction == i).any() or (model_ids == i).any())}
+    # Swapped: each of two classes matches the other's prediction better than its own. A model that does not predict a
+    # class at all (a weak one) shows no swap, rather than a mistake in every label.
+    names = {i: name for name, i in labels.items()}
+    confused = {
+        names[i]: names[j]
+        for i in named
+        for j in named
+        if i != j and overlap[i, j] > overlap[i, i] + CONFUSION_MARGIN and overlap[j, i] > overlap[j, j] + CONFUSION_MARGIN
+    }
     return per_class, confused
 
 
