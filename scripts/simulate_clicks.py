@@ -4,6 +4,8 @@
     .venv/bin/python scripts/simulate_clicks.py --backbone tiny                  # the random test backbone
     .venv/bin/python scripts/simulate_clicks.py --epochs 0 --out-dir /tmp/zero   # zero-shot figures only
     .venv/bin/python scripts/simulate_clicks.py --epochs 2 --slices 2 --clicks 5 --out-dir /tmp/clicks   # a quick look
+    .venv/bin/python scripts/simulate_clicks.py --variants before --out-dir /tmp/c   # one training now ...
+    .venv/bin/python scripts/simulate_clicks.py --variants after --skip-zero-shot --out-dir /tmp/c   # ... one later
 
 Two private copies of the app and of the sample brain-MRI datastore (its two labelled volumes) are trained for
 --epochs from the same start: one prompt-free (``interactive_share`` 0: the prompt path gets no training), one with
@@ -162,7 +164,7 @@ def evaluate(app, model: str, args) -> dict:
         summary[name] = {
             "slices": len(sessions),
             "prompt_free_dice": float(np.mean(per_structure[c]["prompt_free"])),
-            "dice_after_clicks": {n: float(sessions[:, n - 1].mean()) for n in (1, 3, 5) if n <= args.clicks},
+            "dice_after_clicks": {str(n): float(sessions[:, n - 1].mean()) for n in (1, 3, 5) if n <= args.clicks},
             "dice_curve": sessions.mean(0).round(4).tolist(),
             "noc85": float(np.mean([clicks_to_reach(s, 0.85) for s in sessions])),
             "noc90": float(np.mean([clicks_to_reach(s, 0.90) for s in sessions])),
@@ -192,7 +194,7 @@ def table(results: dict) -> str:
         "|---|---|---|---|---|",
         *(
             f"| {name} | {s['box_dice']:.3f} | {s['click_dice']:.3f} | {s['box_click_dice']:.3f} | {s['box_propagated_3d_dice']:.3f} |"
-            for name, s in results["zero_shot"].items()
+            for name, s in results.get("zero_shot", {}).items()
         ),
     ]
     if not results["variants"]:
@@ -206,8 +208,8 @@ def table(results: dict) -> str:
         for name, s in summary.items():
             d = s["dice_after_clicks"]
             lines.append(
-                f"| {name} | {variant} prompt-aware training | {s['prompt_free_dice']:.3f} | {d.get(1, float('nan')):.3f} | "
-                f"{d.get(3, float('nan')):.3f} | {d.get(5, float('nan')):.3f} | {s['noc85']:.1f} | {s['noc90']:.1f} | "
+                f"| {name} | {variant} prompt-aware training | {s['prompt_free_dice']:.3f} | {d.get('1', float('nan')):.3f} | "
+                f"{d.get('3', float('nan')):.3f} | {d.get('5', float('nan')):.3f} | {s['noc85']:.1f} | {s['noc90']:.1f} | "
                 f"{s['box_propagated_3d_dice']:.3f} |"
             )
     return "\n".join(lines)
@@ -248,36 +250,53 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", default=os.path.join(REPO, "docs", "click_simulation"))
+    parser.add_argument(
+        "--variants",
+        default="before,after",
+        help="trainings to run: before (prompt-free) and after (prompt-aware); one at a time adds to --out-dir's results",
+    )
+    parser.add_argument("--skip-zero-shot", action="store_true", help="do not measure the untrained model again")
     args = parser.parse_args()
     args.held_out = args.held_out.split(",")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     for name in ("monailabel", "lib", "ignite", "monai"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
-    results = {"args": {k: v for k, v in vars(args).items() if k != "out_dir"}, "variants": {}}
-    for variant, share in (("before", 0.0), ("after", args.interactive_share)):
+    settings = {k: v for k, v in vars(args).items() if k not in ("out_dir", "variants", "skip_zero_shot")}
+    path = os.path.join(args.out_dir, "results.json")
+    results = {"args": settings, "variants": {}}
+    if os.path.exists(path):  # an earlier invocation's variants, kept when it ran with the same settings
+        with open(path) as f:
+            earlier = json.load(f)
+        if earlier.get("args") == settings:
+            results = earlier
+    variants = args.variants.split(",") if args.epochs else []
+    if not args.skip_zero_shot:
+        work = tempfile.mkdtemp(prefix="samfewshot-clicks-zero-")
+        try:
+            results["zero_shot"] = zero_shot(private_app(work, args.model, args), args.model, args)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    for variant in variants:
         work = tempfile.mkdtemp(prefix=f"samfewshot-clicks-{variant}-")
         try:
             app = private_app(work, args.model, args)
-            if variant == "before":
-                results["zero_shot"] = zero_shot(app, args.model, args)
-                if not args.epochs:
-                    break
-            train(app, args.model, share, args)
+            train(app, args.model, 0.0 if variant == "before" else args.interactive_share, args)
             results["variants"][variant] = evaluate(app, args.model, args)
             if variant == "after":
                 results["click_latency"] = click_latency(app, args.model, args)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, "results.json"), "w") as f:
+    with open(path, "w") as f:
         json.dump(results, f, indent=2)
     text = table(results)
     with open(os.path.join(args.out_dir, "results.md"), "w") as f:
         f.write(text + "\n")
     print(text)
-    if results["variants"]:
+    if set(results["variants"]) == {"before", "after"}:
         plot(results, os.path.join(args.out_dir, "dice_vs_clicks.png"))
+    if "click_latency" in results:
         print(f"click on an inferred volume: {results['click_latency']}")
 
 
