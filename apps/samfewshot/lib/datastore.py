@@ -80,6 +80,11 @@ class CheckedDatastore(LocalDatastore):
             self._image_path(image_id)
         super().remove_image(image_id)
 
+    def remove_label(self, label_id: str, label_tag: str) -> None:
+        super().remove_label(label_id, label_tag)
+        if self._auto_reload:  # upstream leaves it to the file watcher: until then the label is still listed (compat)
+            self.refresh()
+
     def update_image_info(self, image_id: str, info: dict[str, Any]) -> None:
         with http_errors():
             self._image_path(image_id)

@@ -53,6 +53,13 @@ class Workaround:
 
 WORKAROUNDS = (
     Workaround(
+        "lib.datastore.CheckedDatastore.remove_label: refreshes the index at once",
+        "with auto_reload (the server's default) LocalDatastore.remove_label only deletes the file and leaves the "
+        "index to the file watcher, so for a moment (seconds on a loaded host) a deleted label is still listed and "
+        "a run started then trains on it (monailabel/datastore/local.py)",
+        "monailabel updates its index in remove_label whatever auto_reload is",
+    ),
+    Workaround(
         "install: monailabel.endpoints.user.auth.from_token -> lib.auth.from_token",
         "calls jwt.decode without algorithms=; PyJWT 2 then refuses every token, so MONAI_LABEL_AUTH_ENABLE locks "
         "everyone out (monailabel/endpoints/user/auth.py)",
