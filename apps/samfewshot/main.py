@@ -231,7 +231,8 @@ class SamFewShotApp(AppFixes, MONAILabelApp):
         info; then training, with ``auto_train``, so that the run knows which labels to hold out."""
         records = {}
         label = datastore.get_label_uri(label_id, DefaultLabelTag.FINAL)
-        label_info = (datastore.get_label_info(label_id, DefaultLabelTag.FINAL) or {}).get("label_info")
+        saved = datastore.get_label_info(label_id, DefaultLabelTag.FINAL) or {}
+        label_info = saved.get("label_info")
         for name in models:
             try:
                 segment = partial(self._segmentation_file, name, image_id)
@@ -241,7 +242,9 @@ class SamFewShotApp(AppFixes, MONAILabelApp):
                 record = {"flagged": False, "error": one_line(e)}
             if record:
                 records[name] = record
-        if records:
+        now = datastore.get_labels_by_image_id(image_id).get(DefaultLabelTag.FINAL)
+        still = now == label_id and (datastore.get_label_info(label_id, DefaultLabelTag.FINAL) or {}).get(SAVED_KEY) == saved.get(SAVED_KEY)
+        if records and still:  # a label removed or saved again meanwhile gets no record of the one checked
             datastore.record_label_check(label_id, records)
         if self.auto_train:
             self._queue_training(image_id)

@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 CHECK_KEY, CONFIRM_KEY = "label_check", "label_confirmed"
 
 # A label agreeing with the served model less than this share of the adapter's sentinel score is flagged. On the
-# sample volumes a correct label agrees about as well as the sentinel volumes do; swapped classes agree close to 0.
+# tiny forgetting curve correct labels agreed about as well as the sentinel scored (docs/benchmarks.md).
 AGREEMENT_FRACTION = 0.5
 # Two classes of a label are taken for swapped where each matches the other's prediction by this much more Dice.
 CONFUSION_MARGIN = 0.05
@@ -72,7 +72,7 @@ def agreement(
 
 def check_saved_label(model: ServedModel, segment: Callable[[], str], label_path: str, label_info: list | None) -> dict[str, Any] | None:
     """The check of one saved label for ``model``: {"adapter_version", "agreement", "per_class", "reference",
-    "flagged"}; None while the model serves no adapter (its base weights' class heads are untrained). ``segment``
+    "confused", "flagged"}; None while the model serves no adapter (its base weights' class heads are untrained). ``segment``
     segments the label's volume with the served adapter and returns the result file, which is removed here."""
     version = model.served_version()
     if not version:
