@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/benchmark.py --backbone tiny
     .venv/bin/python scripts/benchmark.py --backbone litemedsam --slices 100 --skip-update
+    .venv/bin/python scripts/benchmark.py --backbone litemedsam --slices 100 --skip-update --quantize int8
     .venv/bin/python scripts/benchmark.py --backbone vit_b --slices 100 --skip-update
     .venv/bin/python scripts/benchmark.py --model fgnet --backbone tiny --slices 32
 
@@ -255,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="inference precision")
     parser.add_argument("--engine", default="auto", choices=["auto", "torch", "openvino"], help="image-encoder engine")
+    parser.add_argument("--quantize", default="none", choices=["none", "int8"], help="the SAM models' OpenVINO encoder")
     parser.add_argument("--batch-size", type=int, default=None, help="slices per forward (default: the app's)")
     parser.add_argument("--repeats", type=int, default=3, help="warm inference repeats")
     parser.add_argument("--update-epochs", type=int, default=5)
@@ -294,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
             "precision": args.precision,
         }
         conf["engine"] = args.engine
+        if not em:
+            conf["quantize"] = args.quantize
         if args.backbone != "tiny" and em:
             conf["sam2_variant"] = args.sam2_variant
             conf["sam2_checkpoint"] = random_official_sam2_checkpoint(args.sam2_variant, work)

@@ -3,6 +3,7 @@
     .venv/bin/python scripts/simulate_clicks.py                                  # LiteMedSAM, 50 epochs (the server default), hf_sam
     .venv/bin/python scripts/simulate_clicks.py --backbone tiny                  # the random test backbone
     .venv/bin/python scripts/simulate_clicks.py --epochs 0 --out-dir /tmp/zero   # zero-shot figures only
+    .venv/bin/python scripts/simulate_clicks.py --epochs 0 --encoder openvino-int8 --out-dir /tmp/zero8   # int8 encoder
     .venv/bin/python scripts/simulate_clicks.py --epochs 2 --slices 2 --clicks 5 --out-dir /tmp/clicks   # a quick look
     .venv/bin/python scripts/simulate_clicks.py --variants before --out-dir /tmp/c   # one training now ...
     .venv/bin/python scripts/simulate_clicks.py --variants after --skip-zero-shot --out-dir /tmp/c   # ... one later
@@ -92,6 +93,7 @@ def zero_shot(app, model: str, args) -> dict:
 
     served = app.models[model].model
     network, _ = served.resident(args.device)
+    encode = zero_shot_encoder(network, served, args) if args.encoder != "torch" else None
     per_structure = {c: {"2d": [], "box_3d": []} for c in STRUCTURES}
     for image_id in args.held_out:
         volume, truth = model_space(
@@ -104,10 +106,10 @@ def zero_shot(app, model: str, args) -> dict:
         with torch.no_grad():
             for c in STRUCTURES:
                 for k in held_out_slices(truth, c, args):
-                    per_structure[c]["2d"].append(object_prompt_dice(network, volume[..., k], truth[..., k] == c))
+                    per_structure[c]["2d"].append(object_prompt_dice(network, volume[..., k], truth[..., k] == c, encode))
                 k = int(np.argmax((truth == c).sum((0, 1))))
                 prompt = {k: {"points": [], "box": box_of(truth[..., k] == c)}}
-                probabilities, _, _ = propagate(network, volume, prompt, c, batch_size=2, by_class=False)
+                probabilities, _, _ = propagate(network, volume, prompt, c, encode, batch_size=2, by_class=False)
                 per_structure[c]["box_3d"].append(dice(probabilities.numpy() > 0.5, truth == c))
     return {
         name: {
@@ -117,6 +119,33 @@ def zero_shot(app, model: str, args) -> dict:
         }
         for c, name in STRUCTURES.items()
     }
+
+
+def zero_shot_encoder(network, served, args):
+    """The untrained network's image encoder on OpenVINO as --encoder names it (``openvino-<precision>``), built as
+    the server's engine builds it; an int8 graph is calibrated on the first labelled volume, not a held-out one."""
+    from lib.engines.openvino_engine import EncoderEngine, calibration_slices
+
+    precision = args.encoder.split("-", 1)[1]
+    quantize = "int8" if precision == "int8" else "none"
+    cache = tempfile.mkdtemp(prefix="samfewshot-clicks-engine-")
+    engine = EncoderEngine(args.model, cache, "auto" if quantize == "int8" else precision, quantize=quantize)
+    volume, _ = model_space(
+        os.path.join(SAMPLES, "brain-mri", "brain_000.nii.gz"),
+        os.path.join(SAMPLES, "brain-mri-groundtruth", "brain_000.nii.gz"),
+        served.img_size,
+        served.modality,
+        served.intensity,
+    )
+    engine.claim("zero-shot")
+    engine.prepare("zero-shot", network.image_encoding(), network.model_input(calibration_slices(volume)))
+    engine.wait()
+    compiled = engine.encoder("zero-shot")
+    shutil.rmtree(cache, ignore_errors=True)
+    if compiled is None:
+        raise SystemExit(f"--encoder {args.encoder}: the engine failed: {engine.failure}")
+    logging.info(f"zero-shot encoder: {compiled.label}")
+    return compiled
 
 
 def model_space(path: str, truth: str, network_size: int, modality: str, intensity: dict):
@@ -256,6 +285,12 @@ def main() -> None:
         help="trainings to run: before (prompt-free) and after (prompt-aware); one at a time adds to --out-dir's results",
     )
     parser.add_argument("--skip-zero-shot", action="store_true", help="do not measure the untrained model again")
+    parser.add_argument(
+        "--encoder",
+        default="torch",
+        choices=["torch", "openvino-fp32", "openvino-bf16", "openvino-int8"],
+        help="what runs the image encoder of the zero-shot figures (the trained variants run torch)",
+    )
     args = parser.parse_args()
     args.held_out = args.held_out.split(",")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

@@ -104,6 +104,18 @@ def test_clicks_and_em_instances_run_on_the_engine(app_dir, studies, em_studies)
     assert abs(second["params"]["instances"] - first["params"]["instances"]) <= max(1, first["params"]["instances"] // 50)
 
 
+def test_int8_engine_is_calibrated_on_the_first_volume(app_dir, studies):
+    from main import SamFewShotApp
+
+    app = SamFewShotApp(str(app_dir), str(studies), {**CONF, "quantize": "int8", "preload": "true"})
+    engine = app._infers["hf_sam"].engine
+    engine.wait(120)
+    assert not engine.status()["ready"] and engine.failure is None  # preloaded, but no volume to calibrate on yet
+    first, second = served(app)
+    assert first["params"]["engine"] == "torch-fp32" and second["params"]["engine"] == "openvino-int8"
+    assert [p.name.endswith("-int8.xml") for p in (app_dir / "model" / "engines").glob("*.xml")] == [True]
+
+
 def test_a_failed_conversion_keeps_torch_serving(app_dir, studies, monkeypatch):
     from lib.engines import openvino_engine
     from main import SamFewShotApp

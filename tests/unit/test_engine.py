@@ -115,6 +115,40 @@ def test_failed_conversion_leaves_torch_serving(tmp_path, monkeypatch, caplog):
     assert engine.status() == {"engine": "openvino-fp32", "ready": False, "failure": engine.failure}
 
 
+def test_int8_graph_is_calibrated_cached_under_its_own_name_and_close_to_torch(tmp_path):
+    network = random_lora(build_segmenter(HFSam, "tiny", 3, 4), seed=1).eval()
+    size = network.spec.img_size
+    generator = torch.Generator().manual_seed(0)
+    volume = torch.rand(1, size, size, 20, generator=generator)
+    calibration = network.model_input(openvino_engine.calibration_slices(volume, count=4))
+    assert calibration.shape == (4, 3, size, size)
+
+    engine = EncoderEngine("hf_sam", str(tmp_path), "fp32", quantize="int8")
+    assert engine.label == "openvino-int8" and engine.needs_calibration
+    assert engine.claim("v1")
+    engine.prepare("v1", copy.deepcopy(network.image_encoding()))  # no slices: nothing to calibrate on
+    engine.wait(120)
+    assert engine.encoder("v1") is None and "calibration" in engine.failure
+
+    engine = EncoderEngine("hf_sam", str(tmp_path), "fp32", quantize="int8")
+    assert engine.claim("v1")
+    engine.prepare("v1", copy.deepcopy(network.image_encoding()), calibration)
+    engine.wait(300)
+    compiled = engine.encoder("v1")
+    assert compiled is not None and compiled.label == "openvino-int8", engine.failure
+    assert [p.name.endswith("-int8.xml") for p in tmp_path.glob("*.xml")] == [True]
+    image = network.model_input(volume[..., 5:7].permute(3, 0, 1, 2))
+    with torch.no_grad():
+        embedding, _ = network.encode(image)
+    got, _ = compiled(image)
+    assert torch.nn.functional.cosine_similarity(got.flatten(), embedding.flatten(), dim=0) > 0.95
+
+    # a restart reads the quantised graph back, without slices to calibrate on
+    again = EncoderEngine("hf_sam", str(tmp_path), "fp32", quantize="int8")
+    built(again, "v1", copy.deepcopy(network.image_encoding()))
+    assert again.conversions == 0
+
+
 def test_engine_from_conf(tmp_path):
     def conf(engine, precision="auto"):
         return {"engine": engine, "precision": precision}
@@ -129,6 +163,11 @@ def test_engine_from_conf(tmp_path):
         engine_from_conf("m", str(tmp_path), conf("onnx"), "cpu", "fp32")
     with pytest.raises(ValueError, match="runs on the CPU"):
         engine_from_conf("m", str(tmp_path), conf("openvino"), "cuda", "fp32")
+    quantised = engine_from_conf("m", str(tmp_path), conf("auto"), "cpu", "bf16", "int8")
+    assert quantised.quantize == "int8" and quantised.compare_torch == "bf16"
+    for engine, device in (("torch", "cpu"), ("auto", "cuda")):
+        with pytest.raises(ValueError, match="nothing would be quantised"):
+            engine_from_conf("m", str(tmp_path), conf(engine), device, "fp32", "int8")
 
 
 def choice_from(monkeypatch, *rounds: dict[str, float]) -> EngineChoice:

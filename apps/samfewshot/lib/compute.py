@@ -23,6 +23,8 @@ def torch_device(name: str) -> str:
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
+# How OpenVINO's image encoder of the SAM models may be quantised (``--conf quantize``; lib.engines).
+QUANTIZATIONS = ("none", "int8")
 
 
 # On a CPU, 'auto' picks bf16 only when it takes less than this share of fp32's time: it is less exact.

@@ -15,7 +15,7 @@ from typing import Any
 from monai.utils import look_up_option
 from monailabel.utils.others.generic import strtobool
 
-from lib.compute import PRECISIONS
+from lib.compute import PRECISIONS, QUANTIZATIONS
 from lib.networks.sam2_backbone import HIERA_VARIANTS
 from lib.networks.sam_backbone import SAM_ENCODERS
 from lib.routes import ENDPOINT_GROUPS
@@ -97,6 +97,13 @@ CONF_KEYS: dict[str, ConfKey] = {
         ConfKey("precision", "auto", "inference precision", choices=PRECISIONS),
         ConfKey("train_precision", "auto", "training precision of the SAM models", choices=PRECISIONS),
         ConfKey("engine", "auto", "what runs the image encoders on a CPU", choices=("auto", "torch", "openvino")),
+        ConfKey(
+            "quantize",
+            "none",
+            "the SAM models' image encoder on OpenVINO: none, or int8 (NNCF post-training quantisation, calibrated on "
+            "the first volume each adapter serves)",
+            choices=QUANTIZATIONS,
+        ),
         ConfKey("embedding_cache_mb", "1024", "memory for SAM image embeddings of slices seen before", kind=int, minimum=0),
         ConfKey("masg_modules", ",".join(MASG_MODULES), "MASG-SAM modules to build", choices=MASG_MODULES, listed=True),
         ConfKey("clip_model", "ViT-B-16", "open_clip model of MASG-SAM's class prompts"),

@@ -85,7 +85,7 @@ class SamSegmentationConfig(TaskConfig):
             "batch_size": 8 if self.device.startswith("cuda") else 2,
             "preload": self.conf["preload"],
             "precision": precision,
-            "engine": engine_from_conf(self.name, self.model_dir, self.conf, self.device, precision),
+            "engine": engine_from_conf(self.name, self.model_dir, self.conf, self.device, precision, self.conf["quantize"]),
         }
         embeddings = EmbeddingCache(self.conf["embedding_cache_mb"] << 20)
         return {

@@ -16,6 +16,11 @@ larger batches. ``CompiledEncoder`` runs a batch slice by slice.
 
 ``engine auto`` is decided by ``EngineChoice``: the model's whole encoder, timed in turns on this host, cached per
 host and library versions (a restart and a new adapter keep the decision).
+
+``quantize int8`` (the SAM models) quantises the converted graph with NNCF's post-training quantisation, its
+activation ranges calibrated on slices of the volume the request that started the build brought (the series being
+annotated); operations it leaves unquantised run at the engine's precision. The quantised graph is cached like the
+others, under its own name: a restart reuses the ranges of the volume that calibrated it.
 """
 
 from __future__ import annotations
@@ -35,11 +40,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import nncf
+import numpy as np
 import openvino as ov
 import torch
+from monai.utils import look_up_option
 from torch import nn
 
-from lib.compute import autocast, torch_threads
+from lib.compute import QUANTIZATIONS, autocast, torch_threads
 from lib.networks.lora import merge_lora
 
 logger = logging.getLogger(__name__)
@@ -47,6 +55,8 @@ logger = logging.getLogger(__name__)
 ENGINES = ("auto", "torch", "openvino")
 # --conf precision -> OpenVINO's INFERENCE_PRECISION_HINT
 OPENVINO_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
+# Slices of the request's volume that calibrate an int8 graph's activation ranges.
+CALIBRATION_SLICES = 16
 # 'auto' picks OpenVINO (and, within it, bf16) only when it takes less than this share of the other's time; closer
 # than that is a tie, settled on a longer run of slices (``EngineChoice``).
 MIN_GAIN = 0.9
@@ -65,9 +75,11 @@ def native_bf16() -> bool:
 
 def compile_for_cpu(model: ov.Model, precision: str, threads: int) -> ov.CompiledModel:
     """One stream with ``threads`` threads: requests run one at a time (the server's default) on the cores torch
-    would use, so the two never oversubscribe them."""
+    would use, so the two never oversubscribe them. ``int8``: a quantised graph, whose unquantised operations run
+    in bf16 where the CPU has it natively."""
+    hint = OPENVINO_PRECISIONS.get(precision) or ("bf16" if native_bf16() else "f32")
     config = {
-        "INFERENCE_PRECISION_HINT": OPENVINO_PRECISIONS[precision],
+        "INFERENCE_PRECISION_HINT": hint,
         "PERFORMANCE_HINT": "LATENCY",
         "NUM_STREAMS": 1,
         "INFERENCE_NUM_THREADS": threads,
@@ -80,6 +92,20 @@ def convert(graph: nn.Module, input_shape: tuple[int, ...]) -> ov.Model:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer notes on shape arithmetic: every shape is fixed
         return ov.convert_model(graph, example_input=torch.zeros(1, *input_shape), input=[ov.PartialShape([1, *input_shape])])
+
+
+def quantize_int8(model: ov.Model, calibration: torch.Tensor) -> ov.Model:
+    """``model`` with int8 weights and activations (NNCF's post-training quantisation, the preset for transformers:
+    SmoothQuant, attention products kept), its activation ranges taken on ``calibration`` (N, *input_shape)."""
+    items = [item[None].numpy().astype(np.float32) for item in calibration.detach().float().cpu()]
+    return nncf.quantize(model, nncf.Dataset(items), subset_size=len(items), model_type=nncf.ModelType.TRANSFORMER)
+
+
+def calibration_slices(volume: torch.Tensor, count: int = CALIBRATION_SLICES) -> torch.Tensor:
+    """``count`` slices (count, C, H, W) spread evenly through ``volume`` (C, H, W, D), ends included."""
+    depth = volume.shape[-1]
+    index = torch.linspace(0, depth - 1, min(count, depth)).round().long()
+    return volume[..., index].permute(3, 0, 1, 2)
 
 
 class CompiledEncoder:
@@ -232,6 +258,8 @@ class EncoderEngine:
         cache_dir: where converted graphs are kept (the model folder's ``engines``).
         precision: OpenVINO's inference precision: ``fp32``, ``bf16``, or ``auto`` (bf16 where the CPU has it
             natively and it measures faster than fp32).
+        quantize: ``none``, or ``int8``: the graph is quantised (``quantize_int8``) and OpenVINO runs only that one;
+            a build then needs calibration slices (``prepare``).
         compare_torch: torch's precision for ``engine auto``: OpenVINO then serves only where it measures faster
             than torch at that precision; None: OpenVINO serves.
         threads: CPU threads of a request; default torch's.
@@ -239,18 +267,27 @@ class EncoderEngine:
     """
 
     def __init__(
-        self, name: str, cache_dir: str, precision: str, compare_torch: str | None = None, threads: int | None = None, batch: int = 2
+        self,
+        name: str,
+        cache_dir: str,
+        precision: str,
+        compare_torch: str | None = None,
+        threads: int | None = None,
+        batch: int = 2,
+        quantize: str = "none",
     ):
         if precision not in (*OPENVINO_PRECISIONS, "auto"):
             raise ValueError(f"OpenVINO precision {precision!r}: valid values are {', '.join(OPENVINO_PRECISIONS)}, auto")
         self.name = name
         self.cache_dir = cache_dir
         self.precision = precision
+        self.quantize = look_up_option(quantize, QUANTIZATIONS)
         self.compare_torch = compare_torch
         self.threads = threads or torch.get_num_threads()
         self.batch = batch
         self.choice: EngineChoice | None = None
-        self.label = "auto" if compare_torch or precision == "auto" else f"openvino-{precision}"
+        fixed = "int8" if self.quantize == "int8" else precision
+        self.label = "auto" if compare_torch or fixed == "auto" else f"openvino-{fixed}"
         self.failure: str | None = None
         self.conversions = 0  # graphs converted by this process (the others were read from the disk cache)
         self.last_build_s: float | None = None  # seconds of the last finished build: conversion or read, and compilation
@@ -271,8 +308,14 @@ class EncoderEngine:
             self._claimed = stamp
             return True
 
-    def prepare(self, stamp: Hashable, graph: nn.Module) -> Future:
-        return self._worker.submit(self._build, stamp, graph)
+    def prepare(self, stamp: Hashable, graph: nn.Module, calibration: torch.Tensor | None = None) -> Future:
+        """Build for ``stamp`` from ``graph`` in the background; ``calibration`` (N, *input_shape): model inputs that
+        calibrate an int8 graph (``needs_calibration``), unused otherwise."""
+        return self._worker.submit(self._build, stamp, graph, calibration)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.quantize == "int8"
 
     def wait(self, timeout: float | None = None) -> None:
         """Block until the builds started so far have finished (benchmarks, tests)."""
@@ -285,7 +328,7 @@ class EncoderEngine:
                 status["choice"] = {k: v for k, v in asdict(self.choice).items() if k != "key"}
             return status
 
-    def _build(self, stamp: Hashable, graph: nn.Module) -> CompiledEncoder | None:
+    def _build(self, stamp: Hashable, graph: nn.Module, calibration: torch.Tensor | None) -> CompiledEncoder | None:
         with self._lock:
             if self._claimed != stamp:
                 return None  # a newer adapter was served before this build started
@@ -293,10 +336,10 @@ class EncoderEngine:
         try:
             graph = merge_lora(graph).eval()
             input_shape = tuple(graph.input_shape)
-            choice = self._choose(graph, input_shape)
+            choice = self._choose(graph, input_shape, calibration)
             if not choice.engine.startswith("openvino"):
                 return None
-            xml, converted = self._converted(graph, input_shape)
+            xml, converted = self._converted(graph, input_shape, calibration)
             precision = choice.engine.split("-", 1)[1]
             compiled = CompiledEncoder(compile_for_cpu(core().read_model(xml), precision, self.threads), graph.unflatten, choice.engine)
         except Exception as e:  # any failure of a conversion leaves the model on torch
@@ -314,20 +357,29 @@ class EncoderEngine:
         logger.info(f"{self.name}: image encoder on OpenVINO {precision} ({how} in {self.last_build_s:.1f} s)")
         return compiled
 
-    def _converted(self, graph: nn.Module, input_shape: tuple[int, ...]) -> tuple[str, bool]:
-        """The cache entry of ``graph`` (its .xml), converted now (True) or found."""
-        xml = os.path.join(self.cache_dir, f"{self.name}-{graph_digest(graph, input_shape)}.xml")
+    def _converted(self, graph: nn.Module, input_shape: tuple[int, ...], calibration: torch.Tensor | None) -> tuple[str, bool]:
+        """The cache entry of ``graph`` (its .xml), converted (and quantised) now (True) or found."""
+        suffix = "-int8" if self.quantize == "int8" else ""
+        xml = os.path.join(self.cache_dir, f"{self.name}-{graph_digest(graph, input_shape)}{suffix}.xml")
         if os.path.isfile(xml):
             return xml, False
-        self._save(convert(graph, input_shape), xml, input_shape)
+        model = convert(graph, input_shape)
+        if self.quantize == "int8":
+            if calibration is None:
+                raise ValueError("an int8 graph needs calibration slices, and none came with this build")
+            model = quantize_int8(model, calibration)
+        self._save(model, xml, input_shape)
         self.conversions += 1
         return xml, True
 
-    def _choose(self, graph: nn.Module, input_shape: tuple[int, ...]) -> EngineChoice:
+    def _choose(self, graph: nn.Module, input_shape: tuple[int, ...], calibration: torch.Tensor | None) -> EngineChoice:
         """The engine's choice, made once: given by the configuration, read back for this host, or measured."""
         if self.choice is not None:
             return self.choice
-        precisions = [self.precision] if self.precision != "auto" else ["fp32", "bf16"] if native_bf16() else ["fp32"]
+        if self.quantize == "int8":
+            precisions = ["int8"]
+        else:
+            precisions = [self.precision] if self.precision != "auto" else ["fp32", "bf16"] if native_bf16() else ["fp32"]
         labels = [f"torch-{self.compare_torch}"] * bool(self.compare_torch) + [f"openvino-{p}" for p in precisions]
         if len(labels) == 1:
             choice = EngineChoice(engine=labels[0], seconds_per_slice={}, tie={}, source="given", key={})
@@ -336,7 +388,7 @@ class EncoderEngine:
             path = os.path.join(self.cache_dir, f"choice-{self.name}.json")
             choice = EngineChoice.read(path, key)
             if choice is None:
-                model = core().read_model(self._converted(graph, input_shape)[0])
+                model = core().read_model(self._converted(graph, input_shape, calibration)[0])
                 runners = {label: self._runner(label, graph, model) for label in labels}
                 image = torch.rand(self.batch, *input_shape, generator=torch.Generator().manual_seed(0))
                 choice = EngineChoice.measure(runners, image, key)
@@ -381,17 +433,26 @@ class EncoderEngine:
                     pass
 
 
-def engine_from_conf(name: str, model_dir: str, conf: dict[str, str], device: str, torch_precision: str) -> EncoderEngine | None:
-    """Model ``name``'s engine from ``--conf engine`` / ``precision`` (None: torch), cached under ``model_dir``.
+def engine_from_conf(
+    name: str, model_dir: str, conf: dict[str, str], device: str, torch_precision: str, quantize: str = "none"
+) -> EncoderEngine | None:
+    """Model ``name``'s engine from ``--conf engine`` / ``precision`` (None: torch), cached under ``model_dir``;
+    ``quantize`` (``--conf quantize`` for the models that take it) as ``EncoderEngine``'s.
 
     ``auto``: on a CPU, an engine that chooses between torch at ``torch_precision`` and OpenVINO (``EngineChoice``);
-    torch on CUDA. ``openvino`` on CUDA is an error: CUDA keeps the torch path."""
+    torch on CUDA. ``openvino`` on CUDA is an error: CUDA keeps the torch path; so is a quantisation that no
+    OpenVINO graph would carry out."""
     engine = conf["engine"]
     if engine not in ENGINES:
         raise ValueError(f"--conf engine {engine!r}: valid values are {', '.join(ENGINES)}")
+    if quantize != "none" and (engine == "torch" or device != "cpu"):
+        raise ValueError(
+            f"--conf quantize {quantize} quantises the image encoder OpenVINO runs on the CPU; with --conf engine {engine} "
+            f"and device {device} nothing would be quantised: use engine auto or openvino on the CPU, or quantize none"
+        )
     if engine == "torch" or (engine == "auto" and device != "cpu"):
         return None
     if device != "cpu":
         raise ValueError(f"--conf engine openvino runs on the CPU; with --conf device {device} use engine torch or auto")
     compare_torch = torch_precision if engine == "auto" else None
-    return EncoderEngine(name, os.path.join(model_dir, "engines"), conf["precision"], compare_torch)
+    return EncoderEngine(name, os.path.join(model_dir, "engines"), conf["precision"], compare_torch, quantize=quantize)

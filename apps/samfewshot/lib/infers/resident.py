@@ -7,10 +7,12 @@ compiled the served adapter, torch until then and everywhere else)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import nibabel as nib
 import numpy as np
+import torch
 from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
@@ -31,8 +33,9 @@ class ResidentModelInfer(BasicInferTask):
     Args:
         model: the served model whose resident network (on the request's device) runs and whose labels are reported.
         engine: compiles the network's image encoder (``encoding_graph``) for CPU requests; None runs torch throughout.
-        preload: build the resident network and start the engine's build at start-up, not on the first request; a
-            missing checkpoint or bad adapter is then logged and the server starts anyway.
+        preload: build the resident network and start the engine's build at start-up, not on the first request (an
+            engine that quantises waits for the first request's volume); a missing checkpoint or bad adapter is then
+            logged and the server starts anyway.
         type: MONAI Label infer type the task reports (``segmentation``; ``deepgrow`` for clicks).
         kwargs: passed on to ``BasicInferTask`` (``description``, ``config`` ...).
     """
@@ -80,17 +83,18 @@ class ResidentModelInfer(BasicInferTask):
         """The network's image-dependent part as a module of its own (``image_encoding()``), for ``self.engine``."""
         return network.image_encoding()
 
-    def compiled_encoder(self, device) -> CompiledEncoder | None:
+    def compiled_encoder(self, device, calibration: Callable[[], torch.Tensor] | None = None) -> CompiledEncoder | None:
         """The engine's encoder for the adapter the resident network on ``device`` serves, or None while torch
-        serves it (no engine, or the engine is still building for a newly published adapter: started here, once)."""
+        serves it (no engine, or the engine is still building for a newly published adapter: started here, once).
+        An engine that quantises builds only where ``calibration`` gives it slices (a request's volume)."""
         if self.engine is None or str(device) != "cpu":
             return None
         stamp = self.model.loaded_stamp(str(device))
         compiled = self.engine.encoder(stamp)
-        if compiled is None and self.engine.claim(stamp):
+        if compiled is None and (calibration or not self.engine.needs_calibration) and self.engine.claim(stamp):
             graph = self.model.copy_resident(str(device), stamp, self.encoding_graph)
             if graph is not None:
-                self.engine.prepare(stamp, graph)
+                self.engine.prepare(stamp, graph, calibration() if calibration else None)
         return compiled
 
     def _get_network(self, device, data):

@@ -18,6 +18,7 @@ from monailabel.transform.writer import Writer
 from monailabel.utils.others.generic import strtobool
 
 from lib.compute import autocast
+from lib.engines.openvino_engine import calibration_slices
 from lib.infers.embedding_cache import CachedEncoding, EmbeddingCache
 from lib.infers.resident import ResidentModelInfer
 from lib.scoring.uncertainty import normalised_entropy, tta_probabilities
@@ -94,7 +95,7 @@ class SamSliceInfer(ResidentModelInfer):
         network = super()._get_network(device, data)
         if data is None:
             return network
-        compiled = self.compiled_encoder(device)
+        compiled = self.compiled_encoder(device, lambda: network.model_input(calibration_slices(torch.as_tensor(data["image"]).float())))
         data["engine"] = compiled.label if compiled else f"torch-{self.precision}"
         if compiled is None and not self.embeddings.max_bytes:
             return network

@@ -276,11 +276,9 @@ class SamSegmenter(nn.Module):
         """The image-dependent part (``encode``) as a module of its own, for an inference engine."""
         return ImageEncoding(self)
 
-    def prepare(
-        self, image: torch.Tensor, encode: Callable[[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]] | None = None
-    ) -> tuple[torch.Tensor, SliceFeatures]:
-        """(B, 1 or 3, H, W) in [0, 1] -> the fused image embedding (B, C, h, w) both decodings start from, and the
-        features the hooks read. ``encode`` replaces ``self.encode`` (e.g. a lookup of embeddings computed before)."""
+    def model_input(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, 1 or 3, H, W) in [0, 1] -> the image encoder's input (B, 3, S, S): three channels, the model size,
+        and each slice stretched to [0, 1] where the backbone was trained so (``spec.minmax_per_slice``)."""
         if image.shape[1] == 1:
             image = image.expand(-1, 3, -1, -1)
         model_size = (self.spec.img_size, self.spec.img_size)
@@ -289,6 +287,14 @@ class SamSegmenter(nn.Module):
         if self.spec.minmax_per_slice:
             low = image.amin((1, 2, 3), keepdim=True)
             image = (image - low) / (image.amax((1, 2, 3), keepdim=True) - low).clamp_min(1e-8)
+        return image
+
+    def prepare(
+        self, image: torch.Tensor, encode: Callable[[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]] | None = None
+    ) -> tuple[torch.Tensor, SliceFeatures]:
+        """(B, 1 or 3, H, W) in [0, 1] -> the fused image embedding (B, C, h, w) both decodings start from, and the
+        features the hooks read. ``encode`` replaces ``self.encode`` (e.g. a lookup of embeddings computed before)."""
+        image = self.model_input(image)
         embedding, taps = (encode or self.encode)(image)
         features = SliceFeatures(image=image, taps=taps, embedding=embedding)
         return self.fuse_before(embedding, features), features
