@@ -13,7 +13,7 @@ VERSION=${PYTHON_VERSION:-3.12}
 PY=${PYTHON:-.venv/bin/python}
 # Imported by the app, monailabel's modules it loads, the benchmark (segment_anything, sam2 for the random official
 # weights), FGNet (waterz) and the sample data (nilearn: building it there travels lighter than the volumes);
-# openvino stays behind: a CUDA server runs the torch engine.
+# openvino and nncf stay behind: a CUDA server runs the torch engine, and the app imports them only where found.
 PACKAGES="monai monailabel nibabel pydicom pynetdicom dicomweb-client highdicom pillow-jpls pydantic pydantic_core
 pydantic-settings python-dotenv fastapi starlette python-multipart uvicorn annotated-types typing-inspection cachetools
 expiringdict expiring-dict schedule timeloop watchdog pytorch-ignite segment-anything open_clip_torch ftfy wcwidth

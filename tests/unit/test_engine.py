@@ -170,6 +170,14 @@ def test_engine_from_conf(tmp_path):
             engine_from_conf("m", str(tmp_path), conf(engine), device, "fp32", "int8")
 
 
+def test_without_openvino_cuda_serves_torch_and_a_cpu_engine_names_what_is_missing(tmp_path, monkeypatch):
+    monkeypatch.setattr(openvino_engine, "ov", None)
+    monkeypatch.setattr(openvino_engine, "MISSING", "ModuleNotFoundError: No module named 'openvino'")
+    assert engine_from_conf("m", str(tmp_path), {"engine": "auto", "precision": "auto"}, "cuda", "bf16") is None
+    with pytest.raises(ValueError, match="needs OpenVINO and NNCF .*No module named 'openvino'.*engine torch"):
+        engine_from_conf("m", str(tmp_path), {"engine": "auto", "precision": "auto"}, "cpu", "bf16")
+
+
 def choice_from(monkeypatch, *rounds: dict[str, float]) -> EngineChoice:
     """The choice made from these medians (seconds per call of a 2-slice batch; a tie's run after them)."""
     answers = iter(rounds)

@@ -40,15 +40,21 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import nncf
 import numpy as np
-import openvino as ov
 import torch
 from monai.utils import look_up_option
 from torch import nn
 
 from lib.compute import QUANTIZATIONS, autocast, torch_threads
 from lib.networks.lora import merge_lora
+
+MISSING = ""  # why OpenVINO cannot be imported here, if it cannot
+try:
+    import nncf
+    import openvino as ov
+except ImportError as e:  # a CUDA-only install (scripts/gpu_wheels.sh leaves them behind): torch serves throughout
+    nncf = ov = None
+    MISSING = f"{type(e).__name__}: {e}"
 
 logger = logging.getLogger(__name__)
 
@@ -454,5 +460,7 @@ def engine_from_conf(
         return None
     if device != "cpu":
         raise ValueError(f"--conf engine openvino runs on the CPU; with --conf device {device} use engine torch or auto")
+    if ov is None:
+        raise ValueError(f"--conf engine {engine} needs OpenVINO and NNCF ({MISSING}): install requirements.txt, or use engine torch")
     compare_torch = torch_precision if engine == "auto" else None
     return EncoderEngine(name, os.path.join(model_dir, "engines"), conf["precision"], compare_torch, quantize=quantize)
