@@ -22,14 +22,15 @@ from monailabel.utils.async_tasks.utils import tasks
 
 from lib import monailabel_compat, routes
 from lib.activelearning import ClaspPE, Diversity, First, Handouts, Hybrid, RandomChoice, Typicality, Uncertainty
+from lib.checks.requests import check_choice
 from lib.conf import listed_names, parse_conf
 from lib.configs import MODEL_CONFIGS
 from lib.datastore import SAVED_KEY, CheckedDatastore
+from lib.errors import http_errors, one_line
 from lib.interactions import INTERACTIONS_KEY, InteractionLog
 from lib.label_check import check_saved_label, flagged_labels
 from lib.monailabel_compat import AppFixes
 from lib.scoring import EmbeddingScoring, UncertaintyScoring
-from lib.validation import check_choice, http_errors, one_line
 
 logger = logging.getLogger(__name__)
 

@@ -217,7 +217,7 @@ def test_every_option_a_client_sees_is_declared_and_unknown_ones_are_refused_or_
     """What /info/ shows as a task's config (3D Slicer and OHIF echo it) is declared with its type at the door, so
     the check and the task cannot drift; a key nobody declared is refused with the nearest name (train, active
     learning, scoring) or, for infer, dropped and listed in the answer."""
-    from lib.validation import COMMON_OPTIONS, INFER_PARAMS, TRAIN_OPTIONS
+    from lib.checks.requests import COMMON_OPTIONS, INFER_PARAMS, TRAIN_OPTIONS
 
     info = client.get("/info/").json()
     for section, declared in [

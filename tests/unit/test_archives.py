@@ -9,7 +9,7 @@ import zipfile
 import pytest
 
 from lib import archives
-from lib.validation import InvalidInput
+from lib.errors import InvalidInput
 
 
 def make_tar(path, *members: tuple[str, str], mode: str = "w:gz") -> str:

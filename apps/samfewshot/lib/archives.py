@@ -16,7 +16,7 @@ import stat
 import tarfile
 import zipfile
 
-from lib.validation import InvalidInput
+from lib.errors import InvalidInput
 
 MAX_MEMBERS = 10_000  # a DICOM series of 10,000 single-frame files
 MAX_UNPACKED_BYTES = 8 << 30

@@ -16,13 +16,19 @@ from monai.utils import look_up_option
 from monailabel.utils.others.generic import strtobool
 
 from lib.compute import PRECISIONS, QUANTIZATIONS
+from lib.errors import one_line
 from lib.networks.sam2_backbone import HIERA_VARIANTS
 from lib.networks.sam_backbone import SAM_ENCODERS
-from lib.routes import ENDPOINT_GROUPS
 from lib.trainers.recipes import RECIPES
-from lib.validation import one_line
 
 MASG_MODULES = ("hae", "bfe", "dsf")
+# Optional endpoint groups (--conf endpoints, comma-separated; 'none' for none) and what each serves (lib.routes).
+ENDPOINT_GROUPS = {
+    "sessions": "/session/...: 3D Slicer uploads a volume that is not in the datastore as a session to segment it",
+    "logs": "/logs/ and /logs/gpu: the server log and nvidia-smi (admin role)",
+    "batch_infer": "/batch/infer/...: segment every datastore volume in a background task (admin role)",
+}
+DEFAULT_ENDPOINT_GROUPS = ("sessions",)
 
 
 def _bool(value: str) -> bool:
@@ -121,7 +127,13 @@ CONF_KEYS: dict[str, ConfKey] = {
         ConfKey("sam2_lora_rank", "0", "LoRA rank on Hiera's attention; 0 keeps SAM2 frozen", kind=int, minimum=0),
         ConfKey("fgnet_patch", "", "FGNet patch X,Y,Z in voxels (default 256,256,16; 64,64,16 with backbone tiny)"),
         ConfKey("max_epochs", "50", "default epochs of a training run", kind=int, minimum=1),
-        ConfKey("endpoints", "sessions", "optional endpoint groups to serve", choices=("none", *ENDPOINT_GROUPS), listed=True),
+        ConfKey(
+            "endpoints",
+            ",".join(DEFAULT_ENDPOINT_GROUPS),
+            "optional endpoint groups to serve",
+            choices=("none", *ENDPOINT_GROUPS),
+            listed=True,
+        ),
     )
 }
 

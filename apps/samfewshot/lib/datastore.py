@@ -1,4 +1,4 @@
-"""The local datastore, checking every upload before anything is stored (``lib.validation``).
+"""The local datastore, checking every upload before anything is stored (``lib.checks``).
 
 MONAI Label's LocalDatastore copies whatever arrives: a truncated file, a 4D series, a label on another grid, or an
 image id such as ``../x`` that lands outside the datastore. Here an upload is read and checked first; a refused one
@@ -15,19 +15,11 @@ from typing import Any
 from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.datastore import Datastore
 
+from lib.checks.requests import check_label_info, check_name
+from lib.checks.volumes import STORED_SUFFIXES, check_image, check_label, stored_image_grid
+from lib.errors import InvalidInput, NotFound, http_errors
 from lib.interactions import INTERACTIONS_KEY, check_interactions
 from lib.label_check import CHECK_KEY, CONFIRM_KEY
-from lib.validation import (
-    STORED_SUFFIXES,
-    InvalidInput,
-    NotFound,
-    check_image,
-    check_label,
-    check_label_info,
-    check_name,
-    http_errors,
-    stored_image_grid,
-)
 
 SAVED_KEY = "saved_ns"  # in every label's info: when this server stored it, in nanoseconds
 # Per-voxel maps the app stores beside labels (main.py: the uncertainty map of an infer request), not label ids.

@@ -36,9 +36,10 @@ from starlette.background import BackgroundTask
 
 from lib import archives
 from lib.adapters import AdapterError, check_adapter_config, publish_adapter, read_adapter
+from lib.checks.requests import parse_json_object
+from lib.checks.volumes import check_image as check_volume
+from lib.errors import InvalidInput, NotFound
 from lib.networks.sam_backbone import CheckpointError
-from lib.validation import InvalidInput, NotFound, parse_json_object
-from lib.validation import check_image as check_volume
 
 logger = logging.getLogger(__name__)
 

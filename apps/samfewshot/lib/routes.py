@@ -40,8 +40,7 @@ from starlette.routing import Route as StarletteRoute
 
 from lib import handlers, monailabel_compat
 from lib.activelearning import strategies
-from lib.datastore import image_exists, label_exists
-from lib.validation import (
+from lib.checks.requests import (
     BOOLEAN,
     COMMON_OPTIONS,
     IGNORED_KEY,
@@ -50,8 +49,6 @@ from lib.validation import (
     SERVER_INFER_KEYS,
     SERVER_TRAIN_KEYS,
     TRAIN_OPTIONS,
-    InvalidInput,
-    NotFound,
     Option,
     accepted,
     check_checksum,
@@ -64,22 +61,16 @@ from lib.validation import (
     check_options,
     check_same,
     check_train_options,
-    http_errors,
     integer,
     parse_json_object,
 )
+from lib.conf import DEFAULT_ENDPOINT_GROUPS, ENDPOINT_GROUPS
+from lib.datastore import image_exists, label_exists
+from lib.errors import InvalidInput, NotFound, http_errors
 
 logger = logging.getLogger(__name__)
 
 Args = Mapping[str, Any]
-
-# Optional endpoint groups (--conf endpoints, comma-separated; 'none' for none) and what each serves.
-ENDPOINT_GROUPS = {
-    "sessions": "/session/...: 3D Slicer uploads a volume that is not in the datastore as a session to segment it",
-    "logs": "/logs/ and /logs/gpu: the server log and nvidia-smi (admin role)",
-    "batch_infer": "/batch/infer/...: segment every datastore volume in a background task (admin role)",
-}
-DEFAULT_ENDPOINT_GROUPS = ("sessions",)
 
 
 def parse_endpoint_groups(value: str | None) -> frozenset[str]:

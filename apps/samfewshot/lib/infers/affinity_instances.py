@@ -15,12 +15,13 @@ from scipy import ndimage
 from skimage.segmentation import relabel_sequential, watershed
 from torch import nn
 
+from lib.checks.requests import infer_option
 from lib.engines.openvino_engine import EncoderEngine
+from lib.errors import http_errors
 from lib.infers.resident import ResidentModelInfer
 from lib.networks.affinities import AFFINITY_AXES
 from lib.served_model import ServedModel
 from lib.transforms import boundary_map, em_volume_transforms
-from lib.validation import http_errors, infer_option
 
 
 def affinity_watershed(

@@ -1,6 +1,6 @@
 """What every samfewshot infer task shares: the network is the model's resident one (adapter hot-swapped),
 a missing checkpoint or unreadable adapter answers 503 with the reason, a volume the models cannot segment
-(unreadable, not 3D, NaN, constant, too large: lib/validation.py) answers 422 with the reason, and results carry
+(unreadable, not 3D, NaN, constant, too large: lib/checks/volumes.py) answers 422 with the reason, and results carry
 the adapter version and the engine that ran the image encoder (``lib.engines``: OpenVINO on a CPU once it has
 compiled the served adapter, torch until then and everywhere else)."""
 
@@ -19,10 +19,12 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 from torch import nn
 
 from lib.adapters import AdapterError
+from lib.checks.requests import IGNORED_KEY
+from lib.checks.volumes import stored_image_grid
 from lib.engines.openvino_engine import CompiledEncoder, EncoderEngine
+from lib.errors import http_errors
 from lib.networks.sam_backbone import CheckpointError
 from lib.served_model import ServedModel
-from lib.validation import IGNORED_KEY, http_errors, stored_image_grid
 
 logger = logging.getLogger(__name__)
 

@@ -42,7 +42,9 @@ from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 from monailabel.utils.others.generic import strtobool
 
 from lib.adapters import AdapterError, keep_candidate, publish_adapter, published_version
+from lib.checks.volumes import check_label, stored_image_grid
 from lib.compute import autocast
+from lib.errors import InvalidInput
 from lib.interactions import INTERACTIONS_KEY, check_interactions
 from lib.label_check import held_out_reason
 from lib.monailabel_compat import HookedEngines
@@ -51,7 +53,6 @@ from lib.served_model import ServedModel
 from lib.trainers.interaction import SimulatedInteraction, prepare_prompted_batch
 from lib.trainers.recipes import RECIPES, Recipe
 from lib.transforms import training_slice_transforms, volume_transforms
-from lib.validation import InvalidInput, check_label, stored_image_grid
 
 logger = logging.getLogger(__name__)
 

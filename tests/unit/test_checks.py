@@ -1,5 +1,6 @@
-"""lib/validation.py on its own: names, JSON fields, train options, and every broken or odd volume of the
-`bad_volumes` fixture (tests/conftest.py) refused with a message that names the problem; good volumes accepted."""
+"""lib/checks (requests.py, volumes.py) and lib/errors.py on their own: names, JSON fields, train options, and every
+broken or odd volume of the `bad_volumes` fixture (tests/conftest.py) refused with a message that names the problem;
+good volumes accepted."""
 
 from __future__ import annotations
 
@@ -10,36 +11,38 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from lib import validation as v
+from lib import errors
+from lib.checks import requests as requests_
+from lib.checks import volumes
 
 
 @pytest.mark.parametrize("name", ["brain_002", "1.2.840.113619.2.55", "case 7", "CT-01_a"])
 def test_plain_names_pass(name):
-    assert v.check_name(name, "image id") == name
+    assert requests_.check_name(name, "image id") == name
 
 
 @pytest.mark.parametrize("name", ["../escape", "a/b", "a\\b", ".hidden", "..", "", "  ", "x\x00y", None, 7])
 def test_path_like_names_are_refused(name):
-    with pytest.raises(v.InvalidInput, match="image id"):
-        v.check_name(name, "image id")
+    with pytest.raises(errors.InvalidInput, match="image id"):
+        requests_.check_name(name, "image id")
 
 
 def test_unknown_choice_lists_the_valid_names():
-    with pytest.raises(v.NotFound, match=r"unknown model 'nosuch'; valid: fgnet, hf_sam") as e:
-        v.check_choice("nosuch", ["hf_sam", "fgnet"], "model")
+    with pytest.raises(errors.NotFound, match=r"unknown model 'nosuch'; valid: fgnet, hf_sam") as e:
+        requests_.check_choice("nosuch", ["hf_sam", "fgnet"], "model")
     assert e.value.status_code == 404
-    assert v.check_choice("hf_sam", ["hf_sam"], "model") == "hf_sam"
+    assert requests_.check_choice("hf_sam", ["hf_sam"], "model") == "hf_sam"
 
 
 @pytest.mark.parametrize("text,message", [("{bad", "not valid JSON"), ("[1, 2]", "must be a JSON object"), ("null", "got NoneType")])
 def test_json_fields_must_be_objects(text, message):
-    with pytest.raises(v.InvalidInput, match=message):
-        v.parse_json_object(text, "params")
+    with pytest.raises(errors.InvalidInput, match=message):
+        requests_.parse_json_object(text, "params")
 
 
 def test_json_object_and_empty_field_parse():
-    assert v.parse_json_object('{"label_info": []}', "params") == {"label_info": []}
-    assert v.parse_json_object("", "params") == {}
+    assert requests_.parse_json_object('{"label_info": []}', "params") == {"label_info": []}
+    assert requests_.parse_json_object("", "params") == {}
 
 
 @pytest.mark.parametrize(
@@ -53,13 +56,13 @@ def test_json_object_and_empty_field_parse():
     ],
 )
 def test_malformed_label_info_is_refused(label_info, message):
-    with pytest.raises(v.InvalidInput, match=message):
-        v.check_label_info(label_info)
+    with pytest.raises(errors.InvalidInput, match=message):
+        requests_.check_label_info(label_info)
 
 
 def test_label_info_ids_may_be_numeric_strings():
     # the trainer's remapping reads idx with int()
-    assert v.check_label_info([{"name": "white matter", "idx": "1"}, {"name": "grey matter", "idx": 2}]) == {
+    assert requests_.check_label_info([{"name": "white matter", "idx": "1"}, {"name": "grey matter", "idx": 2}]) == {
         1: "white matter",
         2: "grey matter",
     }
@@ -78,20 +81,20 @@ def test_label_info_ids_may_be_numeric_strings():
     ],
 )
 def test_bad_train_options_are_refused(options, message):
-    with pytest.raises(v.InvalidInput, match=message):
-        v.check_train_options(options)
+    with pytest.raises(errors.InvalidInput, match=message):
+        requests_.check_train_options(options)
 
 
 def test_sensible_train_options_pass():
-    v.check_train_options({"max_epochs": 3, "lr": "0.0005", "val_split": 0.2, "multi_gpu": "false", "device": "cpu"})
+    requests_.check_train_options({"max_epochs": 3, "lr": "0.0005", "val_split": 0.2, "multi_gpu": "false", "device": "cpu"})
 
 
 def test_good_image_and_trailing_singleton(bad_volumes):
-    grid = v.check_image(str(bad_volumes["image.nii.gz"]))
+    grid = volumes.check_image(str(bad_volumes["image.nii.gz"]))
     reference = nib.load(str(bad_volumes["image.nii.gz"]))
     assert grid.shape == reference.shape
     np.testing.assert_allclose(grid.affine, reference.affine, atol=1e-5)
-    assert v.check_image(str(bad_volumes["singleton_4d.nii.gz"])).shape == reference.shape
+    assert volumes.check_image(str(bad_volumes["singleton_4d.nii.gz"])).shape == reference.shape
 
 
 BAD_IMAGES = {
@@ -117,21 +120,21 @@ BAD_IMAGES = {
 
 @pytest.mark.parametrize("name", sorted(BAD_IMAGES))
 def test_bad_images_are_refused_with_the_reason(name, bad_volumes):
-    with pytest.raises(v.InvalidInput, match=BAD_IMAGES[name]) as e:
-        v.check_image(str(bad_volumes[name]))
+    with pytest.raises(errors.InvalidInput, match=BAD_IMAGES[name]) as e:
+        volumes.check_image(str(bad_volumes[name]))
     assert e.value.status_code == 422
     assert str(bad_volumes[name].parent) not in str(e.value)  # the server's paths stay private
 
 
 def test_good_labels_pass(bad_volumes):
-    image = v.check_image(str(bad_volumes["image.nii.gz"]))
-    v.check_label(str(bad_volumes["label.nii.gz"]), image, {1, 2})
-    v.check_label(str(bad_volumes["label_lps.nrrd"]), image, {1, 2})  # LPS NRRD on the RAS NIfTI's grid
-    v.check_label(str(bad_volumes["label_7.nii.gz"]), image, None)  # instance labels: any id
-    v.check_label(
+    image = volumes.check_image(str(bad_volumes["image.nii.gz"]))
+    volumes.check_label(str(bad_volumes["label.nii.gz"]), image, {1, 2})
+    volumes.check_label(str(bad_volumes["label_lps.nrrd"]), image, {1, 2})  # LPS NRRD on the RAS NIfTI's grid
+    volumes.check_label(str(bad_volumes["label_7.nii.gz"]), image, None)  # instance labels: any id
+    volumes.check_label(
         str(bad_volumes["label_3.nii.gz"]), image, {1, 2}, [{"name": "csf", "idx": 3}, {"name": "wm", "idx": 1}, {"name": "gm", "idx": 2}]
     )
-    v.check_label(str(bad_volumes["label_half.nii.gz"]), image, {1, 2}, ids=False)  # a per-voxel map, not ids
+    volumes.check_label(str(bad_volumes["label_half.nii.gz"]), image, {1, 2}, ids=False)  # a per-voxel map, not ids
 
 
 BAD_LABELS = {
@@ -150,26 +153,26 @@ BAD_LABELS = {
 
 @pytest.mark.parametrize("name", sorted(BAD_LABELS))
 def test_bad_labels_are_refused_with_the_reason(name, bad_volumes):
-    image = v.check_image(str(bad_volumes["image.nii.gz"]))
-    with pytest.raises(v.InvalidInput, match=BAD_LABELS[name]):
-        v.check_label(str(bad_volumes[name]), image, {1, 2})
+    image = volumes.check_image(str(bad_volumes["image.nii.gz"]))
+    with pytest.raises(errors.InvalidInput, match=BAD_LABELS[name]):
+        volumes.check_label(str(bad_volumes[name]), image, {1, 2})
 
 
 def test_label_ids_must_be_named_by_its_label_info(bad_volumes):
-    image = v.check_image(str(bad_volumes["image.nii.gz"]))
-    with pytest.raises(v.InvalidInput, match=r"holds ids \[3\] that are not in its label_info \(ids \[1, 2\]"):
-        v.check_label(str(bad_volumes["label_3.nii.gz"]), image, {1, 2, 3}, [{"name": "wm", "idx": 1}, {"name": "gm", "idx": 2}])
+    image = volumes.check_image(str(bad_volumes["image.nii.gz"]))
+    with pytest.raises(errors.InvalidInput, match=r"holds ids \[3\] that are not in its label_info \(ids \[1, 2\]"):
+        volumes.check_label(str(bad_volumes["label_3.nii.gz"]), image, {1, 2, 3}, [{"name": "wm", "idx": 1}, {"name": "gm", "idx": 2}])
 
 
 def test_grid_tolerance_is_a_fraction_of_a_voxel():
     affine = np.diag([0.004, 0.004, 0.04, 1.0])  # EM in microns: the tolerance scales with the voxel
-    image = v.Grid((10, 10, 10), affine)
+    image = volumes.Grid((10, 10, 10), affine)
     nudged = affine.copy()
     nudged[:3, 3] += 0.001 * np.diag(affine)[:3]
-    assert v.same_grid(v.Grid((10, 10, 10), nudged), image) is None
+    assert volumes.same_grid(volumes.Grid((10, 10, 10), nudged), image) is None
     moved = affine.copy()
     moved[0, 3] += 0.5 * affine[0, 0]
-    assert "affine" in v.same_grid(v.Grid((10, 10, 10), moved), image)
+    assert "affine" in volumes.same_grid(volumes.Grid((10, 10, 10), moved), image)
 
 
 def test_volumes_keep_their_geometry_while_a_training_run_in_this_process_tracks_no_meta(bad_volumes):
@@ -178,10 +181,10 @@ def test_volumes_keep_their_geometry_while_a_training_run_in_this_process_tracks
     from monai.data import get_track_meta, set_track_meta
 
     path = str(bad_volumes["image.nii.gz"])
-    tracked = v.read_volume(path, "image")[1]
+    tracked = volumes.read_volume(path, "image")[1]
     set_track_meta(False)
     try:
-        untracked = v.read_volume(path, "image")[1]
+        untracked = volumes.read_volume(path, "image")[1]
     finally:
         set_track_meta(True)
     assert get_track_meta() and untracked.shape == tracked.shape and np.array_equal(untracked.affine, tracked.affine)
@@ -190,19 +193,19 @@ def test_volumes_keep_their_geometry_while_a_training_run_in_this_process_tracks
 def test_a_stored_image_is_checked_again_once_it_changes(bad_volumes, tmp_path):
     path = tmp_path / "volume.nii.gz"
     shutil.copyfile(bad_volumes["image.nii.gz"], path)
-    assert v.stored_image_grid(str(path)).shape == (118, 142, 125)
+    assert volumes.stored_image_grid(str(path)).shape == (118, 142, 125)
     shutil.copyfile(bad_volumes["nan.nii.gz"], path)
     os.utime(path, ns=(1, 1))  # a different mtime even on coarse file-system clocks
-    with pytest.raises(v.InvalidInput, match="NaN"):
-        v.stored_image_grid(str(path))
+    with pytest.raises(errors.InvalidInput, match="NaN"):
+        volumes.stored_image_grid(str(path))
 
 
 # ---- limits on what a client names and sends ------------------------------------------------------------------
 @pytest.mark.parametrize("name,message", [("a" * 129, "129 bytes long; at most 128"), ("é" * 65, "130 bytes long")])
 def test_names_are_bounded_in_bytes(name, message):
-    with pytest.raises(v.InvalidInput, match=message):
-        v.check_name(name, "image id")
-    assert v.check_name("a" * 128, "image id")
+    with pytest.raises(errors.InvalidInput, match=message):
+        requests_.check_name(name, "image id")
+    assert requests_.check_name("a" * 128, "image id")
 
 
 @pytest.mark.parametrize(
@@ -215,10 +218,10 @@ def test_names_are_bounded_in_bytes(name, message):
     ],
 )
 def test_upload_file_names_are_checked(filename, message):
-    with pytest.raises(v.InvalidInput, match=message):
-        v.check_filename(filename, "image")
-    assert v.check_filename("brain 002.seg.nrrd", "label") == "brain 002.seg.nrrd"
-    assert v.check_filename(None, "image") == ""
+    with pytest.raises(errors.InvalidInput, match=message):
+        requests_.check_filename(filename, "image")
+    assert requests_.check_filename("brain 002.seg.nrrd", "label") == "brain 002.seg.nrrd"
+    assert requests_.check_filename(None, "image") == ""
 
 
 @pytest.mark.parametrize(
@@ -230,19 +233,19 @@ def test_upload_file_names_are_checked(filename, message):
     ],
 )
 def test_json_fields_are_bounded_in_depth_and_size(text, message):
-    with pytest.raises(v.InvalidInput, match=message):
-        v.parse_json_object(text, "params")
+    with pytest.raises(errors.InvalidInput, match=message):
+        requests_.parse_json_object(text, "params")
 
 
 def test_task_options_are_bounded_and_repeat_the_url():
-    assert v.check_options(None, "train options") == {}
-    with pytest.raises(v.InvalidInput, match="16393 bytes of JSON; at most 16384"):
-        v.check_options({"a": "x" * 16384}, "train options")
-    with pytest.raises(v.InvalidInput, match="must be a JSON object, got list"):
-        v.check_options([1], "train options")
-    v.check_same({"model": "hf_sam"}, "model", "hf_sam", "train options")
-    with pytest.raises(v.InvalidInput, match="model '../x' in the train options differs from the model 'hf_sam' the URL names"):
-        v.check_same({"model": "../x"}, "model", "hf_sam", "train options")
+    assert requests_.check_options(None, "train options") == {}
+    with pytest.raises(errors.InvalidInput, match="16393 bytes of JSON; at most 16384"):
+        requests_.check_options({"a": "x" * 16384}, "train options")
+    with pytest.raises(errors.InvalidInput, match="must be a JSON object, got list"):
+        requests_.check_options([1], "train options")
+    requests_.check_same({"model": "hf_sam"}, "model", "hf_sam", "train options")
+    with pytest.raises(errors.InvalidInput, match="model '../x' in the train options differs from the model 'hf_sam' the URL names"):
+        requests_.check_same({"model": "../x"}, "model", "hf_sam", "train options")
 
 
 @pytest.mark.parametrize(
@@ -258,13 +261,13 @@ def test_task_options_are_bounded_and_repeat_the_url():
     ],
 )
 def test_train_options_naming_server_paths_are_refused(options, message):
-    with pytest.raises(v.InvalidInput, match=message):
-        v.check_train_options(options)
+    with pytest.raises(errors.InvalidInput, match=message):
+        requests_.check_train_options(options)
 
 
 def test_the_trainer_config_clients_echo_passes():
     """3D Slicer sends the first value of each option of the trainer's config (MONAI Label's defaults)."""
-    v.check_train_options(
+    requests_.check_train_options(
         {
             "name": "train_01",
             "pretrained": True,
@@ -301,8 +304,8 @@ def test_the_trainer_config_clients_echo_passes():
     ],
 )
 def test_infer_params_keep_the_image_and_server_keys(params, message):
-    with pytest.raises(v.InvalidInput, match=message):
-        v.check_infer_params(params, "brain_002", "hf_sam", TASK_OPTIONS)
+    with pytest.raises(errors.InvalidInput, match=message):
+        requests_.check_infer_params(params, "brain_002", "hf_sam", TASK_OPTIONS)
 
 
 TASK_OPTIONS = ("device", "batch_size", "modality")  # what hf_sam's tasks show as their config
@@ -327,7 +330,7 @@ def test_what_slicer_and_ohif_send_passes_typed_and_the_rest_is_listed_as_ignore
         "white matter": [[1, 2, 3]],
         "max_epoch": 3,
     }
-    params, ignored = v.check_infer_params(sent, "brain_002", "hf_sam", TASK_OPTIONS)
+    params, ignored = requests_.check_infer_params(sent, "brain_002", "hf_sam", TASK_OPTIONS)
     assert ignored == ["max_epoch", "restore_label_idx", "white matter"]
     assert params == {
         **{k: x for k, x in sent.items() if k not in ignored},
@@ -335,13 +338,13 @@ def test_what_slicer_and_ohif_send_passes_typed_and_the_rest_is_listed_as_ignore
         "result_compress": False,
     }
     # monailabel.client.MONAILabelClient adds its client id to every request, None unless one was given
-    assert v.check_infer_params({"client_id": None}, "brain_002", "hf_sam", TASK_OPTIONS) == ({"client_id": None}, [])
-    v.check_train_options({"client_id": None, "max_epochs": 1})
+    assert requests_.check_infer_params({"client_id": None}, "brain_002", "hf_sam", TASK_OPTIONS) == ({"client_id": None}, [])
+    requests_.check_train_options({"client_id": None, "max_epochs": 1})
 
 
 def test_unknown_train_options_are_refused_with_the_nearest_name():
-    with pytest.raises(v.InvalidInput, match=r"'max_epoch' is not one of the train options: .*did you mean 'max_epochs'"):
-        v.check_train_options({"max_epoch": 1, "lr": 0.001})
+    with pytest.raises(errors.InvalidInput, match=r"'max_epoch' is not one of the train options: .*did you mean 'max_epochs'"):
+        requests_.check_train_options({"max_epoch": 1, "lr": 0.001})
 
 
 @pytest.mark.parametrize(
@@ -349,18 +352,18 @@ def test_unknown_train_options_are_refused_with_the_nearest_name():
     [("CRC32:ab", "algorithm 'CRC32' is not supported"), ("SHA256:xyz", "not a SHA256 hex digest"), ("MD5:" + "a" * 64, "32 hex digits")],
 )
 def test_checksums_name_a_supported_algorithm(value, message):
-    with pytest.raises(v.InvalidInput, match=message):
-        v.check_checksum(value)
-    v.check_checksum("a" * 64)
-    v.check_checksum("MD5:" + "b" * 32)
+    with pytest.raises(errors.InvalidInput, match=message):
+        requests_.check_checksum(value)
+    requests_.check_checksum("a" * 64)
+    requests_.check_checksum("MD5:" + "b" * 32)
 
 
 @pytest.mark.parametrize("data_file", ["../../../etc/hostname", "/etc/hostname"])
 def test_detached_nrrd_headers_are_refused_unread(tmp_path, data_file):
     path = tmp_path / "volume.nrrd"
     path.write_text(f"NRRD0004\ntype: float\ndimension: 3\nsizes: 4 4 4\nencoding: raw\ndata file: {data_file}\n\n")
-    with pytest.raises(v.InvalidInput, match="voxels lie in another file"):
-        v.check_image(str(path))
+    with pytest.raises(errors.InvalidInput, match="voxels lie in another file"):
+        volumes.check_image(str(path))
 
 
 @pytest.mark.parametrize("fill,message", [(np.nan, "affine that is not finite"), (0.0, "affine that is not invertible")])
@@ -372,5 +375,5 @@ def test_broken_affines_are_refused(tmp_path, bad_volumes, fill, message):
     for row in ("srow_x", "srow_y", "srow_z"):
         header[row][:3] = fill
     nib.save(nib.Nifti1Image(np.asarray(ref.dataobj), None, header), str(tmp_path / "broken.nii.gz"))
-    with pytest.raises(v.InvalidInput, match=message):
-        v.check_image(str(tmp_path / "broken.nii.gz"))
+    with pytest.raises(errors.InvalidInput, match=message):
+        volumes.check_image(str(tmp_path / "broken.nii.gz"))
