@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-import lib.adapters as lora
+import lib.adapters as adapters
 from lib.adapters import AdapterError
 
 pytestmark = pytest.mark.slow
@@ -26,7 +26,7 @@ def test_run_that_cannot_publish_fails_with_the_reason_and_the_old_adapter_stays
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
 
-    monkeypatch.setattr(lora.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(adapters, "atomic_write", read_only)  # the adapter file only: the run's split and stats still write
     with pytest.raises(AdapterError, match="the model directory is read-only.*version 1 stays served"):
         app.train(request)
     monkeypatch.undo()

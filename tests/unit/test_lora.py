@@ -7,6 +7,7 @@ import errno
 import io
 import os
 import re
+import tempfile
 import time
 
 import pytest
@@ -216,7 +217,7 @@ def test_publish_on_a_full_or_read_only_disk_names_the_cause_and_keeps_the_serve
     path = tmp_path / "hf_sam.pt"
     publish_adapter(str(path), _dummy_state(1), _config())
     before = path.read_bytes()
-    target = lora.tempfile if where == "mkstemp" else lora.os
+    target = tempfile if where == "mkstemp" else os  # as lib.files.atomic_write calls them
 
     def fail(*args, **kwargs):
         raise OSError(code, os.strerror(code))

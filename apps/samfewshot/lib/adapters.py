@@ -12,12 +12,12 @@ from __future__ import annotations
 import datetime
 import errno
 import os
-import tempfile
 from typing import Any
 
 import torch
 from torch import nn
 
+from lib.files import atomic_write
 from lib.networks.lora import adapter_spec
 
 ADAPTER_FORMAT = "samfewshot-adapter"
@@ -107,19 +107,8 @@ def history_path(path: str, version: int) -> str:
 
 
 def _atomic_save(obj: Any, path: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_write(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def adapter_payload(version: int | None, state: dict[str, torch.Tensor], config: dict[str, Any], info: dict[str, Any] | None) -> dict:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.model import CLIPTextCfg, _build_text_tower
 
+from lib.files import atomic_write
 from lib.networks.sam_backbone import CheckpointError
 from lib.process_local import ProcessLocal
 
@@ -76,10 +77,8 @@ class ClassTextEmbedder(ProcessLocal):
             else:
                 embeddings = self._encode(prompts)
                 if path:
-                    os.makedirs(self.cache_dir, exist_ok=True)
-                    tmp = f"{path}.{os.getpid()}.tmp"
-                    torch.save(embeddings, tmp)
-                    os.replace(tmp, path)
+                    with atomic_write(path, "wb") as f:
+                        torch.save(embeddings, f)
             self._memory[key] = embeddings
             return embeddings
 

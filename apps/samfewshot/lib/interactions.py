@@ -16,11 +16,12 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import threading
 import time
 from collections import OrderedDict
 from typing import Any
+
+from lib.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -101,15 +102,8 @@ class InteractionLog:
             return
         stored = {"image": image_id, "updated": time.time(), "prompts": list(self._volumes[image_id].values())}
         try:
-            os.makedirs(self.store_dir, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=self.store_dir)
-            try:
-                with os.fdopen(fd, "w") as f:
-                    json.dump(stored, f)
-                os.replace(tmp, self._path(image_id))
-            except BaseException:
-                os.unlink(tmp)
-                raise
+            with atomic_write(self._path(image_id)) as f:
+                json.dump(stored, f)
         except OSError as e:
             logger.warning(f"interaction log: the prompts on {image_id!r} are kept in memory only: {e}")
 

@@ -46,6 +46,7 @@ from monai.utils import look_up_option
 from torch import nn
 
 from lib.compute import QUANTIZATIONS, autocast, torch_threads
+from lib.files import atomic_write
 from lib.networks.lora import merge_lora
 
 MISSING = ""  # why OpenVINO cannot be imported here, if it cannot
@@ -196,11 +197,8 @@ class EngineChoice:
             return None
 
     def write(self, path: str) -> None:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
-        with open(tmp, "w") as f:
+        with atomic_write(path) as f:
             json.dump(asdict(self), f, indent=1)
-        os.replace(tmp, path)
 
     @classmethod
     def measure(

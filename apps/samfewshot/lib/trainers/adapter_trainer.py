@@ -45,6 +45,7 @@ from lib.adapters import AdapterError, keep_candidate, publish_adapter, publishe
 from lib.checks.volumes import check_label, stored_image_grid
 from lib.compute import autocast
 from lib.errors import InvalidInput
+from lib.files import atomic_write
 from lib.interactions import INTERACTIONS_KEY, check_interactions
 from lib.label_check import held_out_reason
 from lib.monailabel_compat import HookedEngines
@@ -272,10 +273,8 @@ class AdapterTrainer(HookedEngines, BasicTrainTask):
             side = "val" if wants_val and len(split["train"]) >= self.min_train_volumes else "train"
             split[side].append(image_id)
         if context.local_rank == 0:
-            tmp = path + ".tmp"
-            with open(tmp, "w") as f:
+            with atomic_write(path) as f:
                 json.dump(split, f, indent=2)
-            os.replace(tmp, path)
         train = [items[i] for i in split["train"] if i in items]
         val = [items[i] for i in split["val"] if i in items]
         logger.info(f"{self.model.name}: {len(train)} training / {len(val)} validation volumes (split {path})")
@@ -462,7 +461,5 @@ class AdapterTrainer(HookedEngines, BasicTrainTask):
         """The decision into this run's train stats (``publication``), which ``/info/`` shows."""
         stats = self.stats()
         stats["publication"] = decision
-        tmp = self._stats_path + ".tmp"
-        with open(tmp, "w") as f:
+        with atomic_write(self._stats_path) as f:
             json.dump(stats, f, indent=2)
-        os.replace(tmp, self._stats_path)
