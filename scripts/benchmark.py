@@ -243,6 +243,8 @@ def paired_seconds_per_slice(network, backbone: str, device: str, batch_size: in
 
 
 def main(argv: list[str] | None = None) -> int:
+    from lib.compute import ENGINES, PRECISIONS, QUANTIZATIONS
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="tiny")
     parser.add_argument("--model", default="hf_sam")
@@ -254,9 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sam-checkpoint", default=None, help="official SAM file; default: random weights in its layout")
     parser.add_argument("--sam2-variant", default="hiera_t", help="fgnet's SAM2 encoder when the backbone is not tiny")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="inference precision")
-    parser.add_argument("--engine", default="auto", choices=["auto", "torch", "openvino"], help="image-encoder engine")
-    parser.add_argument("--quantize", default="none", choices=["none", "int8"], help="the SAM models' OpenVINO encoder")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="inference precision")
+    parser.add_argument("--engine", default="auto", choices=ENGINES, help="image-encoder engine")
+    parser.add_argument("--quantize", default="none", choices=QUANTIZATIONS, help="the SAM models' OpenVINO encoder")
     parser.add_argument("--batch-size", type=int, default=None, help="slices per forward (default: the app's)")
     parser.add_argument("--repeats", type=int, default=3, help="warm inference repeats")
     parser.add_argument("--update-epochs", type=int, default=5)

@@ -23,12 +23,15 @@ def torch_device(name: str) -> str:
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
-# How OpenVINO's image encoder of the SAM models may be quantised (``--conf quantize``; lib.engines).
+# What runs the image encoders on a CPU (``--conf engine``; lib.engines), and how OpenVINO's encoder of the SAM models
+# may be quantised (``--conf quantize``).
+ENGINES = ("auto", "torch", "openvino")
 QUANTIZATIONS = ("none", "int8")
 
 
-# On a CPU, 'auto' picks bf16 only when it takes less than this share of fp32's time: it is less exact.
-BF16_MIN_GAIN = 0.9
+# An 'auto' choice takes the less exact or less simple option (bf16 over fp32, OpenVINO over torch, OpenVINO bf16 over
+# its fp32) only when it takes less than this share of the other's time.
+MIN_GAIN = 0.9
 
 
 def bf16_faster(device: str) -> bool:
@@ -43,7 +46,7 @@ def bf16_faster(device: str) -> bool:
     if not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
         return False
     fp32, bf16 = linear_seconds("fp32"), linear_seconds("bf16")
-    faster = bf16 < BF16_MIN_GAIN * fp32
+    faster = bf16 < MIN_GAIN * fp32
     logger.info(
         f"precision auto: a ViT-B linear layer takes {fp32 * 1e3:.1f} ms in fp32 and {bf16 * 1e3:.1f} ms in bf16 on "
         f"this CPU, so 'auto' resolves to {'bf16' if faster else 'fp32'}"

@@ -15,7 +15,7 @@ from typing import Any
 from monai.utils import look_up_option
 from monailabel.utils.others.generic import strtobool
 
-from lib.compute import PRECISIONS, QUANTIZATIONS
+from lib.compute import ENGINES, PRECISIONS, QUANTIZATIONS
 from lib.errors import one_line
 from lib.networks.sam2_backbone import HIERA_VARIANTS
 from lib.networks.sam_backbone import SAM_ENCODERS
@@ -102,7 +102,7 @@ CONF_KEYS: dict[str, ConfKey] = {
         ConfKey("preload", "false", "build the networks at start-up", kind=_bool),
         ConfKey("precision", "auto", "inference precision", choices=PRECISIONS),
         ConfKey("train_precision", "auto", "training precision of the SAM models", choices=PRECISIONS),
-        ConfKey("engine", "auto", "what runs the image encoders on a CPU", choices=("auto", "torch", "openvino")),
+        ConfKey("engine", "auto", "what runs the image encoders on a CPU", choices=ENGINES),
         ConfKey(
             "quantize",
             "none",

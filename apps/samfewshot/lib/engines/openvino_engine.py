@@ -45,7 +45,7 @@ import torch
 from monai.utils import look_up_option
 from torch import nn
 
-from lib.compute import QUANTIZATIONS, autocast, torch_threads
+from lib.compute import ENGINES, MIN_GAIN, QUANTIZATIONS, autocast, torch_threads
 from lib.files import atomic_write
 from lib.networks.lora import merge_lora
 
@@ -59,14 +59,10 @@ except ImportError as e:  # a CUDA-only install (scripts/gpu_wheels.sh leaves th
 
 logger = logging.getLogger(__name__)
 
-ENGINES = ("auto", "torch", "openvino")
 # --conf precision -> OpenVINO's INFERENCE_PRECISION_HINT
 OPENVINO_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
 # Slices of the request's volume that calibrate an int8 graph's activation ranges.
 CALIBRATION_SLICES = 16
-# 'auto' picks OpenVINO (and, within it, bf16) only when it takes less than this share of the other's time; closer
-# than that is a tie, settled on a longer run of slices (``EngineChoice``).
-MIN_GAIN = 0.9
 _NOT_CLAIMED = object()
 
 
