@@ -19,7 +19,7 @@ host and library versions (a restart and a new adapter keep the decision).
 
 ``quantize int8`` (the SAM models) quantises the converted graph with NNCF's post-training quantisation, its
 activation ranges calibrated on slices of the volume the request that started the build brought (the series being
-annotated); operations it leaves unquantised run at the engine's precision. The quantised graph is cached like the
+annotated); operations it leaves unquantised run in bf16 where the CPU has it natively. The quantised graph is cached like the
 others, under its own name: a restart reuses the ranges of the volume that calibrated it.
 """
 
