@@ -96,7 +96,10 @@ def test_reads_answer_while_inference_and_training_run(start_server, studies, tm
     report("reads during training", during_train)
     assert len(during_infer) >= 3, f"only {len(during_infer)} reads completed during a {end - start:.1f} s inference"
     assert during_train
-    assert all(r[1] == 200 for r in reads.done), {r[0]: r[1] for r in reads.done if r[1] != 200}
+    failed = {r[0]: r[1] for r in reads.done if r[1] != 200}
+    log = server.log()
+    first_error = log[log.find("Traceback") :][:4000] if "Traceback" in log else server.log_tail()
+    assert not failed, f"{failed}; the server's log from its first traceback:\n{first_error}"
 
 
 def test_two_clients_inferring_at_once_get_their_own_results(start_server, tmp_path):

@@ -31,3 +31,22 @@ def test_install_replaces_the_token_check_and_seg_writer(tmp_path):
     assert monailabel.endpoints.infer.nifti_to_dicom_seg is monailabel.datastore.utils.convert.nifti_to_dicom_seg
     assert monailabel.endpoints.infer.nifti_to_dicom_seg.__module__ == "lib.monailabel_compat"
     assert settings.MONAI_LABEL_SESSIONS and settings.MONAI_LABEL_SESSION_PATH == str(tmp_path / "sessions")
+
+
+def test_train_stats_read_while_a_run_rewrites_them_are_the_last_complete_ones(tmp_path):
+    import json
+
+    from monailabel.tasks.train.basic_train import BasicTrainTask
+
+    class Task(monailabel_compat.LastCompleteStats, BasicTrainTask):
+        network = optimizer = loss_function = train_pre_transforms = train_post_transforms = val_inferer = None
+
+    task = Task(model_dir=str(tmp_path), stats_path=str(tmp_path / "train_stats.json"))
+    assert task.stats() == {}
+    complete = {"epoch": 3, "best_metric": 0.5}
+    (tmp_path / "train_stats.json").write_text(json.dumps(complete, indent=2))
+    assert task.stats() == complete
+    (tmp_path / "train_stats.json").write_text(json.dumps({"epoch": 4, "best_metric": 0.6}, indent=2)[:20])  # mid-copy
+    with pytest.raises(ValueError):
+        BasicTrainTask.stats(task)  # upstream: /info/ answered 500
+    assert task.stats() == complete

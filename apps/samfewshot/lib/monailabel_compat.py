@@ -1,7 +1,8 @@
 """Every place the app changes or reaches into monailabel 0.8.5, in one module.
 
 The app is built on monailabel's public task classes; where 0.8.5 is wrong or unsafe for this app, the fix is made
-here at start-up (``install``) or in a base class the app's classes derive from (``AppFixes``, ``HookedEngines``).
+here at start-up (``install``) or in a base class the app's classes derive from (``AppFixes``, ``HookedEngines``,
+``LastCompleteStats``).
 ``WORKAROUNDS`` lists each one: what upstream does, the upstream code it works around, and when it can go. Another
 monailabel version is refused at start-up (``check_version``): each entry must be re-read against it first.
 
@@ -105,6 +106,13 @@ WORKAROUNDS = (
         "BasicTrainTask builds its engines without iteration_update, event_names and additional_metrics from its "
         "own hooks, and with a CheckpointSaver of the whole network; the adapters here are published on completion",
         "monailabel passes its hooks through and makes the checkpoint handler optional",
+    ),
+    Workaround(
+        "LastCompleteStats.stats (the train stats /info/ shows)",
+        "a training run copies its stats over the model's train_stats.json in place after every epoch (shutil.copy "
+        "in monailabel/tasks/train/handler.py) while BasicTrainTask.stats json.loads that file for /info/, so a read "
+        "in between answered /info/ with 500 (seen in a test polling /info/ during a run)",
+        "monailabel writes the stats to a temporary file and renames it over the old one",
     ),
     Workaround(
         "infers, trainers, strategies, scoring_methods, server_mode: MONAILabelApp's private _infers, _trainers, "
@@ -312,3 +320,16 @@ class HookedEngines:
             event_names=self.event_names(context),
             prepare_batch=self.prepare_batch,
         )
+
+
+class LastCompleteStats:
+    """Mixed into a BasicTrainTask: its train stats as last read whole, while a run rewrites the file in place."""
+
+    _last_stats: dict[str, Any] = {}
+
+    def stats(self) -> dict[str, Any]:
+        try:
+            self._last_stats = super().stats()
+        except ValueError:  # a half-written file (JSONDecodeError): the run is copying its stats right now
+            logger.debug(f"{self._stats_path} is being written; answering with the stats read before")
+        return self._last_stats

@@ -48,7 +48,7 @@ from lib.errors import InvalidInput
 from lib.files import atomic_write
 from lib.interactions import INTERACTIONS_KEY, check_interactions
 from lib.label_check import held_out_reason
-from lib.monailabel_compat import HookedEngines
+from lib.monailabel_compat import HookedEngines, LastCompleteStats
 from lib.networks.lora import adapter_state_dict
 from lib.served_model import ServedModel
 from lib.trainers.interaction import SimulatedInteraction, prepare_prompted_batch
@@ -91,7 +91,7 @@ def free_loopback_port() -> int:
         return s.getsockname()[1]
 
 
-class AdapterTrainer(HookedEngines, BasicTrainTask):
+class AdapterTrainer(HookedEngines, LastCompleteStats, BasicTrainTask):
     """Fine-tunes the adapter (LoRA weights and the other trainable modules) of a ``ServedModel``.
 
     Args:
