@@ -569,8 +569,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["paper"]:
         return paper_main(argv[1:])
+    if argv[:1] == ["interactive"]:
+        from evaluate_interactive import main as interactive_main
+
+        return interactive_main(argv[1:])
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], epilog="evaluate.py paper --help: run a model on a public dataset with its paper's protocol."
+        description=__doc__.split("\n\n")[0],
+        epilog="evaluate.py paper --help: run a model on a public dataset with its paper's protocol. evaluate.py "
+        "interactive --help: the CVPR 2025 interactive challenge's protocol through a server's interactive task.",
     )
     parser.add_argument("--task", choices=("segmentation", "instances"), required=True)
     parser.add_argument("--predictions", type=Path, required=True, help="folder of predicted label volumes")

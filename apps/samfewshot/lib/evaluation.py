@@ -12,6 +12,11 @@ The papers' tables use conventions of their own, reproduced here for scripts/eva
 ``percase_dice_hd95`` (SAMed / H-SAM / HF-SAM test code: medpy's Dice and HD95 in voxels) and ``cremi_scores``
 (the CREMI challenge's reference code, cremi_python).
 
+The interactive protocol of the CVPR 2025 challenge "Foundation Models for Interactive 3D Biomedical Image
+Segmentation" (its evaluation code: ``CVPR25_iter_eval.py`` and ``get_boxes.py`` of JunMa11/CVPR-MedSegFMCompetition)
+for scripts/evaluate.py's ``interactive``: ``challenge_box``, ``challenge_click``, ``challenge_scores`` and
+``interaction_auc``. They take volumes in the challenge's axis order (z, y, x): a NIfTI array (i, j, k) transposed.
+
 Pure numpy/SciPy/MONAI/scikit-image, so it runs without a server.
 """
 
@@ -21,7 +26,10 @@ import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import torch
+from monai.metrics import compute_surface_dice
 from scipy import ndimage
+from scipy.integrate import trapezoid
 
 
 def _check_shapes(pred: np.ndarray, gt: np.ndarray) -> None:
@@ -217,3 +225,74 @@ def cremi_scores(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
     scores.update(arand=arand, rand_split=rand_split, rand_merge=rand_merge)
     scores["cremi_score"] = math.sqrt(scores["voi"] * arand) if not math.isnan(arand) else math.nan
     return scores
+
+
+# The challenge's constants: clicks after the box, NSD tolerance (mm), the mean Dice at or below which NSD counts 0,
+# the seed of the click's tie-breaking (set before every click) and of the boxes' jitter.
+CHALLENGE_CLICKS = 5
+NSD_TOLERANCE_MM = 2.0
+NSD_MIN_DICE = 0.2
+CLICK_SEED = 42
+BOX_SEED = 2025
+
+
+def challenge_box(mask: np.ndarray, rng: np.random.RandomState) -> dict[str, int]:
+    """The box prompt of one structure (mask (z, y, x), not empty), as ``get_boxes.py`` makes it: the z range, and on
+    ``z_mid`` (the z of the structure's middle voxel in C order) the 2D box of the structure, each side moved out by
+    the same 0-5 pixels (``rng``) scaled by the slice size / 256, within the slice."""
+    z, _, _ = np.nonzero(mask)
+    z_mid = int(z[len(z) // 2])
+    y, x = np.nonzero(mask[z_mid])
+    height, width = mask.shape[1:]
+    shift = int(rng.randint(0, 6, 1)[0])
+    sx, sy = int(shift * width / 256), int(shift * height / 256)
+    return {
+        "z_min": int(z.min()),
+        "z_max": int(z.max()),
+        "z_mid": z_mid,
+        "z_mid_x_min": max(0, int(x.min()) - sx),
+        "z_mid_y_min": max(0, int(y.min()) - sy),
+        "z_mid_x_max": min(width - 1, int(x.max()) + sx),
+        "z_mid_y_max": min(height - 1, int(y.max()) + sy),
+    }
+
+
+def challenge_click(pred: np.ndarray, target: np.ndarray) -> tuple[tuple[int, int, int], bool] | None:
+    """The next click on one structure (boolean masks (z, y, x)), as ``CVPR25_iter_eval.py`` places it: at the
+    maximum of the distance transform of the largest 26-connected error component (computed on the component alone,
+    so the volume's edge counts as outside it), ties broken by ``np.random.choice`` seeded with ``CLICK_SEED``; and
+    whether it is a foreground click (under-segmentation there). None when the prediction is exact."""
+    errors, count = ndimage.label(pred != target, structure=np.ones((3, 3, 3)))
+    if count == 0:
+        return None
+    sizes = np.bincount(errors.ravel())
+    sizes[0] = 0
+    component = errors == int(np.argmax(sizes))
+    box = ndimage.find_objects(component.astype(np.uint8))[0]
+    distance = np.zeros(component.shape)
+    distance[box] = ndimage.distance_transform_edt(np.pad(component[box], 1))[(slice(1, -1),) * 3]
+    peaks = np.argwhere(distance == distance.max())
+    click = tuple(int(v) for v in peaks[np.random.RandomState(CLICK_SEED).choice(len(peaks))])
+    return click, bool(target[click])
+
+
+def challenge_scores(target: np.ndarray, seg: np.ndarray, spacing: Sequence[float]) -> tuple[float, float]:
+    """(DSC, NSD) of a multi-class prediction (z, y, x) against ``target``: each the mean over the classes present in
+    ``target``; NSD at ``NSD_TOLERANCE_MM`` with the surface elements of DeepMind's surface-distance (the challenge's
+    SurfaceDice.py; MONAI's ``compute_surface_dice`` with ``use_subvoxels``), and 0 when the mean Dice is at most
+    ``NSD_MIN_DICE``. ``spacing``: voxel size (z, y, x) in mm."""
+    classes = [int(c) for c in np.unique(target) if c != 0]
+    dsc = float(np.mean([dice(seg == c, target == c) for c in classes]))
+    if dsc <= NSD_MIN_DICE:
+        return dsc, 0.0
+    one_hot = [torch.from_numpy(np.stack([volume == c for c in classes])[None]) for volume in (seg, target)]
+    nsd = compute_surface_dice(
+        *one_hot, [NSD_TOLERANCE_MM] * len(classes), include_background=True, spacing=list(spacing), use_subvoxels=True
+    )
+    return dsc, float(nsd.mean())  # every class is in the target: none is nan
+
+
+def interaction_auc(values: Sequence[float]) -> float:
+    """The challenge's DSC_AUC / NSD_AUC: the trapezoid area under the scores after each of the last
+    ``CHALLENGE_CLICKS`` steps (the clicks; the box step is optional there), one unit apart (at most 4)."""
+    return float(trapezoid(np.asarray(values[-CHALLENGE_CLICKS:], dtype=float)))
