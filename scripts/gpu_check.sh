@@ -66,7 +66,9 @@ step() {  # step NAME COMMAND...: run it, record ok/failed
 
 step tests env SAMFEWSHOT_TEST_DEVICE=$DEVICE SAMFEWSHOT_TEST_BACKBONES=$BACKBONES \
     "$PY" -m pytest -q -p no:cacheprovider tests/unit/test_device_paths.py
-for model in hf_sam masg_sam; do
+SAM_MODELS=$("$PY" -c "import sys; sys.path.insert(0, 'apps/samfewshot'); from lib.configs import SAM_MODELS; print(*SAM_MODELS)")
+[ -n "$SAM_MODELS" ] || { echo "gpu_check: cannot read the SAM models from apps/samfewshot/lib/configs" >&2; exit 1; }
+for model in $SAM_MODELS; do
     step "benchmark $model" "$PY" scripts/benchmark.py --model $model --backbone $BACKBONE --device $DEVICE \
         --slices $SLICES --in-plane $IN_PLANE --repeats $REPEATS --update-epochs $EPOCHS --out "$OUT/benchmark_$model.json"
 done
@@ -77,7 +79,8 @@ step ddp "$PY" scripts/gpu_check.py ddp --device $DEVICE --processes $PROCESSES 
 {
     printf '{"device": "%s", "results": {' "$DEVICE"
     first=1
-    for name in tests "benchmark hf_sam" "benchmark masg_sam" "benchmark fgnet" ddp; do
+    for name in tests $(printf 'benchmark_%s ' $SAM_MODELS) benchmark_fgnet ddp; do
+        name=${name/benchmark_/benchmark }
         [ $first = 1 ] || printf ', '
         printf '"%s": "%s"' "$name" "${RESULTS[$name]}"
         first=0

@@ -266,8 +266,10 @@ def plot(results: dict, path: str) -> None:
 
 
 def main() -> None:
+    from lib.configs import SAM_MODELS
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="hf_sam", choices=["hf_sam", "masg_sam"])
+    parser.add_argument("--model", default="hf_sam", choices=SAM_MODELS)
     parser.add_argument("--backbone", default="litemedsam")
     parser.add_argument("--epochs", type=int, default=50)
     parser.add_argument("--lr", type=float, help="default: the training recipe's own")

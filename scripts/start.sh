@@ -13,5 +13,5 @@ exec .venv/bin/monailabel start_server \
   --app apps/samfewshot \
   --studies sample-datasets/brain-mri \
   --host 127.0.0.1 --port "${PORT:-8000}" \
-  --conf models hf_sam,masg_sam \
+  --conf models segmentation \
   "$@"

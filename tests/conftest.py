@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-APP_DIR = REPO / "apps" / "samfewshot"
+# SAMFEWSHOT_APP_DIR: another copy of the app to test (tests/unit/test_adding_a_model.py adds a model to one).
+APP_DIR = Path(os.environ.get("SAMFEWSHOT_APP_DIR") or REPO / "apps" / "samfewshot")
 SAMPLES = REPO / "sample-datasets"
 
 os.environ.setdefault("MONAI_LABEL_TRACKING_ENABLED", "false")

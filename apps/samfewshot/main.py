@@ -24,7 +24,7 @@ from lib import monailabel_compat, routes
 from lib.activelearning import ClaspPE, Diversity, First, Handouts, Hybrid, RandomChoice, Typicality, Uncertainty
 from lib.checks.requests import check_choice
 from lib.conf import listed_names, parse_conf
-from lib.configs import MODEL_CONFIGS
+from lib.configs import MODEL_CONFIGS, SAM_MODELS
 from lib.datastore import SAVED_KEY, CheckedDatastore
 from lib.errors import http_errors, one_line
 from lib.interactions import INTERACTIONS_KEY, InteractionLog
@@ -36,12 +36,14 @@ logger = logging.getLogger(__name__)
 
 
 def selected_models(value: str) -> list[str]:
-    """Model names from ``--conf models`` ('all' or a comma-separated list); an unknown name is an error naming the
-    nearest valid one."""
-    valid = f"all, {', '.join(MODEL_CONFIGS)}"
+    """Model names from ``--conf models`` ('all', 'segmentation' for every SAM class-segmentation model, or a
+    comma-separated list); an unknown name is an error naming the nearest valid one."""
+    valid = f"all, segmentation, {', '.join(MODEL_CONFIGS)}"
     names = [m.strip() for m in value.split(",") if m.strip()]
     if "all" in names:
         return list(MODEL_CONFIGS)
+    if names == ["segmentation"]:
+        return list(SAM_MODELS)
     if not names:
         raise ValueError(f"--conf models names no model; valid: {valid}")
     return listed_names("models", value, MODEL_CONFIGS, valid)

@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 @pytest.fixture
 def client_conf() -> dict:
     """The app's --conf for the `client` fixture; a test module overrides it to serve other models."""
-    return {"models": "hf_sam,masg_sam", "backbone": "tiny", "engine": "torch", "auto_scoring": "false"}
+    return {"models": "segmentation", "backbone": "tiny", "engine": "torch", "auto_scoring": "false"}
 
 
 @pytest.fixture

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lib.configs import MODEL_CONFIGS
+
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "gpu_check.sh"
 
 
@@ -33,7 +35,7 @@ def test_the_check_runs_on_the_cpu(tmp_path):
     summary = json.loads((tmp_path / "gpu_check.json").read_text())
     assert summary["device"] == "cpu" and summary["device_name"]
     assert set(summary["steps"].values()) == {"ok"}
-    assert set(summary["models"]) == {"hf_sam", "masg_sam", "fgnet"}
+    assert set(summary["models"]) == set(MODEL_CONFIGS)
     assert all(m["slices_per_s"] > 0 and m["update_served_s"] > 0 for m in summary["models"].values())
     assert summary["ddp"]["backend"] == "gloo" and summary["ddp"]["adapter_version"] == 1
     assert "model | backbone | precision" in run.stdout

@@ -17,7 +17,7 @@ GREY_MATTER = 2
 
 @pytest.fixture
 def client_conf() -> dict:
-    return {"models": "hf_sam,masg_sam", "engine": "torch", "auto_scoring": "false"}  # the default backbone
+    return {"models": "segmentation", "engine": "torch", "auto_scoring": "false"}  # the default backbone
 
 
 def test_info_names_the_backbone_and_what_masg_sam_runs_without(client):

@@ -13,7 +13,7 @@ from fastapi.routing import APIRoute
 
 from lib import routes
 
-GROUPS = {"models": "hf_sam,masg_sam", "backbone": "tiny", "engine": "torch", "auto_scoring": "false", "endpoints": "logs,batch_infer"}
+GROUPS = {"models": "segmentation", "backbone": "tiny", "engine": "torch", "auto_scoring": "false", "endpoints": "logs,batch_infer"}
 # Declared for a server with MONAI_LABEL_AUTH_ENABLE=true: the login proxy is included only then.
 AUTH_ROUTES = {("GET", "/auth/"), ("POST", "/auth/token"), ("GET", "/auth/token/valid")}
 

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[2]
 STARTUP_DEADLINE_S = 120
 # Scoring at start-up and after training is exercised by test_active_learning.py; elsewhere it would only add
 # background subprocesses competing for the CPU.
-BASE_CONF = (("models", "hf_sam,masg_sam"), ("backbone", "tiny"), ("engine", "torch"), ("auto_scoring", "false"))
+BASE_CONF = (("models", "segmentation"), ("backbone", "tiny"), ("engine", "torch"), ("auto_scoring", "false"))
 
 
 @dataclass

@@ -18,6 +18,7 @@ import SimpleITK as sitk
 from dicomweb_client.api import DICOMwebClient
 from test_client_loop import SLICER_LABEL_INFO, client_for, swapped_ground_truth, wait_for_training
 
+from lib.configs import MODEL_CONFIGS
 from lib.dicom_seg import write_dicom_seg
 
 pytestmark = pytest.mark.e2e
@@ -60,7 +61,7 @@ def test_series_infer_and_dicom_seg(start_server, studies, dicomweb_samples, sam
 
     # every model infers on a series fetched from Orthanc; the label lies on the series' grid
     labels = {}
-    for model in ("hf_sam", "masg_sam", "fgnet"):
+    for model in MODEL_CONFIGS:  # the server serves "all"
         result_file, result = client.infer(model, series[sample], {"result_extension": ".nii.gz"})
         labels[model] = tmp_path / f"{model}.nii.gz"
         shutil.copyfile(result_file, labels[model])

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from lib.conf import CONF_KEYS, parse_conf
+from lib.conf import parse_conf
+from lib.configs import CONF_KEYS
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

@@ -1,5 +1,9 @@
 """Every ``--conf`` key of the app, declared once: its type, default, allowed values and meaning.
 
+The keys every model shares are declared here; a model's own keys are declared in its config module
+(``lib/configs/<model>.py``, with ``declare_conf_keys``), so ``CONF_KEYS`` holds them all once ``lib.configs`` is
+imported, as the app, its scripts and its tests do before parsing.
+
 ``parse_conf`` turns the server's ``--conf`` strings into typed values with every default filled in. An unknown key
 or a value outside its choices stops the server with the nearest valid name (MONAI's ``look_up_option``); a value
 of the wrong type names the key and the type. The README's configuration table is checked against ``CONF_KEYS``
@@ -17,11 +21,9 @@ from monailabel.utils.others.generic import strtobool
 
 from lib.compute import ENGINES, PRECISIONS, QUANTIZATIONS
 from lib.errors import one_line
-from lib.networks.sam2_backbone import HIERA_VARIANTS
 from lib.networks.sam_backbone import SAM_ENCODERS
 from lib.trainers.recipes import RECIPES
 
-MASG_MODULES = ("hae", "bfe", "dsf")
 # Optional endpoint groups (--conf endpoints, comma-separated; 'none' for none) and what each serves (lib.routes).
 ENDPOINT_GROUPS = {
     "sessions": "/session/...: 3D Slicer uploads a volume that is not in the datastore as a session to segment it",
@@ -77,7 +79,11 @@ class ConfKey:
 CONF_KEYS: dict[str, ConfKey] = {
     key.name: key
     for key in (
-        ConfKey("models", "all", "models to register, comma-separated (checked against lib.configs.MODEL_CONFIGS)"),
+        ConfKey(
+            "models",
+            "all",
+            "models to register: all, segmentation (the SAM models), or names comma-separated (lib.configs.MODEL_CONFIGS)",
+        ),
         ConfKey(
             "backbone",
             "litemedsam",
@@ -111,21 +117,8 @@ CONF_KEYS: dict[str, ConfKey] = {
             choices=QUANTIZATIONS,
         ),
         ConfKey("embedding_cache_mb", "1024", "memory for SAM image embeddings of slices seen before", kind=int, minimum=0),
-        ConfKey("masg_modules", ",".join(MASG_MODULES), "MASG-SAM modules to build", choices=MASG_MODULES, listed=True),
-        ConfKey("clip_model", "ViT-B-16", "open_clip model of MASG-SAM's class prompts"),
-        ConfKey(
-            "clip_checkpoint",
-            "",
-            "open_clip weights file, or pretrained tag downloaded once (e.g. openai); empty: none (no CLIP weights install "
-            "offline), so MASG-SAM runs without DSF, as /info/ says",
-        ),
         ConfKey("auto_scoring", "true", "compute the active-learning scores at start-up and after training", kind=_bool),
         ConfKey("handout_timeout", "900", "seconds before a handed-out volume may be handed out again", kind=float, minimum=0),
-        ConfKey("sam2_variant", "hiera_t", "FGNet's SAM2 image encoder", choices=tuple(v for v in HIERA_VARIANTS if v != "tiny")),
-        ConfKey("sam2_checkpoint", "", "FGNet's SAM2 weights: a path or URL (default: the official file of the variant)"),
-        ConfKey("sam2_checkpoint_sha256", "", "expected sha256 of the SAM2 file"),
-        ConfKey("sam2_lora_rank", "0", "LoRA rank on Hiera's attention; 0 keeps SAM2 frozen", kind=int, minimum=0),
-        ConfKey("fgnet_patch", "", "FGNet patch X,Y,Z in voxels (default 256,256,16; 64,64,16 with backbone tiny)"),
         ConfKey("max_epochs", "50", "default epochs of a training run", kind=int, minimum=1),
         ConfKey(
             "endpoints",
@@ -136,6 +129,16 @@ CONF_KEYS: dict[str, ConfKey] = {
         ),
     )
 }
+
+
+def declare_conf_keys(*keys: ConfKey) -> tuple[ConfKey, ...]:
+    """Add a model's own ``--conf`` keys to ``CONF_KEYS`` (from its config module); a name declared twice is a
+    programming error and stops the import."""
+    for key in keys:
+        if key.name in CONF_KEYS and CONF_KEYS[key.name] != key:
+            raise ValueError(f"--conf {key.name} is declared twice: {CONF_KEYS[key.name]} and {key}")
+        CONF_KEYS[key.name] = key
+    return keys
 
 
 def parse_conf(conf: Mapping[str, Any]) -> dict[str, Any]:

@@ -15,11 +15,11 @@ from typing import Any
 from monailabel.interfaces.config import TaskConfig
 
 from lib.compute import torch_device
-from lib.conf import parse_conf
+from lib.conf import ConfKey, declare_conf_keys, parse_conf
 from lib.engines.openvino_engine import engine_from_conf
 from lib.infers.affinity_instances import AffinityInstances
 from lib.networks.fgnet import IN_PLANE_STRIDE, FGNet, FGNetOptions, build_fgnet, options_config
-from lib.networks.sam2_backbone import SAM2_CHECKPOINTS, get_hiera_spec
+from lib.networks.sam2_backbone import HIERA_VARIANTS, SAM2_CHECKPOINTS, get_hiera_spec
 from lib.networks.sam_backbone import CheckpointError
 from lib.served_model import ServedModel
 from lib.trainers.fgnet_trainer import FGNetTrainer
@@ -28,6 +28,13 @@ from lib.weights import load_sam2_encoder_state, resolve_checkpoint
 # Patches: 16 sections by 256 x 256 pixels (about 1 um square at 4 nm); the tiny model uses smaller ones on CPU.
 DEFAULT_PATCH = (256, 256, 16)
 TINY_PATCH = (64, 64, 16)
+CONF_KEYS = declare_conf_keys(
+    ConfKey("sam2_variant", "hiera_t", "FGNet's SAM2 image encoder", choices=tuple(v for v in HIERA_VARIANTS if v != "tiny")),
+    ConfKey("sam2_checkpoint", "", "FGNet's SAM2 weights: a path or URL (default: the official file of the variant)"),
+    ConfKey("sam2_checkpoint_sha256", "", "expected sha256 of the SAM2 file"),
+    ConfKey("sam2_lora_rank", "0", "LoRA rank on Hiera's attention; 0 keeps SAM2 frozen", kind=int, minimum=0),
+    ConfKey("fgnet_patch", "", "FGNet patch X,Y,Z in voxels (default 256,256,16; 64,64,16 with backbone tiny)"),
+)
 
 
 def parse_patch(value: str) -> tuple[int, int, int]:

@@ -4,9 +4,21 @@ import os
 from typing import Any
 
 from lib.class_text import ClassTextEmbedder, class_prompts
-from lib.conf import MASG_MODULES
+from lib.conf import ConfKey, declare_conf_keys
 from lib.configs.sam_segmentation import SamSegmentationConfig
 from lib.networks.masg_sam import MASGSam
+
+MASG_MODULES = ("hae", "bfe", "dsf")
+CONF_KEYS = declare_conf_keys(
+    ConfKey("masg_modules", ",".join(MASG_MODULES), "MASG-SAM modules to build", choices=MASG_MODULES, listed=True),
+    ConfKey("clip_model", "ViT-B-16", "open_clip model of MASG-SAM's class prompts"),
+    ConfKey(
+        "clip_checkpoint",
+        "",
+        "open_clip weights file, or pretrained tag downloaded once (e.g. openai); empty: none (no CLIP weights install "
+        "offline), so MASG-SAM runs without DSF, as /info/ says",
+    ),
+)
 
 
 class MASGSamConfig(SamSegmentationConfig):
