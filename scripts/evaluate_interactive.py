@@ -15,7 +15,8 @@ prompted in parallel, as the challenge's CVPR25_iter_eval.py does (lib.evaluatio
    where under-segmented, background where over-segmented), sent with the box and every earlier click.
 
 A structure's request is ``POST /infer/<model>_interactive`` with ``label`` its segment name (the model's name for
-that id; an id the model has no label for is named ``structure <id>`` and answered as a new structure),
+that id; another id is named as --groundtruth's labels.json names it, else ``structure <id>``, and answered as a
+new structure),
 ``foreground``, ``background`` and ``roi``. The binary answers are merged in id order (a later structure wins
 where two overlap) into the step's prediction; a request that fails counts as an empty answer and is counted.
 Timing is each request's round trip (the challenge times each model run; it allows 90 s per structure).
@@ -49,11 +50,14 @@ def as_zyx(volume: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(volume.transpose(2, 1, 0))
 
 
-def structure_names(info: dict[str, Any], model: str, ids: list[int]) -> dict[int, str]:
-    """The segment name sent for each ground-truth id: the model's label of that id, else ``structure <id>``."""
+def structure_names(info: dict[str, Any], model: str, ids: list[int], groundtruth: Path | None) -> dict[int, str]:
+    """The segment name sent for each ground-truth id: the model's label of that id, else its name in the ground
+    truth's labels.json (--groundtruth), else ``structure <id>``."""
     labels = info["models"][model].get("labels") or {}
     known = {int(i): name for name, i in labels.items()} if isinstance(labels, dict) else {}
-    return {i: known.get(i, f"structure {i}") for i in ids}
+    listed = groundtruth / "labels.json" if groundtruth is not None else None
+    named = {int(i): name for name, i in json.loads(listed.read_text()).items()} if listed and listed.is_file() else {}
+    return {i: known.get(i) or named.get(i) or f"structure {i}" for i in ids}
 
 
 class Case:
@@ -200,7 +204,7 @@ def main(argv: list[str]) -> int:
         for name in names:
             ids, _, spacing = load_label(truth[name])
             case = Case(name, ids, spacing)
-            rows.append(run_case(client, task, case, structure_names(info, args.model, case.ids)))
+            rows.append(run_case(client, task, case, structure_names(info, args.model, case.ids, args.groundtruth)))
             print(f"{name}: DSC_Final {rows[-1]['DSC_Final']:.3f}, {rows[-1]['seconds_per_structure']:.1f} s per structure", flush=True)
     except MONAILabelClientException as e:
         print(f"evaluate.py interactive: error: {e.msg}", file=sys.stderr)

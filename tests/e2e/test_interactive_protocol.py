@@ -7,13 +7,15 @@ import csv
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import REPO
 
 pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -26,8 +28,9 @@ def test_box_then_five_clicks_per_structure_through_the_interactive_task(start_s
     truth.mkdir()
     source = nib.load(str(sample_data / "brain-mri-groundtruth" / "brain_005.nii.gz"))
     ids = np.asarray(source.dataobj).astype(np.uint8)
-    ids[40:50, 40:50, 20:26] = 3  # a structure the model has no label for: sent as a new one
+    ids[40:50, 40:50, 20:26] = 3  # a structure the model has no label for: sent as a new one, named by labels.json
     nib.save(nib.Nifti1Image(ids, source.affine, source.header), str(truth / "brain_005.nii.gz"))
+    (truth / "labels.json").write_text(json.dumps({"white matter": 1, "grey matter": 2, "tumour": 3}))
 
     missing = run("--server", server.url, "--groundtruth", str(truth), "--cases", "brain_006", "--out-dir", str(tmp_path / "x"))
     assert missing.returncode == 2 and "no ground truth for brain_006 (images with some: brain_005)" in missing.stderr
@@ -40,10 +43,10 @@ def test_box_then_five_clicks_per_structure_through_the_interactive_task(start_s
     for step in range(1, 7):
         assert 0 <= float(row[f"DSC_{step}"]) <= 1 and 0 <= float(row[f"NSD_{step}"]) <= 1
         assert float(row[f"RunningTime_{step}"]) > 0
-    assert {"DSC_Final white matter", "DSC_Final grey matter", "DSC_Final structure 3"} <= set(row)
+    assert {"DSC_Final white matter", "DSC_Final grey matter", "DSC_Final tumour"} <= set(row)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["cases"] == 1 and summary["mean"]["DSC_Final"] == pytest.approx(float(row["DSC_Final"]))
     assert (out / "dice_vs_interactions.png").stat().st_size > 0
     # 3 structures x (the box, then 5 clicks): each one of 3D Slicer's deepgrow requests
     served = [line for line in server.log().splitlines() if "Infer Request (final)" in line and "'model': 'hf_sam_interactive'" in line]
-    assert len(served) == 18 and sum("'label': 'structure 3'" in line for line in served) == 6
+    assert len(served) == 18 and sum("'label': 'tumour'" in line for line in served) == 6

@@ -8,11 +8,13 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
-from conftest import APP_DIR, REPO
 
 pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
 
 NETWORK = '''
 import torch
@@ -56,7 +58,7 @@ class RefinedSamConfig(SamSegmentationConfig):
 
 def test_a_fourth_model_in_the_three_files_passes_the_contract_and_app_tests(tmp_path):
     app = tmp_path / "samfewshot"
-    shutil.copytree(APP_DIR, app, ignore=shutil.ignore_patterns("model", "logs", "__pycache__"))
+    shutil.copytree(REPO / "apps" / "samfewshot", app, ignore=shutil.ignore_patterns("model", "logs", "__pycache__"))
     (app / "lib" / "networks" / "refined_sam.py").write_text(NETWORK)
     (app / "lib" / "configs" / "refined_sam.py").write_text(CONFIG)
     registry = app / "lib" / "configs" / "__init__.py"
