@@ -187,28 +187,29 @@ def main(argv: list[str]) -> int:
     if args.groundtruth is not None and not args.groundtruth.is_dir():
         parser.error(f"--groundtruth {args.groundtruth} is not a folder")
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    client = MONAILabelClient(args.server.rstrip("/"), tmpdir=tempfile.mkdtemp(dir=args.out_dir))
-    try:
-        info = client.info()
-        task = f"{args.model}_interactive"
-        if task not in info["models"]:
-            interactive = sorted(n for n, m in info["models"].items() if m.get("type") == "deepgrow")
-            parser.error(f"the server has no task {task!r}; its interactive tasks: {', '.join(interactive) or 'none'}")
-        truth = ground_truth(client, client.datastore()["objects"], args.groundtruth)
-        names = args.cases or sorted(truth)
-        missing = [n for n in names if n not in truth]
-        if missing or not names:
-            found = ", ".join(sorted(truth)) or "none"
-            parser.error(f"no ground truth for {', '.join(missing) or 'any datastore image'} (images with some: {found})")
-        rows = []
-        for name in names:
-            ids, _, spacing = load_label(truth[name])
-            case = Case(name, ids, spacing)
-            rows.append(run_case(client, task, case, structure_names(info, args.model, case.ids, args.groundtruth)))
-            print(f"{name}: DSC_Final {rows[-1]['DSC_Final']:.3f}, {rows[-1]['seconds_per_structure']:.1f} s per structure", flush=True)
-    except MONAILabelClientException as e:
-        print(f"evaluate.py interactive: error: {e.msg}", file=sys.stderr)
-        return 1
+    with tempfile.TemporaryDirectory() as scratch:  # the answers and downloaded labels, removed after the run
+        client = MONAILabelClient(args.server.rstrip("/"), tmpdir=scratch)
+        try:
+            info = client.info()
+            task = f"{args.model}_interactive"
+            if task not in info["models"]:
+                interactive = sorted(n for n, m in info["models"].items() if m.get("type") == "deepgrow")
+                parser.error(f"the server has no task {task!r}; its interactive tasks: {', '.join(interactive) or 'none'}")
+            truth = ground_truth(client, client.datastore()["objects"], args.groundtruth)
+            names = args.cases or sorted(truth)
+            missing = [n for n in names if n not in truth]
+            if missing or not names:
+                found = ", ".join(sorted(truth)) or "none"
+                parser.error(f"no ground truth for {', '.join(missing) or 'any datastore image'} (images with some: {found})")
+            rows = []
+            for name in names:
+                ids, _, spacing = load_label(truth[name])
+                case = Case(name, ids, spacing)
+                rows.append(run_case(client, task, case, structure_names(info, args.model, case.ids, args.groundtruth)))
+                print(f"{name}: DSC_Final {rows[-1]['DSC_Final']:.3f}, {rows[-1]['seconds_per_structure']:.1f} s per structure", flush=True)
+        except MONAILabelClientException as e:
+            print(f"evaluate.py interactive: error: {e.msg}", file=sys.stderr)
+            return 1
     with open(args.out_dir / "metrics.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
         writer.writeheader()

@@ -47,6 +47,13 @@ def test_box_then_five_clicks_per_structure_through_the_interactive_task(start_s
     summary = json.loads((out / "summary.json").read_text())
     assert summary["cases"] == 1 and summary["mean"]["DSC_Final"] == pytest.approx(float(row["DSC_Final"]))
     assert (out / "dice_vs_interactions.png").stat().st_size > 0
+    assert sorted(p.name for p in out.iterdir()) == ["dice_vs_interactions.png", "metrics.csv", "summary.json", "summary.md"]
     # 3 structures x (the box, then 5 clicks): each one of 3D Slicer's deepgrow requests
     served = [line for line in server.log().splitlines() if "Infer Request (final)" in line and "'model': 'hf_sam_interactive'" in line]
     assert len(served) == 18 and sum("'label': 'tumour'" in line for line in served) == 6
+
+    # without --groundtruth: the server's final labels are the ground truth
+    stored = run("--server", server.url, "--cases", "brain_000", "--out-dir", str(tmp_path / "stored"))
+    assert stored.returncode == 0, stored.stderr
+    (row,) = list(csv.DictReader(open(tmp_path / "stored" / "metrics.csv")))
+    assert row["CaseName"] == "brain_000" and row["num_class"] == "2" and row["failed_requests"] == "0"
