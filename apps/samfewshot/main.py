@@ -42,11 +42,10 @@ def selected_models(value: str) -> list[str]:
     names = [m.strip() for m in value.split(",") if m.strip()]
     if "all" in names:
         return list(MODEL_CONFIGS)
-    if names == ["segmentation"]:
-        return list(SAM_MODELS)
     if not names:
         raise ValueError(f"--conf models names no model; valid: {valid}")
-    return listed_names("models", value, MODEL_CONFIGS, valid)
+    listed_names("models", value, ("segmentation", *MODEL_CONFIGS), valid)
+    return list(dict.fromkeys(m for n in names for m in (SAM_MODELS if n == "segmentation" else (n,))))
 
 
 class SamFewShotApp(AppFixes, MONAILabelApp):

@@ -120,6 +120,7 @@ def test_save_label_then_sync_train_serves_new_adapter(client, studies, sample_d
     "conf,message",
     [
         ({"models": "hf_sam,masg_sm"}, "--conf models 'hf_sam,masg_sm': By 'masg_sm', did you mean 'masg_sam'?"),
+        ({"models": "segmentaton,fgnet"}, "--conf models 'segmentaton,fgnet': By 'segmentaton', did you mean 'segmentation'?"),
         (
             {"models": "masg_sam", "masg_modules": "hae,xyz"},
             "'xyz' is not a valid value.",
@@ -171,3 +172,11 @@ def test_slices_without_content_are_background_without_a_forward_pass(client, st
     pred = _as_array(label, tmp_path, "padded_label.nii.gz")
     assert pred.shape == padded.shape
     assert not pred[..., :20].any() and not pred[..., -20:].any()
+
+
+def test_models_segmentation_means_every_sam_model_and_mixes_with_names():
+    from main import selected_models
+
+    assert selected_models("segmentation") == list(SAM_MODELS)
+    assert selected_models("fgnet, segmentation") == ["fgnet", *SAM_MODELS]
+    assert selected_models("hf_sam,segmentation") == list(SAM_MODELS)  # each once

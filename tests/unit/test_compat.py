@@ -46,6 +46,8 @@ def test_train_stats_read_while_a_run_rewrites_them_are_the_last_complete_ones(t
     complete = {"epoch": 3, "best_metric": 0.5}
     (tmp_path / "train_stats.json").write_text(json.dumps(complete, indent=2))
     assert task.stats() == complete
+    task.stats()["publication"] = {}  # a caller adding to its answer changes no later one
+    assert task.stats() == complete
     (tmp_path / "train_stats.json").write_text(json.dumps({"epoch": 4, "best_metric": 0.6}, indent=2)[:20])  # mid-copy
     with pytest.raises(ValueError):
         BasicTrainTask.stats(task)  # upstream: /info/ answered 500

@@ -323,13 +323,12 @@ class HookedEngines:
 
 
 class LastCompleteStats:
-    """Mixed into a BasicTrainTask: its train stats as last read whole, while a run rewrites the file in place."""
-
-    _last_stats: dict[str, Any] = {}
+    """Mixed into a BasicTrainTask: its train stats as last read whole, while a run rewrites the file in place. Each
+    call gets its own copy (callers add to it)."""
 
     def stats(self) -> dict[str, Any]:
         try:
             self._last_stats = super().stats()
         except ValueError:  # a half-written file (JSONDecodeError): the run is copying its stats right now
             logger.debug(f"{self._stats_path} is being written; answering with the stats read before")
-        return self._last_stats
+        return dict(getattr(self, "_last_stats", {}))
