@@ -1,6 +1,6 @@
 """The app on OpenVINO: torch answers until the engine is built for the served adapter, then the engine does, with
-torch's output; a new or restored adapter is never answered by the engine of another; a restart reads the
-converted encoder from the model folder."""
+torch's output, keeping the slices torch encoded; a new or restored adapter is never answered by the engine of
+another; a restart reads the converted encoder from the model folder."""
 
 from __future__ import annotations
 
@@ -89,11 +89,16 @@ def test_engine_follows_the_served_adapter(app_dir, studies):
 def test_clicks_and_em_instances_run_on_the_engine(app_dir, studies, em_studies):
     from main import SamFewShotApp
 
-    app = SamFewShotApp(str(app_dir), str(studies), CONF)
+    # With the embedding cache on: the engine, ready after the first click, leaves what torch encoded in the cache.
+    app = SamFewShotApp(str(app_dir), str(studies), {**CONF, "embedding_cache_mb": "256"})
     click = {"model": "hf_sam_interactive", "foreground": [[60, 70, 62]], "label": "white matter"}
-    app.infer({**REQUEST, **click})
+    first = app.infer({**REQUEST, **click})
     app._infers["hf_sam_interactive"].engine.wait(120)
-    assert app.infer({**REQUEST, **click})["params"]["engine"] == "openvino-fp32"
+    cache = app._infers["hf_sam_interactive"].embeddings
+    encoded = cache.misses
+    second = app.infer({**REQUEST, **click})
+    assert first["params"]["engine"] == "torch-fp32" and second["params"]["engine"] == "openvino-fp32"
+    assert cache.misses == encoded and np.array_equal(label_of(second), label_of(first))
 
     em = SamFewShotApp(str(app_dir), str(em_studies), {**CONF, "models": "fgnet"})
     request = {"model": "fgnet", "image": "em_002", "device": "cpu"}

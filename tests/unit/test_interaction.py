@@ -12,6 +12,7 @@ import pytest
 import torch
 from monai.transforms import Compose
 
+from lib.infers.embedding_cache import DecodedSlices, EmbeddingCache
 from lib.infers.interactive import click_session, clicked_class, propagate
 from lib.interactions import InteractionLog
 from lib.networks.hf_sam import HFSam
@@ -160,6 +161,37 @@ def test_prompted_slices_apart_are_joined_and_cached_slices_are_encoded_once(tub
     _, found, _ = propagate(stub, tube, prompts, batch_size=4)
     assert found == [3, 4, 5, 6, 7, 8]
     assert sum(calls) <= 12 and max(calls) <= 4
+
+
+def test_decoded_slices_are_remembered_so_a_new_click_under_a_box_decodes_its_slice_alone(tube):
+    stub = BrightTube()
+    decoded_items = []
+    for name in ("decode", "decode_prompted"):
+        original = getattr(stub, name)
+        setattr(stub, name, lambda embedding, *args, _run=original: decoded_items.append(len(embedding)) or _run(embedding, *args))
+    memo = DecodedSlices(EmbeddingCache(64 << 20), ("cpu", 1, "torch-fp32"))
+    box = (10.0, 10.0, 40.0, 40.0)
+    under_box = {k: {"points": [], "box": box} for k in range(3, 9)}  # an roi puts its box on every slice of its range
+    clicked = {**under_box, 6: {"points": [(32.0, 24.0, 1)], "box": box}}
+    for prompts in (under_box, clicked):
+        expected = propagate(BrightTube(), tube, prompts, target_class=1, bounds=(3, 8))
+        decoded_items.clear()
+        answer = propagate(stub, tube, prompts, target_class=1, bounds=(3, 8), decoded=memo)
+        torch.testing.assert_close(answer[0], expected[0])
+        assert answer[1:] == expected[1:]
+    assert sum(decoded_items) == 1, "the clicked slice's prompted decoding; its automatic segmentation is remembered"
+    decoded_items.clear()
+    propagate(stub, tube, clicked, target_class=1, bounds=(3, 8), decoded=memo)
+    assert decoded_items == []
+    # A click outside any box: the walk's slices below the click follow what they followed before.
+    decoded_items.clear()
+    propagate(stub, tube, {3: {"points": [(26.0, 24.0, 1)], "box": None}}, target_class=1, decoded=memo)
+    first_walk = sum(decoded_items)
+    decoded_items.clear()
+    prompts = {3: {"points": [(26.0, 24.0, 1)], "box": None}, 7: {"points": [(34.0, 24.0, 1)], "box": None}}
+    answer = propagate(stub, tube, prompts, target_class=1, decoded=memo)
+    torch.testing.assert_close(answer[0], propagate(BrightTube(), tube, prompts, target_class=1)[0])
+    assert sum(decoded_items) < first_walk
 
 
 def test_clicked_class_reads_the_point_or_the_box():

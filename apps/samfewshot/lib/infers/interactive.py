@@ -44,7 +44,7 @@ from scipy import ndimage
 
 from lib.compute import autocast, torch_threads
 from lib.evaluation import dice
-from lib.infers.embedding_cache import CachedEncoding, EmbeddingCache
+from lib.infers.embedding_cache import CachedEncoding, DecodedSlices, EmbeddingCache, slice_digest
 from lib.infers.slice_segmentation import SamSliceInfer
 from lib.networks.sam_segmenter import SamSegmenter, SliceFeatures
 from lib.served_model import ServedModel
@@ -68,6 +68,7 @@ def propagate(
     batch_size: int = 2,
     bounds: tuple[int, int] | None = None,
     by_class: bool = True,
+    decoded: DecodedSlices | None = None,
 ) -> tuple[torch.Tensor, list[int], int | None]:
     """(1, S, S, D) volume, the prompts of some of its slices -> (S, S, D) probabilities of the prompted structure,
     the slices it was found on, and its class.
@@ -83,12 +84,19 @@ def propagate(
     walk ends beyond the prompted slices once the mask vanishes (inside their range it resumes at the next prompted
     slice). ``bounds`` (first, last) limits the slices; ``encode`` replaces the network's encoder (the cache).
     Slices are encoded ``batch_size`` at a time in each walk's direction.
+
+    ``decoded`` keeps every slice's answer (and automatic segmentation) under the slice's content and the inputs of
+    its decoding, so the same decoding is never run twice: a prompted slice's answer depends on its own prompts only,
+    a followed slice's on the previous answer it follows. The next click on a structure under a box (every slice
+    prompted) decodes the clicked slice alone, and one below a walk's start leaves the slices before it as they were.
     """
     depth = volume.shape[-1]
     size = volume.shape[1]
+    grid = network.prompt_encoder.mask_input_size
     first, last = bounds or (0, depth - 1)
     low, high = min(prompted), max(prompted)
     prepared: dict[int, tuple[torch.Tensor, SliceFeatures]] = {}
+    contents: dict[int, bytes] = {}
 
     def features(k: int, step: int) -> tuple[torch.Tensor, SliceFeatures]:
         if k not in prepared:
@@ -98,41 +106,80 @@ def propagate(
                 prepared[j] = (embedding[i : i + 1], f.select(i))
         return prepared[k]
 
+    def content(k: int) -> bytes:
+        if k not in contents:
+            contents[k] = slice_digest(volume[..., k])
+        return contents[k]
+
+    def remembered(key: tuple, run: Callable[[], torch.Tensor]) -> torch.Tensor:
+        answer = decoded.get(key) if decoded else None
+        if answer is None:
+            answer = run()
+            if decoded:
+                decoded.put(key, answer)
+        return answer
+
+    def automatic(k: int) -> torch.Tensor:
+        """Slice ``k``'s class logits (1, K, g, g) without prompts."""
+        return remembered(("automatic", content(k)), lambda: network.decode(*features(k, 1)))
+
     def kept(out: torch.Tensor) -> torch.Tensor | None:
         """The logits handed to the next slice, or None once the structure has vanished."""
         return out if (out > 0).sum() >= max(1, VANISHED_FRACTION * out.shape[-1] * out.shape[-2]) else None
 
-    clicks: dict[int, list] = {}  # prompted slice -> its clicks' cells (``click_cells``)
+    def clicks(k: int) -> list:
+        """A prompted slice's clicks as cells of the decoder's grid (``click_cells``); none on the object path."""
+        if not by_class or k not in prompted:
+            return []
+        return click_cells(prompted[k]["points"], volume[0, :, :, k].float().cpu().numpy(), grid)
 
-    def item(k: int, step: int, previous: torch.Tensor | None) -> tuple:
-        """(slice, prompt, mask prompt) of slice ``k``: its own prompts, or following the previous slice."""
-        nonlocal target_class
-        if k not in prompted:
-            return k, _follow(previous, size), previous if by_class else None
-        if not by_class:
-            if not any(label == 1 for *_, label in prompted[k]["points"]) and prompted[k]["box"] is None:
-                raise ValueError("background points alone do not say which structure to segment: add a foreground point, a box or a label")
-            return k, prompted[k], None
-        embedding, f = features(k, step)
-        automatic = network.decode(embedding, f)
-        if target_class is None:
-            target_class = clicked_class(automatic, prompted[k], size)
-        logit = network.object_logit(automatic, torch.tensor([target_class], device=automatic.device))
-        clicks[k] = click_cells(prompted[k]["points"], volume[0, :, :, k].float().cpu().numpy(), logit.shape[-2:])
-        return k, prompted[k], draw_clicks(logit[0], clicks[k])[None]
+    # The object path has no class to take away from: each of its prompted slices must point at something.
+    if not by_class and any(p["box"] is None and not any(label == 1 for *_, label in p["points"]) for p in prompted.values()):
+        raise ValueError("background points alone do not say which structure to segment: add a foreground point, a box or a label")
+    if by_class and target_class is None:
+        target_class = clicked_class(automatic(low), prompted[low], size)
+
+    def item(k: int, previous: torch.Tensor | None) -> tuple:
+        """(slice, prompt, mask prompt or None, key of its answer): its own prompts, or following the previous slice."""
+        if k in prompted:
+            prompt = prompted[k]
+            key = (content(k), by_class, target_class, prompt["box"], tuple(prompt["points"]))
+            return k, prompt, None, key
+        prompt = _follow(previous, size)
+        if not by_class:  # the object decoding takes no mask prompt: the box around the previous mask is all it follows
+            return k, prompt, None, (content(k), False, target_class, prompt["box"])
+        return k, prompt, previous, (content(k), True, target_class, slice_digest(previous))
+
+    def mask_prompt(k: int, previous: torch.Tensor | None) -> torch.Tensor:
+        if previous is not None:
+            return previous
+        chosen = torch.tensor([target_class], device=volume.device)
+        return draw_clicks(network.object_logit(automatic(k), chosen)[0], clicks(k))[None]
 
     def decode(items: list[tuple], steps: list[int]) -> list[torch.Tensor]:
-        encoded = [features(k, step) for (k, _, _), step in zip(items, steps)]
+        answers = [decoded.get(key) if decoded else None for *_, key in items]
+        todo = [(i, step) for i, (answer, step) in enumerate(zip(answers, steps)) if answer is None]
+        if not todo:
+            return answers
+        encoded = [features(items[i][0], step) for i, step in todo]
         embedding = torch.cat([e for e, _ in encoded])
         f = SliceFeatures.cat([x for _, x in encoded])
+        batch = [items[i] for i, _ in todo]
         if not by_class:
-            return [out[None] for out in network.decode_object(f, batch_prompts([p for _, p, _ in items], embedding.device))]
-        prompts = batch_prompts([p for _, p, _ in items], embedding.device, masks=torch.cat([m for *_, m in items]))
-        chosen = torch.full((len(items),), target_class, device=embedding.device)
-        outs = network.object_logit(network.decode_prompted(embedding, f, prompts), chosen)
-        return [draw_clicks(out, clicks.get(k, []))[None] for (k, _, _), out in zip(items, outs)]
+            outs = [out[None] for out in network.decode_object(f, batch_prompts([p for _, p, _, _ in batch], embedding.device))]
+        else:
+            masks = torch.cat([mask_prompt(k, previous) for k, _, previous, _ in batch])
+            prompts = batch_prompts([p for _, p, _, _ in batch], embedding.device, masks=masks)
+            chosen = torch.full((len(batch),), target_class, device=embedding.device)
+            outs = network.object_logit(network.decode_prompted(embedding, f, prompts), chosen)
+            outs = [draw_clicks(out, clicks(k))[None] for (k, *_), out in zip(batch, outs)]
+        for (i, _), out in zip(todo, outs):
+            answers[i] = out
+            if decoded:
+                decoded.put(items[i][-1], out)
+        return answers
 
-    logits = {low: decode([item(low, 1, None)], [1])[0]}
+    logits = {low: decode([item(low, None)], [1])[0]}
     walks = {1: low + 1, -1: low - 1}  # direction -> the slice it decodes next
     previous = {step: kept(logits[low]) for step in walks}
     while walks:
@@ -145,9 +192,9 @@ def propagate(
             if not first <= k <= last or (beyond and previous[step] is None and k not in prompted):
                 del walks[step]
                 continue
-            items.append(item(k, step, previous[step]))
+            items.append(item(k, previous[step]))
             steps.append(step)
-        for (k, _, _), step, out in zip(items, steps, decode(items, steps) if items else []):
+        for (k, *_), step, out in zip(items, steps, decode(items, steps) if items else []):
             logits[k] = out
             previous[step] = kept(out)
             walks[step] = k + step
@@ -332,7 +379,11 @@ class SliceInteraction(SamSliceInfer):
                 "--conf object_labels): add a foreground point or a box",
             )
         cached = self._get_network(device, data)
-        network, encode = (cached.network, cached.encode) if isinstance(cached, CachedEncoding) else (cached, cached.encode)
+        network, encode, decoded = (
+            (cached.network, cached.encode, DecodedSlices(cached.cache, cached.scope))
+            if isinstance(cached, CachedEncoding)
+            else (cached, cached.encode, None)
+        )
         # A structure outside the label set, and anything before a pretrained model's first adapter, is answered by
         # SAM's own object decoding; `tiny` is random either way and keeps the class path for its labels.
         by_class = not new_structure and (not self.model.pretrained or data["adapter_version"] > 0)
@@ -347,7 +398,7 @@ class SliceInteraction(SamSliceInfer):
             with torch.no_grad(), torch_threads(1 if str(device).startswith("cpu") else threads):
                 encode = float_encoding(encode, self.precision, device, threads)
                 probabilities, found, target_class = propagate(
-                    network, volume, prompted, target_class, encode, self.batch_size, bounds, by_class=by_class
+                    network, volume, prompted, target_class, encode, self.batch_size, bounds, by_class=by_class, decoded=decoded
                 )
         except ValueError as e:
             raise HTTPException(status_code=422, detail=str(e)) from e

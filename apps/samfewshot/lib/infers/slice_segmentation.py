@@ -90,8 +90,13 @@ class SamSliceInfer(ResidentModelInfer):
 
     def _get_network(self, device, data):
         """The resident network, its image encoder run by the engine once it is ready for the served adapter, and
-        the image embeddings of slices seen before with the same adapter and engine read from the cache
-        (``embedding_cache_mb``; 0 turns it off)."""
+        the image embeddings of slices seen before with the same adapter read from the cache (``embedding_cache_mb``;
+        0 turns it off).
+
+        The cache outlives a change of engine: torch and the engine's compiled copy encode the same adapter to within
+        the engine's tolerance (tests/unit/test_engine.py), and the engine becomes ready while an annotator
+        works on a volume torch has just encoded; starting over then cost the first request on the engine the whole
+        volume again (docs/benchmarks.md). ``engine`` in a result names the encoder of the slices not cached."""
         network = super()._get_network(device, data)
         if data is None:
             return network
@@ -99,7 +104,7 @@ class SamSliceInfer(ResidentModelInfer):
         data["engine"] = compiled.label if compiled else f"torch-{self.precision}"
         if compiled is None and not self.embeddings.max_bytes:
             return network
-        scope = (str(device), data["adapter_version"], data["engine"])
+        scope = (str(device), data["adapter_version"])
         return CachedEncoding(network, self.embeddings, scope, compiled or network.encode)
 
     def pre_transforms(self, data=None) -> list:
