@@ -21,7 +21,8 @@ new structure),
 where two overlap) into the step's prediction; a request that fails counts as an empty answer and is counted.
 Timing is each request's round trip (the challenge times each model run; it allows 90 s per structure).
 
-Writes to --out-dir: metrics.csv (the challenge's columns per case, plus each structure's final Dice),
+Writes to --out-dir: metrics.csv (the challenge's columns per case, plus each structure's final Dice in the merged
+prediction and of its own last answer, ``answer_DSC``, which tells an empty answer from an overwritten one),
 summary.json and summary.md (the means; seconds per structure), dice_vs_interactions.png; prints the summary.
 """
 
@@ -94,6 +95,7 @@ def run_case(client: Any, task: str, case: Case, names: dict[int, str]) -> dict[
     row: dict[str, Any] = {"CaseName": case.name, "num_class": len(case.ids), "failed_requests": 0}
     dscs, nsds, total = [], [], 0.0
     seg = np.zeros_like(case.truth)
+    answers: dict[int, np.ndarray] = {}
     for step in range(1, STEPS + 1):
         if step > 1:
             case.add_clicks(seg)
@@ -109,8 +111,8 @@ def run_case(client: Any, task: str, case: Case, names: dict[int, str]) -> dict[
                 continue
             finally:
                 seconds += time.perf_counter() - start
-            answer = as_zyx(np.asarray(nib.load(path).dataobj))
-            seg[answer > 0] = i
+            answers[i] = as_zyx(np.asarray(nib.load(path).dataobj)) > 0
+            seg[answers[i]] = i
         dsc, nsd = challenge_scores(case.truth, seg, case.spacing)
         row[f"RunningTime_{step}"], row[f"DSC_{step}"], row[f"NSD_{step}"] = seconds, dsc, nsd
         dscs.append(dsc)
@@ -120,12 +122,14 @@ def run_case(client: Any, task: str, case: Case, names: dict[int, str]) -> dict[
     row.update(DSC_AUC=interaction_auc(dscs), NSD_AUC=interaction_auc(nsds), DSC_Final=dscs[-1], NSD_Final=nsds[-1])
     for i in case.ids:
         row[f"DSC_Final {names[i]}"] = dice(seg == i, case.truth == i)
+        # The structure's own last answer, before later ids overwrote it in the merged prediction
+        row[f"answer_DSC {names[i]}"] = dice(answers[i], case.truth == i) if i in answers else 0.0
     return row
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     keys = ["DSC_AUC", "NSD_AUC", "DSC_Final", "NSD_Final", "seconds_per_structure"]
-    keys += sorted({k for row in rows for k in row if k.startswith("DSC_Final ")})
+    keys += sorted({k for row in rows for k in row if k.startswith(("DSC_Final ", "answer_DSC "))})
     keys += [f"DSC_{s}" for s in range(1, STEPS + 1)] + [f"NSD_{s}" for s in range(1, STEPS + 1)]
     means = {k: float(np.mean([row[k] for row in rows if k in row])) for k in keys}
     slowest = max(row["seconds_per_structure"] for row in rows)
@@ -136,7 +140,7 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def markdown(summary: dict[str, Any]) -> str:
     m = summary["mean"]
-    finals = [k for k in m if k.startswith("DSC_Final ")]
+    finals = [k for k in m if k.startswith(("DSC_Final ", "answer_DSC "))]
     head = ["cases", "DSC_AUC", "NSD_AUC", "DSC_Final", "NSD_Final", *finals, "s / structure (max)", "failed requests"]
     cells = [str(summary["cases"]), *(f"{m[k]:.3f}" for k in ["DSC_AUC", "NSD_AUC", "DSC_Final", "NSD_Final", *finals])]
     cells += [f"{m['seconds_per_structure']:.1f} ({summary['max_seconds_per_structure']:.1f})", str(summary["failed_requests"])]

@@ -44,6 +44,8 @@ def test_box_then_five_clicks_per_structure_through_the_interactive_task(start_s
         assert 0 <= float(row[f"DSC_{step}"]) <= 1 and 0 <= float(row[f"NSD_{step}"]) <= 1
         assert float(row[f"RunningTime_{step}"]) > 0
     assert {"DSC_Final white matter", "DSC_Final grey matter", "DSC_Final tumour"} <= set(row)
+    # each structure's own last answer: the last id's is what the merged prediction holds of it
+    assert {"answer_DSC white matter", "answer_DSC grey matter"} <= set(row) and row["answer_DSC tumour"] == row["DSC_Final tumour"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["cases"] == 1 and summary["mean"]["DSC_Final"] == pytest.approx(float(row["DSC_Final"]))
     assert (out / "dice_vs_interactions.png").stat().st_size > 0
