@@ -22,12 +22,12 @@ from monailabel.utils.async_tasks.utils import tasks
 
 from lib import monailabel_compat, routes
 from lib.activelearning import ClaspPE, Diversity, First, Handouts, Hybrid, RandomChoice, Typicality, Uncertainty
+from lib.annotator_prompts import INTERACTIONS_KEY, InteractionLog
 from lib.checks.requests import check_choice
 from lib.conf import listed_names, parse_conf
 from lib.configs import MODEL_CONFIGS, SAM_MODELS
 from lib.datastore import SAVED_KEY, CheckedDatastore
 from lib.errors import http_errors, one_line
-from lib.interactions import INTERACTIONS_KEY, InteractionLog
 from lib.label_check import check_saved_label, flagged_labels
 from lib.monailabel_compat import AppFixes
 from lib.scoring import EmbeddingScoring, UncertaintyScoring
@@ -200,7 +200,7 @@ class SamFewShotApp(AppFixes, MONAILabelApp):
         return stamps
 
     def on_save_label(self, image_id, label_id):
-        """A newly saved final label takes the prompts annotators placed on its volume (``lib.interactions``), is
+        """A newly saved final label takes the prompts annotators placed on its volume (``lib.annotator_prompts``), is
         checked against the prediction of every model that serves an adapter (``lib.label_check``, in the
         background: the save answers at once), and with ``--conf auto_train true`` then starts fine-tuning every
         model.

@@ -122,8 +122,8 @@ def test_bad_prompts_are_refused(client, studies, params, message):
 def test_prompts_are_kept_with_the_final_label_replayed_and_removed_with_it(client, sample_data, monkeypatch):
     from monailabel.interfaces.utils.app import app_instance
 
-    from lib.interactions import InteractionLog
-    from lib.trainers import interaction
+    from lib.annotator_prompts import InteractionLog
+    from lib.trainers import simulated_prompts
     from lib.trainers.adapter_trainer import AdapterTrainer
 
     slicer = {"label": "grey matter", "foreground": [[50, 60, 70]], "background": [[70, 80, 70]]}
@@ -148,11 +148,11 @@ def test_prompts_are_kept_with_the_final_label_replayed_and_removed_with_it(clie
     assert "interactions" not in client.get("/datastore/label/info?label=brain_000&tag=final").json()  # not shared
 
     replayed = []
-    original = interaction.replay
-    monkeypatch.setattr(interaction, "replay", lambda *a, **k: replayed.append(original(*a, **k)) or replayed[-1])
+    original = simulated_prompts.replay
+    monkeypatch.setattr(simulated_prompts, "replay", lambda *a, **k: replayed.append(original(*a, **k)) or replayed[-1])
     # Every slice prompted, a replay wherever there is one: the crop of the interaction slice replays each epoch.
     monkeypatch.setattr(
-        AdapterTrainer, "train_iteration_update", lambda self, context: interaction.SimulatedInteraction(share=1.0, replay_share=1.0)
+        AdapterTrainer, "train_iteration_update", lambda self, context: simulated_prompts.SimulatedInteraction(share=1.0, replay_share=1.0)
     )
     response = client.post("/train/hf_sam?run_sync=true", json={"max_epochs": 2, "val_split": 0})
     assert response.status_code == 200, response.text

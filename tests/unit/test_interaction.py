@@ -12,12 +12,12 @@ import pytest
 import torch
 from monai.transforms import Compose
 
+from lib.annotator_prompts import InteractionLog
 from lib.infers.embedding_cache import DecodedSlices, EmbeddingCache
 from lib.infers.interactive import click_session, clicked_class, propagate
-from lib.interactions import InteractionLog
 from lib.networks.hf_sam import HFSam
 from lib.networks.sam_segmenter import Prompts, SamSegmenter, SliceFeatures, build_segmenter
-from lib.trainers.interaction import PROMPT_PREFIX, SimulatedInteraction, prepare_prompted_batch, replay
+from lib.trainers.simulated_prompts import PROMPT_PREFIX, SimulatedInteraction, prepare_prompted_batch, replay
 from lib.transforms.clicks import (
     centre,
     click_cells,

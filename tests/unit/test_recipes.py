@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from lib.networks.hf_sam import HFSam
 from lib.networks.sam_segmenter import build_segmenter
 from lib.trainers.adapter_trainer import warmup_poly
-from lib.trainers.interaction import prepare_prompted_batch
 from lib.trainers.recipes import RECIPES
+from lib.trainers.simulated_prompts import prepare_prompted_batch
 
 
 def official_dice_loss(logits: torch.Tensor, target: torch.Tensor, classes: int) -> torch.Tensor:

@@ -15,10 +15,10 @@ from typing import Any
 from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.datastore import Datastore
 
+from lib.annotator_prompts import INTERACTIONS_KEY, check_interactions
 from lib.checks.requests import check_label_info, check_name
 from lib.checks.volumes import STORED_SUFFIXES, check_image, check_label, stored_image_grid
 from lib.errors import InvalidInput, NotFound, http_errors
-from lib.interactions import INTERACTIONS_KEY, check_interactions
 from lib.label_check import CHECK_KEY, CONFIRM_KEY
 
 SAVED_KEY = "saved_ns"  # in every label's info: when this server stored it, in nanoseconds

@@ -122,7 +122,7 @@ WORKAROUNDS = (
         "monailabel exposes them (read-only accessors)",
     ),
     Workaround(
-        "install: monailabel.endpoints.proxy.requests -> PacsRequests (timeouts); lib.handlers.proxy runs the "
+        "install: monailabel.endpoints.proxy.requests -> PacsRequests (timeouts); lib.endpoint_bodies.proxy runs the "
         "forwarding in a worker thread",
         "forwards DICOMweb requests to the PACS with blocking requests calls and no timeout inside the event loop "
         "(monailabel/endpoints/proxy.py), so a PACS that accepts and never answers stalls every client of the server",
@@ -154,7 +154,7 @@ WORKAROUNDS = (
         "monailabel decides it per process (only in its training subprocess)",
     ),
     Workaround(
-        "lib.infers.resident.ResidentModelInfer._get_network, lib.handlers (the app's bodies of unsafe endpoints)",
+        "lib.infers.resident.ResidentModelInfer._get_network, lib.endpoint_bodies (the app's bodies of unsafe endpoints)",
         "builds a network per task from a file path; the app serves one resident network per model, hot-swapping "
         "adapters. The handlers: see their docstrings",
         "a protected hook monailabel's sample apps override too; stays",

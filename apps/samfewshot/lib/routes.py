@@ -5,7 +5,7 @@ MONAI Label 0.8.5 serves its endpoints as they are: some read or write server pa
 (``ROUTES``, keyed by method and path) as one of:
 
 * open: its arguments are checked (``check``) before MONAI Label's endpoint, or the app's ``handler`` in its place
-  (``lib.handlers``), runs; a refused request answers 4xx naming the problem;
+  (``lib.endpoint_bodies``), runs; a refused request answers 4xx naming the problem;
 * optional: in a group of ``ENDPOINT_GROUPS``, served only when ``--conf endpoints`` names the group, then checked
   like the rest; otherwise it answers 404 naming the switch;
 * closed: it answers 404 with the reason.
@@ -38,7 +38,7 @@ from pydantic import BaseModel
 from starlette.routing import BaseRoute, Mount
 from starlette.routing import Route as StarletteRoute
 
-from lib import handlers, monailabel_compat
+from lib import endpoint_bodies, monailabel_compat
 from lib.activelearning import strategies
 from lib.checks.requests import (
     BOOLEAN,
@@ -325,7 +325,7 @@ def check_logs(args: Args) -> None:
 
 
 def check_proxy(args: Args) -> None:
-    handlers.check_dicomweb_path(args["path"])
+    endpoint_bodies.check_dicomweb_path(args["path"])
 
 
 # ---- the routes ----------------------------------------------------------------------------------------------
@@ -343,10 +343,10 @@ ROUTES: dict[tuple[str, str], Route] = {
     ("GET", "/info/"): Route(),
     ("GET", "/model/{model}"): Route(check=served_model),
     ("GET", "/model/info/{model}"): Route(check=served_model),
-    ("PUT", "/model/{model}"): Route(check=served_model, handler=handlers.upload_adapter),
+    ("PUT", "/model/{model}"): Route(check=served_model, handler=endpoint_bodies.upload_adapter),
     ("DELETE", "/model/{model}"): Route(check=served_model),
     # inference
-    ("POST", "/infer/{model}"): Route(check=check_infer, handler=handlers.infer),
+    ("POST", "/infer/{model}"): Route(check=check_infer, handler=endpoint_bodies.infer),
     ("POST", "/infer/wsi/{model}"): Route(closed=_NO_WSI),
     ("POST", "/infer/wsi_v2/{model}"): Route(closed=_NO_WSI),
     ("GET", "/batch/infer"): Route(group="batch_infer"),
@@ -368,7 +368,7 @@ ROUTES: dict[tuple[str, str], Route] = {
     ("PUT", "/datastore/image"): Route(check=check_image_upload),
     ("DELETE", "/datastore/"): Route(check=image_arg("id")),
     ("DELETE", "/datastore/image"): Route(check=image_arg("id")),
-    ("HEAD", "/datastore/image"): Route(check=check_image_head, handler=handlers.check_image),
+    ("HEAD", "/datastore/image"): Route(check=check_image_head, handler=endpoint_bodies.check_image),
     ("GET", "/datastore/image"): Route(check=image_arg("image")),
     ("GET", "/datastore/image/info"): Route(check=image_arg("image")),
     ("PUT", "/datastore/image/info"): Route(check=check_image_info),
@@ -379,24 +379,24 @@ ROUTES: dict[tuple[str, str], Route] = {
     ("GET", "/datastore/label/info"): Route(check=label_arg("label")),
     ("PUT", "/datastore/label/info"): Route(check=label_arg("label", "info")),
     ("PUT", "/datastore/updatelabelinfo"): Route(check=label_arg("label", "params")),
-    ("GET", "/datastore/dataset"): Route(check=check_dataset, handler=handlers.download_dataset),
+    ("GET", "/datastore/dataset"): Route(check=check_dataset, handler=endpoint_bodies.download_dataset),
     # sessions (3D Slicer, for a volume that is not in the datastore)
-    ("PUT", "/session/"): Route(check=check_new_session, handler=handlers.create_session, group="sessions"),
-    ("GET", "/session/{session_id}"): Route(check=check_session_id, handler=handlers.get_session, group="sessions"),
+    ("PUT", "/session/"): Route(check=check_new_session, handler=endpoint_bodies.create_session, group="sessions"),
+    ("GET", "/session/{session_id}"): Route(check=check_session_id, handler=endpoint_bodies.get_session, group="sessions"),
     ("DELETE", "/session/{session_id}"): Route(check=check_session_id, group="sessions"),
     # OHIF and the PACS behind the server
-    ("GET", "/ohif/{path:path}"): Route(handler=handlers.get_ohif),
+    ("GET", "/ohif/{path:path}"): Route(handler=endpoint_bodies.get_ohif),
     **{
-        (method, f"/proxy/dicom/{op}{{path:path}}"): Route(check=check_proxy, handler=handlers.proxy(op.rstrip("/")), on_loop=True)
+        (method, f"/proxy/dicom/{op}{{path:path}}"): Route(check=check_proxy, handler=endpoint_bodies.proxy(op.rstrip("/")), on_loop=True)
         for method in ("GET", "POST")
         for op in ("wado/", "qido/", "stow/", "")
     },
     # administration
     ("GET", "/logs/"): Route(check=check_logs, group="logs"),
-    ("GET", "/logs/gpu"): Route(check=handlers.check_nvidia_smi, group="logs"),
+    ("GET", "/logs/gpu"): Route(check=endpoint_bodies.check_nvidia_smi, group="logs"),
     # login proxy (served when MONAI_LABEL_AUTH_ENABLE is set)
     ("GET", "/auth/"): Route(),
-    ("POST", "/auth/token"): Route(handler=handlers.access_token),
+    ("POST", "/auth/token"): Route(handler=endpoint_bodies.access_token),
     ("GET", "/auth/token/valid"): Route(),
 }
 
@@ -516,7 +516,7 @@ def _guarded(policy: Route, endpoint: Callable[..., Any]) -> Callable[..., Any]:
         def run_in_thread(*args: Any, **kwargs: Any) -> Any:
             arguments = bind(args, kwargs)
             try:
-                with http_errors(), handlers.pacs_errors():
+                with http_errors(), endpoint_bodies.pacs_errors():
                     result = target(**arguments)
                     result = asyncio.run(result) if inspect.iscoroutine(result) else result
                     return without_server_paths(result, _server_roots()) if isinstance(result, (dict, list)) else result

@@ -95,6 +95,6 @@ class SamSegmentationConfig(TaskConfig):
 
     def trainer(self) -> AdapterTrainer:
         config = {"device": self.device, "max_epochs": self.conf["max_epochs"]}
-        # Half of the training slices are spent on simulated clicks, boxes and propagation (lib.trainers.interaction).
+        # Half of the training slices are spent on simulated clicks, boxes and propagation (lib.trainers.simulated_prompts).
         precision = resolve_precision(self.conf["train_precision"], self.device, "train_precision")
         return AdapterTrainer(self.model, recipe=RECIPES[self.conf["recipe"]], interactive_share=0.5, precision=precision, config=config)

@@ -42,17 +42,17 @@ from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 from monailabel.utils.others.generic import strtobool
 
 from lib.adapters import AdapterError, keep_candidate, publish_adapter, published_version
+from lib.annotator_prompts import INTERACTIONS_KEY, check_interactions
 from lib.checks.volumes import check_label, stored_image_grid
 from lib.compute import autocast
 from lib.errors import InvalidInput
 from lib.files import atomic_write
-from lib.interactions import INTERACTIONS_KEY, check_interactions
 from lib.label_check import held_out_reason
 from lib.monailabel_compat import HookedEngines, LastCompleteStats
 from lib.networks.lora import adapter_state_dict
 from lib.served_model import ServedModel
-from lib.trainers.interaction import SimulatedInteraction, prepare_prompted_batch
 from lib.trainers.recipes import RECIPES, Recipe
+from lib.trainers.simulated_prompts import SimulatedInteraction, prepare_prompted_batch
 from lib.transforms import training_slice_transforms, volume_transforms
 
 logger = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ class AdapterTrainer(HookedEngines, LastCompleteStats, BasicTrainTask):
         slices_per_volume: random axial slices drawn from each training volume per epoch.
         foreground_ratio: share of those slices centred on labelled voxels; the rest are centred on background.
         min_train_volumes: a new volume goes to validation only once at least this many volumes train.
-        interactive_share: share of training slices that get simulated interactions (``lib.trainers.interaction``);
+        interactive_share: share of training slices that get simulated interactions (``lib.trainers.simulated_prompts``);
             0 trains prompt-free; a train request's ``interactive_share`` overrides it.
         precision: ``fp32``, or ``bf16`` to run each training iteration (simulated interactions, forward and backward)
             under bf16 autocast, already resolved from ``auto``; weights, gradients, optimiser state and the loss stay
@@ -239,7 +239,7 @@ class AdapterTrainer(HookedEngines, LastCompleteStats, BasicTrainTask):
             if info.get("label_info"):
                 item["label_info"] = info["label_info"]
             if float(request.get("interactive_share", self.config()["interactive_share"])) and info.get(INTERACTIONS_KEY):
-                try:  # replayed by training (lib.interactions); stored before the datastore checked them, perhaps
+                try:  # replayed by training (lib.annotator_prompts); stored before the datastore checked them, perhaps
                     item["interactions"] = check_interactions(info[INTERACTIONS_KEY])
                 except ValueError as e:
                     self.leave_out(image_id, INTERACTIONS_KEY, e)

@@ -3,7 +3,7 @@
 Every interactive request on a datastore volume is remembered (per volume: the latest prompts of each segment,
 since 3D Slicer resends all of a segment's points with every click). When a final label is saved for the volume
 they are stored in that label's info in the datastore (``INTERACTIONS_KEY``), so they are removed with it and never
-reach another volume; training replays them as prompts (``lib.trainers.interaction``).
+reach another volume; training replays them as prompts (``lib.trainers.simulated_prompts``).
 
 Until then they are also kept in the model folder (``model/interactions/``, one JSON file per volume, replaced
 atomically on every change), so a server restart between the clicks and the save loses nothing. The log is bounded:

@@ -5,7 +5,7 @@ use (``monai.apps.deepedit.interaction.Interaction``): before a training step, a
 drawn from their labels, as interactive segmentation is trained (RITM, SAM, DeepEdit):
 
 * the first prompt is an annotator's own interaction with this volume, replayed (kept with the saved label, see
-  ``lib.interactions``), or a click in the interior of one class's region, a jittered box around it, or that
+  ``lib.annotator_prompts``), or a click in the interior of one class's region, a jittered box around it, or that
   region perturbed as a mask prompt with its box (what propagation from the neighbouring slice hands on);
 * as mask prompt, the network's own automatic segmentation of that class with the clicks drawn in (or the perturbed
   mask), as at inference;
