@@ -13,6 +13,7 @@ import torch
 from monai.transforms import Compose
 
 from lib.annotator_prompts import InteractionLog
+from lib.evaluation import dice
 from lib.infers.embedding_cache import DecodedSlices, EmbeddingCache
 from lib.infers.interactive import click_session, clicked_class, propagate
 from lib.networks.hf_sam import HFSam
@@ -22,6 +23,7 @@ from lib.transforms.clicks import (
     centre,
     click_cells,
     click_region,
+    correct_by_clicks,
     draw_clicks,
     error_click,
     interior_click,
@@ -192,6 +194,22 @@ def test_decoded_slices_are_remembered_so_a_new_click_under_a_box_decodes_its_sl
     answer = propagate(stub, tube, prompts, target_class=1, decoded=memo)
     torch.testing.assert_close(answer[0], propagate(BrightTube(), tube, prompts, target_class=1)[0])
     assert sum(decoded_items) < first_walk
+
+
+def test_the_simulated_annotator_clicks_on_what_it_sees_and_hands_it_on_as_mask_prompt(tube):
+    stub = BrightTube()
+    plane = tube[0, :, :, 5].numpy()
+    target = plane > 0.5
+    target[44:60, 44:60] = False  # the structure is the drifting disk, not the other one
+    embedding, features = stub.prepare(tube[..., 5][None])
+    session = {"prompt": {"points": [(30.0, 24.0, 1)], "box": None}, "mask": torch.zeros(1, 16, 16), "class": 1, "target": target}
+    rounds = correct_by_clicks(stub, embedding, features, [session], [plane], 6)
+    scores = [dice(torch.nn.functional.interpolate(r, size=(64, 64), mode="bilinear")[0, 0].numpy() > 0, target) for r in rounds]
+    # No box and an empty mask prompt: the stub answers only next to what it was handed, so the answer grows from the
+    # clicks drawn in, round after round, and every click so far is drawn over it.
+    assert scores == sorted(scores) and scores[-1] > scores[0]
+    assert len(session["prompt"]["points"]) > 1 and session["prompt"]["points"][0] == (30.0, 24.0, 1)
+    assert all(r[0, 0, 6, 7] == 8.0 for r in rounds), "the first click (30, 24) is drawn over every answer"
 
 
 def test_clicked_class_reads_the_point_or_the_box():

@@ -48,7 +48,7 @@ from lib.infers.embedding_cache import CachedEncoding, DecodedSlices, EmbeddingC
 from lib.infers.slice_segmentation import SamSliceInfer
 from lib.networks.sam_segmenter import SamSegmenter, SliceFeatures
 from lib.served_model import ServedModel
-from lib.transforms.clicks import box_of, click_cells, draw_clicks, error_click
+from lib.transforms.clicks import box_of, click_cells, correct_by_clicks, draw_clicks, error_click
 from lib.transforms.prompts import SlicePrompt, batch_prompts, slice_prompts
 
 logger = logging.getLogger(__name__)
@@ -253,26 +253,22 @@ def click_session(
     network: SamSegmenter, image: torch.Tensor, target: np.ndarray, target_class: int, clicks: int, encode: Callable | None = None
 ) -> list[float]:
     """A simulated annotator on one slice (1, S, S) segmenting class ``target_class``, whose true mask is
-    ``target`` (S, S): the first click at the centre of the structure, each next one at the centre of the largest
-    error, all clicks so far and the previous logits (SAM's mask prompt) in every decoding, as interactive
-    segmentation is evaluated; Dice after each click."""
+    ``target`` (S, S): the first click at the centre of the structure, with the automatic segmentation as mask
+    prompt, each next one at the centre of the largest error (``correct_by_clicks``), as interactive segmentation is
+    evaluated; Dice after each click."""
+    first = error_click(np.zeros_like(target), target)
+    if first is None:
+        return [1.0] * clicks
     embedding, features = network.prepare(image[None], encode)
-    chosen = torch.tensor([target_class], device=embedding.device)
     plane = image[0].float().cpu().numpy()
-    points: list = []
-    logits = network.object_logit(network.decode(embedding, features), chosen)  # the automatic segmentation
-    dices = []
-    for n in range(clicks):
-        click = error_click(_upsampled(logits, target.shape) > 0 if n else np.zeros_like(target), target)
-        if click is None:
-            dices.append(dices[-1] if dices else 1.0)
-            continue
-        points.append(click)
-        cells = click_cells(points, plane, logits.shape[-2:])
-        prompts = batch_prompts([{"points": points, "box": None}], embedding.device, masks=draw_clicks(logits[0], cells)[None])
-        logits = draw_clicks(network.object_logit(network.decode_prompted(embedding, features, prompts), chosen)[0], cells)[None]
-        dices.append(dice(_upsampled(logits, target.shape) > 0, target))
-    return dices
+    automatic = network.object_logit(network.decode(embedding, features), torch.tensor([target_class], device=embedding.device))
+    prompt: SlicePrompt = {"points": [first], "box": None}
+    mask = draw_clicks(automatic[0].float().cpu(), click_cells(prompt["points"], plane, automatic.shape[-2:]))
+    session = {"prompt": prompt, "mask": mask, "class": target_class, "target": target}
+    return [
+        dice(_upsampled(answers[:1], target.shape) > 0, target)
+        for answers in correct_by_clicks(network, embedding, features, [session], [plane], clicks)
+    ]
 
 
 def object_prompt_dice(network: SamSegmenter, image: torch.Tensor, target: np.ndarray, encode: Callable | None = None) -> dict[str, float]:

@@ -28,7 +28,16 @@ from monai.engines.utils import default_prepare_batch
 from scipy import ndimage
 
 from lib.networks.sam_segmenter import Prompts, mark_unannotated
-from lib.transforms.clicks import box_of, click_cells, draw_clicks, error_click, interior_click, jittered_box, mask_logits, perturbed_mask
+from lib.transforms.clicks import (
+    box_of,
+    click_cells,
+    correct_by_clicks,
+    draw_clicks,
+    interior_click,
+    jittered_box,
+    mask_logits,
+    perturbed_mask,
+)
 from lib.transforms.prompts import SlicePrompt, batch_prompts
 from lib.transforms.slices import BOX_MARK, NEGATIVE_MARK, POSITIVE_MARK
 
@@ -119,7 +128,7 @@ class SimulatedInteraction:
         """Give every prompted slice its mask prompt and ``corrections`` more clicks, in no-grad passes, as an
         annotator's session goes (``lib.infers.interactive``): the automatic segmentation of its class with the clicks
         drawn in (a propagation-style start keeps its perturbed mask); then each click at the centre of the largest
-        error of the prediction so far, drawn into that prediction for the next pass."""
+        error of the prediction so far, drawn into that prediction for the next pass (``correct_by_clicks``)."""
         rows = [b for b, start in enumerate(starts) if start]
         items = [starts[b] for b in rows]
         planes = [image[b, 0].float().numpy() for b in rows]
@@ -131,15 +140,7 @@ class SimulatedInteraction:
             for j, item in enumerate(items):
                 if item["mask"] is None:
                     item["mask"] = draw_clicks(automatic[j], click_cells(item["prompt"]["points"], planes[j], grid))
-            for _ in range(corrections):
-                prompts = batch_prompts([i["prompt"] for i in items], device, torch.stack([i["mask"] for i in items]).to(device))
-                logits = network.object_logit(network.decode_prompted(embedding, features, prompts), classes).float().cpu()
-                full = F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
-                for j, item in enumerate(items):
-                    click = error_click((full[j, 0] > 0).numpy(), item["target"])
-                    if click:
-                        item["prompt"] = {**item["prompt"], "points": item["prompt"]["points"] + [click]}
-                    item["mask"] = draw_clicks(logits[j], click_cells(item["prompt"]["points"], planes[j], grid))
+        correct_by_clicks(network, embedding, features, items, planes, corrections)
 
 
 def replay(clicks: np.ndarray, labels: np.ndarray, click_class: int) -> dict | None:

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from scipy import ndimage
 from skimage.segmentation import flood
 
+from lib.transforms.prompts import batch_prompts
+
 Point = tuple[float, float, int]
 # A click speaks for the connected stretch of similar intensity around it (``click_region``): intensities within
 # CLICK_TOLERANCE of its own (slices are normalised to [0, 1]), at most CLICK_RADIUS_FRACTION of the slice away.
@@ -131,3 +133,49 @@ def draw_clicks(logits: torch.Tensor, cells: list[tuple[torch.Tensor, int]], sca
     for region, label in cells:
         drawn[0][region.to(drawn.device)] = scale if label == 1 else -scale
     return drawn
+
+
+def correct_by_clicks(
+    network, embedding: torch.Tensor, features, sessions: list[dict], planes: list[np.ndarray], rounds: int
+) -> list[torch.Tensor]:
+    """A simulated annotator correcting several slices side by side: the one session both interactive evaluation
+    (``lib.infers.interactive.click_session``) and prompt-aware training (``lib.trainers.simulated_prompts``) run.
+
+    Each round decodes every slice (``decode_prompted``, no gradient) with its prompt and mask prompt, draws the clicks
+    over the answer (what the annotator sees), adds a click at the centre of that answer's largest error
+    (``error_click``) and hands the answer, with every click drawn in, on as the next mask prompt. A slice without
+    error is done: it keeps its answer.
+
+    Args:
+        network: the ``SamSegmenter`` whose fused ``embedding`` (B, C, h, w) and ``features`` the slices have.
+        sessions: per slice {"prompt": SlicePrompt, "mask": (1, g, g) mask prompt, "class": the class corrected,
+            "target": (H, W) bool truth}; prompts and masks are updated in place.
+        planes: the slices (H, W) the clicks are placed in (``click_cells``).
+        rounds: decodings per slice.
+
+    Returns:
+        each round's answers (B, 1, g, g) on the CPU, clicks drawn in.
+    """
+    device = embedding.device
+    grid = tuple(sessions[0]["mask"].shape[-2:])
+    classes = torch.tensor([s["class"] for s in sessions], device=device)
+    done: set[int] = set()
+    history: list[torch.Tensor] = []
+    with torch.no_grad():
+        for _ in range(rounds):
+            prompts = batch_prompts([s["prompt"] for s in sessions], device, torch.stack([s["mask"] for s in sessions]).to(device))
+            logits = network.object_logit(network.decode_prompted(embedding, features, prompts), classes).float().cpu()
+            answers = history[-1].clone() if history else torch.zeros_like(logits)
+            for j, session in enumerate(sessions):
+                if j in done:
+                    continue
+                answers[j] = draw_clicks(logits[j], click_cells(session["prompt"]["points"], planes[j], grid))
+                seen = F.interpolate(answers[j : j + 1], size=session["target"].shape, mode="bilinear", align_corners=False)[0, 0] > 0
+                click = error_click(seen.numpy(), session["target"])
+                if click is None:
+                    done.add(j)
+                    continue
+                session["prompt"] = {**session["prompt"], "points": session["prompt"]["points"] + [click]}
+                session["mask"] = draw_clicks(answers[j], click_cells(session["prompt"]["points"], planes[j], grid))
+            history.append(answers)
+    return history
