@@ -30,6 +30,8 @@ def test_reinference_reuses_embeddings_until_the_adapter_changes(app_dir, studie
     prompted = app.infer({**request, "model": "hf_sam_interactive", "foreground": [[60, 70, 62]], "label": "white matter"})
     assert prompted["params"]["prompted_slices"] == [62]
     assert cache.hits >= 1 and cache.misses - encoded <= first["params"]["skipped_slices"]
+    # The click's decoded slices are kept beside the embeddings, never in their place.
+    assert len(cache) == cache.misses and len(app._infers["hf_sam_interactive"].decodings) > 0
     encoded = cache.misses
     again = app.infer(request)
     assert np.array_equal(label_of(again), label_of(first))

@@ -6,7 +6,8 @@ unchanged adapter gets the encoder's outputs back from memory; only the prompt e
 
 The decoder then dominates an interactive request that covers a whole structure (about 0.15 s per slice for
 LiteMedSAM on a CPU core, a hundred slices under a box): ``DecodedSlices`` keeps its per-slice answers under what
-determines them, so the next click on that structure decodes only the slices whose inputs changed.
+determines them, so the next click on that structure decodes only the slices whose inputs changed. They are kept
+in a cache of their own: in the embeddings' they evicted embeddings of the very volume being annotated.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def _nbytes(entry: torch.Tensor | tuple | list) -> int:
 
 
 class EmbeddingCache:
-    """Per-slice ``SamSegmenter.encode`` outputs (and ``DecodedSlices``' answers), least recently used dropped first
+    """Per-slice ``SamSegmenter.encode`` outputs (or ``DecodedSlices``' answers), least recently used dropped first
     beyond ``max_bytes``; ``hits`` and ``misses`` count the encoder's lookups.
 
     Entries belong to a scope (the device and adapter version): a new scope empties the cache, so an

@@ -207,6 +207,10 @@ def propagate(
     return probabilities, found, target_class
 
 
+# The interactive task's cache of decoded slices is this many times smaller than the embedding cache.
+DECODINGS_SHARE = 4
+
+
 # A segment name this similar to one of the model's labels (difflib's ratio, case ignored) is taken for a typo of it.
 NEAR_DUPLICATE_RATIO = 0.8
 
@@ -327,7 +331,9 @@ class SliceInteraction(SamSliceInfer):
     Args:
         model: the served SAM model; its resident network, adapter and labels are the segmentation task's.
         embeddings: the model's image-embedding cache, shared with its segmentation task, so clicks on a volume just
-            segmented run only the decoder.
+            segmented run only the decoder. The decoder's answers for single slices (``DecodedSlices``) are kept in a
+            cache of their own, a quarter of its size: in the same one they evicted embeddings of the volume being
+            annotated, which a LiteMedSAM volume of 125 slices fills (docs/benchmarks.md).
         object_labels: the labels answered as objects (the prompted connected components), not as whole classes.
         description: the task's description in MONAI Label; default names the model and its backbone.
         kwargs: passed on to ``SamSliceInfer`` (``device``, ``batch_size``, ``precision``, ``preload``, ``engine``).
@@ -341,6 +347,7 @@ class SliceInteraction(SamSliceInfer):
         )
         super().__init__(model, embeddings, type=InferType.DEEPGROW, description=description, **kwargs)
         self.object_labels = object_labels
+        self.decodings = EmbeddingCache(embeddings.max_bytes // DECODINGS_SHARE)
 
     def post_transforms(self, data=None) -> list:
         return [
@@ -376,7 +383,7 @@ class SliceInteraction(SamSliceInfer):
             )
         cached = self._get_network(device, data)
         network, encode, decoded = (
-            (cached.network, cached.encode, DecodedSlices(cached.cache, cached.scope))
+            (cached.network, cached.encode, DecodedSlices(self.decodings, cached.scope))
             if isinstance(cached, CachedEncoding)
             else (cached, cached.encode, None)
         )
