@@ -52,3 +52,29 @@ def test_train_stats_read_while_a_run_rewrites_them_are_the_last_complete_ones(t
     with pytest.raises(ValueError):
         BasicTrainTask.stats(task)  # upstream: /info/ answered 500
     assert task.stats() == complete
+
+
+def test_datastore_refreshes_run_one_at_a_time(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    from monailabel.datastore.local import LocalDatastore
+
+    from lib.datastore import CheckedDatastore
+
+    datastore = CheckedDatastore(str(tmp_path), auto_reload=False)
+    running, overlaps = [], []
+
+    def slow_refresh(self):
+        running.append(1)
+        overlaps.append(len(running))
+        time.sleep(0.05)
+        running.pop()
+
+    monkeypatch.setattr(LocalDatastore, "refresh", slow_refresh)
+    threads = [threading.Thread(target=datastore.refresh) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert overlaps == [1, 1, 1, 1]  # the watcher's and the requests' refreshes never rebuild the index together

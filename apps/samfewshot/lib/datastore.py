@@ -8,6 +8,7 @@ leaves the datastore JSON and every stored file as they were.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Collection
 from typing import Any
@@ -32,7 +33,14 @@ class CheckedDatastore(LocalDatastore):
 
     def __init__(self, *args: Any, known_ids: Collection[int] | None = None, **kwargs: Any):
         self.known_ids = None if known_ids is None else frozenset(known_ids)
+        self._refresh_lock = threading.RLock()
         super().__init__(*args, **kwargs)
+
+    def refresh(self) -> None:
+        # One reconciliation at a time: the file watcher's thread refreshes on the very deletion remove_label makes,
+        # while the request's thread refreshes too, and two rebuilding one index fail (compat)
+        with self._refresh_lock:
+            super().refresh()
 
     def _stored_suffix(self, filename: str, what: str) -> str:
         suffix = self._to_id(os.path.basename(filename))[1]

@@ -54,6 +54,13 @@ class Workaround:
 
 WORKAROUNDS = (
     Workaround(
+        "lib.datastore.CheckedDatastore.refresh: one reconciliation at a time",
+        "LocalDatastore.refresh rebuilds the index without a lock, and the file watcher's thread calls it on every "
+        "file event while request threads call it too (remove_label here, save_label upstream): two at once fail "
+        "with 'dictionary changed size during iteration' (monailabel/datastore/local.py, _remove_non_existing)",
+        "monailabel serialises refresh",
+    ),
+    Workaround(
         "lib.datastore.CheckedDatastore.remove_label: refreshes the index at once",
         "with auto_reload (the server's default) LocalDatastore.remove_label only deletes the file and leaves the "
         "index to the file watcher, so for a moment (seconds on a loaded host) a deleted label is still listed and "
