@@ -127,11 +127,16 @@ def propagate(
         """The logits handed to the next slice, or None once the structure has vanished."""
         return out if (out > 0).sum() >= max(1, VANISHED_FRACTION * out.shape[-1] * out.shape[-2]) else None
 
+    cells: dict[int, list] = {}
+
     def clicks(k: int) -> list:
-        """A prompted slice's clicks as cells of the decoder's grid (``click_cells``); none on the object path."""
+        """A prompted slice's clicks as cells of the decoder's grid (``click_cells``, once per slice: drawn into its
+        mask prompt and over its answer); none on the object path."""
         if not by_class or k not in prompted:
             return []
-        return click_cells(prompted[k]["points"], volume[0, :, :, k].float().cpu().numpy(), grid)
+        if k not in cells:
+            cells[k] = click_cells(prompted[k]["points"], volume[0, :, :, k].float().cpu().numpy(), grid)
+        return cells[k]
 
     # The object path has no class to take away from: each of its prompted slices must point at something.
     if not by_class and any(p["box"] is None and not any(label == 1 for *_, label in p["points"]) for p in prompted.values()):
